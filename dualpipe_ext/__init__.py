@@ -1,0 +1,31 @@
+"""dualpipe-ext: DualPipe and DualPipeV pipeline schedules, MoE dispatch/combine, overlap.
+
+Heavy or optional parts (Triton kernels, the CUDA extension) load on first use.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "get_plan": "dualpipe_ext.schedules",
+    "schedule_names": "dualpipe_ext.schedules",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dualpipe_ext' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,60 @@
+"""Drop-in helpers of deepseek-ai/DualPipe: ``WeightGradStore`` and ``run_backward``."""
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Deque, List, Sequence
+
+import torch
+
+__all__ = ["WeightGradStore", "run_backward"]
+
+
+class WeightGradStore:
+    """Defers weight-gradient work so a schedule can run it later (zero-bubble ``W``).
+
+    While ``enabled`` is set, layers that support splitting their backward call
+    :meth:`put` with a closure computing their weight gradients instead of running it.
+    The runtime calls :meth:`flush` after an input-only backward (one batch per backward)
+    and :meth:`pop` for each ``W`` action, which runs the oldest batch (first in, first out).
+    """
+
+    enabled: bool = False
+    cache: List[Callable[[], None]] = []
+    funcs_queue: Deque[List[Callable[[], None]]] = deque()
+
+    @classmethod
+    def put(cls, func: Callable[[], None]) -> None:
+        cls.cache.append(func)
+
+    @classmethod
+    def flush(cls) -> None:
+        cls.funcs_queue.append(cls.cache)
+        cls.cache = []
+
+    @classmethod
+    def pop(cls) -> None:
+        if not cls.funcs_queue:
+            raise RuntimeError("WeightGradStore.pop: no queued weight-gradient batch (a W ran before its backward)")
+        for func in cls.funcs_queue.popleft():
+            func()
+
+    @classmethod
+    def clear(cls) -> None:
+        cls.cache = []
+        cls.funcs_queue = deque()
+
+    @classmethod
+    def empty(cls) -> bool:
+        return not cls.funcs_queue and not cls.cache
+
+
+def run_backward(tensors: Sequence[torch.Tensor], grad_tensors: Sequence[torch.Tensor]) -> None:
+    """Backpropagate ``grad_tensors`` from ``tensors``, accumulating into ``.grad``.
+
+    Unlike ``torch.autograd.backward`` it tolerates inputs unreachable from ``tensors``,
+    which is what a pipeline stage needs when only some of its outputs carry gradients.
+    """
+    torch.autograd.Variable._execution_engine.run_backward(
+        tuple(tensors), tuple(grad_tensors), keep_graph=False, create_graph=False,
+        inputs=(), allow_unreachable=True, accumulate_grad=True,
+    )
