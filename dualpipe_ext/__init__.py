@@ -13,6 +13,15 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "get_plan": "dualpipe_ext.schedules",
     "schedule_names": "dualpipe_ext.schedules",
+    "DualPipe": "dualpipe_ext.runtime",
+    "DualPipeV": "dualpipe_ext.runtime",
+    "PipelineSchedule": "dualpipe_ext.runtime",
+    "PipelineError": "dualpipe_ext.runtime",
+    "RuntimeConfig": "dualpipe_ext.runtime",
+    "Recorder": "dualpipe_ext.runtime",
+    "set_p2p_tensor_shapes": "dualpipe_ext.comm",
+    "set_p2p_tensor_dtype": "dualpipe_ext.comm",
+    "WeightGradStore": "dualpipe_ext.utils",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -9,6 +9,23 @@ import torch
 __all__ = ["WeightGradStore", "run_backward"]
 
 
+class _FuncsQueue(deque):
+    """A FIFO of weight-gradient batches; also answers the ``queue.Queue`` calls
+    (``empty``, ``put``, ``get``, ``qsize``) that code written for deepseek-ai/DualPipe uses."""
+
+    def empty(self) -> bool:
+        return not self
+
+    def put(self, item) -> None:
+        self.append(item)
+
+    def get(self):
+        return self.popleft()
+
+    def qsize(self) -> int:
+        return len(self)
+
+
 class WeightGradStore:
     """Defers weight-gradient work so a schedule can run it later (zero-bubble ``W``).
 
@@ -20,7 +37,7 @@ class WeightGradStore:
 
     enabled: bool = False
     cache: List[Callable[[], None]] = []
-    funcs_queue: Deque[List[Callable[[], None]]] = deque()
+    funcs_queue: Deque[List[Callable[[], None]]] = _FuncsQueue()
 
     @classmethod
     def put(cls, func: Callable[[], None]) -> None:
@@ -41,7 +58,7 @@ class WeightGradStore:
     @classmethod
     def clear(cls) -> None:
         cls.cache = []
-        cls.funcs_queue = deque()
+        cls.funcs_queue = _FuncsQueue()
 
     @classmethod
     def empty(cls) -> bool:

@@ -1,0 +1,94 @@
+"""Error agreement: every rank of a pipeline raises the same error, or none does.
+
+Only some ranks hold the inputs, labels and criterion of a step, so a mistake there is
+seen by those ranks alone; if they raised on their own, their peers would wait forever
+for messages that never come. Instead each rank reports what it found (a message, or
+nothing) together with values all ranks must agree on, in one small all_reduce; when
+anything is wrong, a second collective exchanges the messages and every rank raises the
+same exception. The common, error-free case costs one all_reduce of a few integers.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["PipelineError", "agree"]
+
+# Error kinds, ordered by precedence when several ranks fail differently.
+NONE, INPUT, STEP = 0, 1, 2
+_MAX_MESSAGE = 1024
+
+
+class PipelineError(RuntimeError):
+    """A pipeline step failed on some rank; raised on every rank with the same message."""
+
+
+def _wait(work, timeout_s: float, what: str, rank: int) -> None:
+    try:
+        done = work.wait(timedelta(seconds=timeout_s))
+    except RuntimeError as e:
+        raise PipelineError(f"rank {rank}: {what} did not complete within {timeout_s:g} s: some rank of the "
+                            f"pipeline did not reach it ({e})") from None
+    if done is False:
+        raise PipelineError(f"rank {rank}: {what} did not complete within {timeout_s:g} s")
+
+
+def agree(group: dist.ProcessGroup, device: torch.device, rank: int, kind: int, message: Optional[str],
+          values: Sequence[Tuple[str, int]] = (), timeout_s: float = 60.0, what: str = "step") -> None:
+    """Exchange this rank's error (``kind``, ``message``) and ``values`` with every rank of ``group``.
+
+    Raises the same exception on every rank when any rank reported an error or when the
+    ranks passed different ``values`` (pairs of name and integer, e.g. ``("num_chunks", 8)``).
+    ``rank`` is this rank's name in messages (its pipeline rank).
+    """
+    flags = [kind]
+    for _, v in values:
+        flags += [int(v), -int(v)]
+    t = torch.tensor(flags, dtype=torch.int64, device=device)
+    _wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s,
+          f"the error agreement of the {what}", rank)
+    summary = t.tolist()
+    worst = summary[0]
+    disagree = [f"{name} (from {-summary[2 + 2 * i]} to {summary[1 + 2 * i]})"
+                for i, (name, _) in enumerate(values) if summary[1 + 2 * i] != -summary[2 + 2 * i]]
+    if worst == NONE and not disagree:
+        return
+    if disagree:
+        raise ValueError(f"the ranks of the pipeline passed different values of {', '.join(disagree)} to the "
+                         f"{what}; every rank must pass the same")
+    size = dist.get_world_size(group)
+    rows = torch.zeros(size, _MAX_MESSAGE + 2, dtype=torch.int32, device=device)
+    if kind != NONE:
+        data = (message or "unknown error").encode()[:_MAX_MESSAGE]
+        me = dist.get_rank(group)
+        rows[me, 0] = kind
+        rows[me, 1] = rank
+        rows[me, 2:2 + len(data)] = torch.tensor(list(data), dtype=torch.int32)
+    _wait(dist.all_reduce(rows, group=group, async_op=True), timeout_s, f"the error report of the {what}", rank)
+    raise _combined(rows.cpu())
+
+
+def _combined(rows: torch.Tensor) -> Exception:
+    """One exception from all ranks' reports, identical on every rank."""
+    by_message: Dict[str, List[int]] = {}
+    kinds: Dict[str, int] = {}
+    for r in range(rows.shape[0]):
+        k = int(rows[r, 0])
+        if k == NONE:
+            continue
+        data = rows[r, 2:]
+        n = int((data != 0).sum())
+        text = bytes(data[:n].to(torch.uint8).tolist()).decode(errors="replace")
+        by_message.setdefault(text, []).append(int(rows[r, 1]))
+        kinds[text] = max(kinds.get(text, 0), k)
+    parts = []
+    for text, ranks in by_message.items():
+        ranks.sort()
+        who = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
+        parts.append(f"[{who}] {text}")
+    kind = max(kinds.values())
+    message = "pipeline step failed: " + "; ".join(parts)
+    return ValueError(message) if kind == INPUT else PipelineError(message)

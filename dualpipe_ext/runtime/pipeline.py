@@ -1,0 +1,240 @@
+"""Public pipeline classes: DualPipe, DualPipeV (drop-ins for deepseek-ai/DualPipe) and
+PipelineSchedule (the single-stage baselines), all run by the same executor.
+
+A step: check the arguments on every rank and agree on the verdict (one small
+all_reduce), split the batch into micro-batches on the ranks that hold first stages,
+walk this rank's plan, agree on success, then return ``(loss, outputs)`` on the ranks
+that hold last stages and ``(None, None)`` elsewhere.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from dualpipe_ext import comm
+from dualpipe_ext.runtime.agreement import INPUT, NONE, STEP, PipelineError, agree
+from dualpipe_ext.runtime.config import RuntimeConfig
+from dualpipe_ext.runtime.executor import CompiledPlan, Executor
+from dualpipe_ext.runtime.timeline import Recorder
+from dualpipe_ext.schedules import get_plan
+
+__all__ = ["DualPipe", "DualPipeV", "PipelineSchedule"]
+
+Outputs = Optional[Union[torch.Tensor, Tuple[torch.Tensor, ...]]]
+
+
+def _device_of(modules: Sequence[nn.Module]) -> torch.device:
+    for m in modules:
+        for p in m.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+class _Pipeline(nn.Module):
+    """Shared machinery; subclasses fix the schedule and the number of local modules."""
+
+    def __init__(self, schedule: str, modules: Sequence[nn.Module], batch_dim: int,
+                 process_group: Optional[dist.ProcessGroup], rank_mapping: Optional[List[int]],
+                 config: Optional[RuntimeConfig]) -> None:
+        super().__init__()
+        self.schedule = schedule
+        self.module = nn.ModuleList(modules)
+        self.batch_dim = batch_dim
+        self.config = config or RuntimeConfig()
+        self.group = process_group or dist.distributed_c10d._get_default_group()
+        self.num_ranks = self.group.size()
+        group_rank = self.group.rank()
+        if rank_mapping is None:
+            rank_mapping = list(range(self.num_ranks))
+        if sorted(rank_mapping) != list(range(self.num_ranks)):
+            raise ValueError(f"rank_mapping must be a permutation of 0..{self.num_ranks - 1} (entry i = pipeline "
+                             f"rank of group rank i), got {list(rank_mapping)}")
+        self.rank_mapping = list(rank_mapping)
+        inverse = [0] * self.num_ranks
+        for g, pp in enumerate(rank_mapping):
+            inverse[pp] = g
+        self.rank = rank_mapping[group_rank]
+        self._to_global = [dist.get_global_rank(self.group, g) for g in inverse]
+        self.device = _device_of(modules)
+        self.timeline = Recorder(self.config.record)
+        self.timeline.rank = self.rank
+        self.timeline.global_rank = dist.get_rank()
+        self.executor = Executor(modules, self.group, self.rank, self.device, self.config.comm_timeout_s,
+                                 self.timeline)
+        self.overlapped_forward_backward = self.executor.overlapped
+        self._compiled: Dict[Tuple[int, bool], CompiledPlan] = {}
+
+    def _plan(self, num_chunks: int, forward_only: bool) -> CompiledPlan:
+        key = (num_chunks, forward_only)
+        cp = self._compiled.get(key)
+        if cp is None:
+            plan = get_plan(self.schedule, self.num_ranks, num_chunks)
+            if forward_only:
+                plan = plan.forward_only()
+            cp = CompiledPlan(plan, self.rank, self._to_global)
+            self._compiled[key] = cp
+        return cp
+
+    def _check(self, cp: CompiledPlan, inputs, criterion, labels, forward_only: bool) -> Optional[str]:
+        """What is wrong with this rank's arguments, or None."""
+        missing = comm.missing_declaration()
+        if missing:
+            return missing
+        mbs = cp.mbs_per_module
+        feeds_first = any(cp.is_first)
+        if feeds_first:
+            why = self._check_batch(inputs, mbs, "inputs")
+            if why:
+                return why
+        if any(cp.is_last):
+            if criterion is None and not forward_only:
+                return (f"criterion is required on pipeline rank {self.rank}, which computes the loss of a training "
+                        f"step: pass step(..., criterion=fn, labels=[...]), called as criterion(*outputs, *labels)")
+            if criterion is not None:
+                if not isinstance(labels, (list, tuple)):
+                    labels = [labels]
+                if not labels and self.config.require_labels:
+                    return (f"labels are required on pipeline rank {self.rank}, which computes the loss: pass "
+                            f"step(..., labels=[...]) (or RuntimeConfig(require_labels=False) for a criterion of "
+                            f"the outputs alone)")
+                why = self._check_batch(labels, mbs, "labels", allow_empty=True)
+                if why:
+                    return why
+        return None
+
+    def _check_batch(self, tensors, mbs: int, what: str, allow_empty: bool = False) -> Optional[str]:
+        if not tensors and not allow_empty:
+            return (f"{what} are required on pipeline rank {self.rank}, which holds a first stage: pass them to "
+                    f"step(*inputs, ...)")
+        sizes = []
+        for i, t in enumerate(tensors):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                return f"{what}[{i}] must be a tensor or None, got {type(t).__name__}"
+            if t.dim() <= self.batch_dim:
+                return f"{what}[{i}] has shape {tuple(t.shape)}, which has no batch dimension {self.batch_dim}"
+            sizes.append(t.shape[self.batch_dim])
+        if sizes and any(s != sizes[0] for s in sizes):
+            return f"{what} disagree on the batch size (dimension {self.batch_dim}): {sizes}"
+        if sizes and sizes[0] % mbs != 0:
+            return (f"{what} on pipeline rank {self.rank}: batch size {sizes[0]} (dimension {self.batch_dim}) does "
+                    f"not split into {mbs} equal micro-batches for this rank's stage")
+        return None
+
+    def _split(self, tensors, mbs: int) -> List[Tuple[Optional[torch.Tensor], ...]]:
+        parts = [t.tensor_split(mbs, dim=self.batch_dim) if t is not None else [None] * mbs for t in tensors]
+        return [tuple(p[i] for p in parts) for i in range(mbs)]
+
+    def _gather(self, micro_outputs: List[List[torch.Tensor]]) -> Outputs:
+        columns = list(zip(*micro_outputs))
+        out = tuple(torch.cat(c, dim=self.batch_dim) for c in columns)
+        return out[0] if len(out) == 1 else out
+
+    def step(self, *inputs: Optional[torch.Tensor], num_chunks: int = 0, criterion: Optional[Callable] = None,
+             labels: Sequence[Optional[torch.Tensor]] = [], return_outputs: bool = False
+             ) -> Tuple[Optional[torch.Tensor], Outputs]:
+        """Run one training step (or a forward-only step under ``torch.no_grad()``).
+
+        ``inputs``: the batch this rank feeds, split along ``batch_dim`` into micro-batches;
+        needed only on ranks that hold a first stage. ``criterion(*outputs, *labels)`` and
+        ``labels``: needed only on ranks that hold a last stage. Returns ``(loss, outputs)``:
+        ``loss`` the per-micro-batch losses stacked (``[num micro-batches]``) and ``outputs``
+        (if ``return_outputs``) the last stage's outputs concatenated, on ranks that hold a
+        last stage; ``(None, None)`` elsewhere. Gradients accumulate in ``.grad``.
+        """
+        forward_only = not torch.is_grad_enabled()
+        cfg = self.config
+        if not isinstance(labels, (list, tuple)):
+            labels = [labels]
+        cp, kind, message = None, NONE, None
+        try:
+            cp = self._plan(int(num_chunks), forward_only)
+        except ValueError as e:
+            kind, message = INPUT, f"num_chunks={num_chunks}: {e}"
+        if cp is not None:
+            message = self._check(cp, inputs, criterion, labels, forward_only)
+            kind = INPUT if message else NONE
+        if cfg.check_errors:
+            agree(self.group, self.device, self.rank, kind, message,
+                  values=(("num_chunks", int(num_chunks)), ("torch.is_grad_enabled()", int(not forward_only))),
+                  timeout_s=cfg.comm_timeout_s, what="step arguments")
+        elif message:
+            raise ValueError(message)
+
+        mbs = cp.mbs_per_module
+        feeds = {m: self._split(inputs, mbs) for m in range(cp.num_modules) if cp.is_first[m]}
+        loss_labels = {m: self._split(labels, mbs) for m in range(cp.num_modules) if cp.is_last[m]}
+        error, losses, outputs = self.executor.run(cp, feeds, loss_labels, criterion, return_outputs, forward_only)
+        if error is not None:
+            error = f"pipeline rank {self.rank}: {error}"
+        if cfg.check_errors:
+            agree(self.group, self.device, self.rank, STEP if error else NONE, error,
+                  timeout_s=cfg.comm_timeout_s, what="step")
+        elif error:
+            raise PipelineError(error)
+
+        loss, out = None, None
+        for m in range(cp.num_modules):
+            if not cp.is_last[m]:
+                continue
+            if criterion is not None:
+                loss = torch.stack(losses[m])
+            if return_outputs:
+                out = self._gather(outputs[m])
+        return loss, out
+
+
+class DualPipe(_Pipeline):
+    """DualPipe: bidirectional pipeline, two stage modules per rank, an even number of ranks.
+
+    ``modules = (module0, module1)``: module0 is stage ``r`` of the forward-direction
+    pipeline, module1 stage ``R-1-r`` of the reverse one. Rank 0 and rank R-1 each feed one
+    half of the batch; the loss and outputs on rank R-1 belong to rank 0's inputs and
+    vice versa. ``rank_mapping[i]`` is the pipeline rank of process-group rank ``i``.
+    """
+
+    def __init__(self, modules: Tuple[nn.Module, nn.Module], batch_dim: int = 0,
+                 process_group: Optional[dist.ProcessGroup] = None, rank_mapping: Optional[List[int]] = None,
+                 config: Optional[RuntimeConfig] = None) -> None:
+        if len(modules) != 2:
+            raise ValueError(f"DualPipe needs two modules per rank (module0, module1), got {len(modules)}")
+        size = (process_group or dist.distributed_c10d._get_default_group()).size()
+        if size % 2 != 0:
+            raise ValueError(f"DualPipe needs an even number of ranks (2, 4, 6, ...), the process group has {size}; "
+                             f"DualPipeV runs on any number of ranks")
+        super().__init__("dualpipe", modules, batch_dim, process_group, rank_mapping, config)
+
+
+class DualPipeV(_Pipeline):
+    """DualPipeV: one V-shaped pipeline of 2R stages; rank r holds stages r and 2R-1-r.
+
+    Rank 0 feeds the whole batch and gets the loss and outputs.
+    """
+
+    def __init__(self, modules: Tuple[nn.Module, nn.Module], batch_dim: int = 0,
+                 process_group: Optional[dist.ProcessGroup] = None, rank_mapping: Optional[List[int]] = None,
+                 config: Optional[RuntimeConfig] = None) -> None:
+        if len(modules) != 2:
+            raise ValueError(f"DualPipeV needs two modules per rank (module0, module1), got {len(modules)}")
+        super().__init__("dualpipev", modules, batch_dim, process_group, rank_mapping, config)
+
+
+class PipelineSchedule(_Pipeline):
+    """A single-direction pipeline with one stage module per rank: ``"1f1b"``, ``"gpipe"`` or ``"zb1p"``.
+
+    Rank 0 feeds the batch; the last rank computes the loss and gets the outputs.
+    """
+
+    BASELINES = ("1f1b", "gpipe", "zb1p")
+
+    def __init__(self, module: nn.Module, schedule: str = "1f1b", batch_dim: int = 0,
+                 process_group: Optional[dist.ProcessGroup] = None, rank_mapping: Optional[List[int]] = None,
+                 config: Optional[RuntimeConfig] = None) -> None:
+        if schedule not in self.BASELINES:
+            raise ValueError(f"PipelineSchedule runs one of {self.BASELINES}, got {schedule!r}; use DualPipe or "
+                             f"DualPipeV for the two-module schedules")
+        super().__init__(schedule, [module], batch_dim, process_group, rank_mapping, config)

@@ -1,0 +1,73 @@
+"""Run a function on N gloo ranks in spawned processes, under a hard timeout."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable, Dict, List
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn: Callable, rank: int, world: int, port: int, args: tuple, out: "mp.Queue") -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+        result = fn(rank, world, *args)
+        dist.barrier()
+        out.put((rank, "ok", result))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        out.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable, world: int, *args: Any, timeout_s: float = 120.0) -> List[Any]:
+    """Call ``fn(rank, world, *args)`` on ``world`` processes; return the results by rank.
+
+    Fails naming the ranks that raised (with their tracebacks) or did not finish in time.
+    """
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(fn, r, world, port, args, out), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    results: Dict[int, Any] = {}
+    errors: Dict[int, str] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(results) + len(errors) < world:
+        try:
+            rank, status, value = out.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        (results if status == "ok" else errors)[rank] = value
+    for p in procs:
+        p.join(timeout=max(0.1, deadline - time.monotonic()) if not errors else 5)
+    stuck = [r for r in range(world) if r not in results and r not in errors]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if errors or stuck:
+        msg = []
+        if stuck:
+            msg.append(f"ranks {stuck} did not finish within {timeout_s:g} s")
+        for r in sorted(errors):
+            msg.append(f"rank {r} raised:\n{errors[r]}")
+        raise AssertionError("\n".join(msg))
+    return [results[r] for r in range(world)]
