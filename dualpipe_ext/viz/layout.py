@@ -1,0 +1,220 @@
+"""Lay out a per-rank timeline as the cells of a DualPipe-style picture, without drawing it.
+
+The layout is a plain description (boxes, cells, colours, labels, legend, figure size)
+so that tests can check what would be drawn and :mod:`dualpipe_ext.viz.render` only paints.
+It serves simulated timelines (cost units) and measured ones (milliseconds) alike.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
+
+from dualpipe_ext.viz.tokens import Part, parse_token
+
+__all__ = ["Box", "Cell", "Drawing", "Timeline", "layout", "COLOURS"]
+
+# Per rank: (compute token, start, end) in execution order.
+Timeline = Sequence[Sequence[Tuple[str, float, float]]]
+
+# (kind, module) -> fill colour. Module 1 (reverse direction of DualPipe, second leg of
+# DualPipeV) is a darker shade of the same hue. Hues follow the DualPipe README figure.
+COLOURS: Dict[Tuple[str, int], str] = {
+    ("F", 0): "#F5B041",
+    ("F", 1): "#B9770E",
+    ("B", 0): "#52BE80",
+    ("B", 1): "#1E8449",
+    ("Bz", 0): "#A9DF7F",
+    ("Bz", 1): "#6E9E3C",
+    ("W", 0): "#85C1E9",
+    ("W", 1): "#2E86C1",
+}
+_DARK = {COLOURS[("F", 1)], COLOURS[("B", 1)], COLOURS[("Bz", 1)], COLOURS[("W", 1)]}
+_KIND_NAMES = {"F": "Forward", "B": "Backward", "Bz": "Backward for input", "W": "Backward for weights"}
+# What module 1 means, by schedule.
+_MODULE1_NAMES = {"dualpipe": "reverse direction", "dualpipev": "second leg of the V"}
+PAIR_LEGEND = "Overlapped forward & backward"
+
+# Geometry, in inches and points. A shortest action gets _MIN_CELL_IN so that its
+# micro-batch number stays legible; past _MAX_WIDTH_IN labels shrink, then disappear.
+_MIN_CELL_IN = 0.26
+_MIN_WIDTH_IN, _MAX_WIDTH_IN = 6.0, 40.0
+_ROW_IN = 0.3
+_LEFT_IN, _RIGHT_IN, _TOP_IN, _BOTTOM_IN = 0.9, 0.2, 0.35, 0.95
+_MAX_FONT_PT, _MIN_FONT_PT = 9.0, 4.5
+_CHAR_WIDTH = 0.62  # glyph width of a digit as a fraction of the font size
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A filled rectangle: one computation (half of the box for an overlapped pair)."""
+
+    kind: str  # "F", "B", "Bz" or "W"
+    module: int  # 0 or 1; -1 for a W whose backward was not in the timeline
+    mb: int  # micro-batch within the module; -1 when unknown
+    start: float
+    end: float
+    colour: str  # fill colour, one of COLOURS
+    label: str  # text drawn in the cell; "" when the cell is too narrow
+    font_size: float  # points; 0 when there is no label
+    text_colour: str
+
+
+@dataclass(frozen=True)
+class Box:
+    """One compute action, outlined in black; holds one cell, or two for an overlapped pair."""
+
+    rank: int
+    token: str
+    start: float
+    end: float
+    cells: Tuple[Cell, ...]
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """Everything a timeline picture shows."""
+
+    rows: Tuple[Tuple[Box, ...], ...]  # per rank, in time order
+    legend: Tuple[Tuple[str, Tuple[str, ...]], ...]  # (entry, its colours); pairs show two
+    makespan: float  # end of the last action, with time starting at 0
+    time_unit: str  # x-axis unit
+    title: str
+    width_in: float  # figure size, inches
+    height_in: float
+    axes_width_in: float  # width of the time axis, inches
+
+    def colours_used(self) -> set:
+        return {c.colour for row in self.rows for b in row for c in b.cells}
+
+    def legend_colours(self) -> set:
+        return {c for _, cols in self.legend for c in cols}
+
+
+def _check(timeline: Timeline) -> List[List[Tuple[str, float, float]]]:
+    if not isinstance(timeline, (list, tuple)) or not timeline:
+        raise ValueError("timeline must be a non-empty list with one list of (token, start, end) per rank")
+    rows = []
+    for r, row in enumerate(timeline):
+        clean = []
+        for item in row:
+            try:
+                token, start, end = item
+                start, end = float(start), float(end)
+            except (TypeError, ValueError):
+                raise ValueError(f"rank {r}: expected (token, start, end) entries, got {item!r}") from None
+            if end < start:
+                raise ValueError(f"rank {r}: action {token!r} ends ({end}) before it starts ({start})")
+            clean.append((token, start, end))
+        clean.sort(key=lambda e: (e[1], e[2]))
+        rows.append(clean)
+    return rows
+
+
+def _pair_splits(rows: List[List[Tuple[str, float, float]]]) -> Dict[str, float]:
+    """Fraction of an overlapped pair given to its forward, by the pair's backward kind ("B" or "Bz").
+
+    Mean lone forward over mean lone forward plus mean lone backward of that kind (the
+    other backward kind if that one never runs alone; half when neither does).
+    """
+    durs: Dict[str, List[float]] = {"F": [], "B": [], "Bz": []}
+    for row in rows:
+        for token, s, e in row:
+            part, second = parse_token(token)
+            if second is None and part.kind in durs:
+                durs[part.kind].append(e - s)
+    mean = {k: sum(v) / len(v) for k, v in durs.items() if v}
+    out = {}
+    for kind, other in (("B", "Bz"), ("Bz", "B")):
+        b = mean.get(kind, mean.get(other))
+        f = mean.get("F")
+        out[kind] = 0.5 if f is None or b is None or f + b <= 0 else min(0.8, max(0.2, f / (f + b)))
+    return out
+
+
+def layout(
+    timeline: Timeline,
+    schedule: Optional[str] = None,
+    time_unit: str = "cost units",
+    title: str = "",
+) -> Drawing:
+    """Describe the picture of ``timeline`` (per rank: (token, start, end)).
+
+    ``schedule`` names what module 1 is in the legend ("dualpipe": reverse direction,
+    "dualpipev": second leg of the V). Times are shifted so the earliest start is 0.
+    """
+    rows = _check(timeline)
+    starts = [s for row in rows for _, s, _ in row]
+    if not starts:
+        raise ValueError("timeline has no actions on any rank")
+    t0 = min(starts)
+    makespan = max(e for row in rows for _, _, e in row) - t0
+    durations = [e - s for row in rows for _, s, e in row if e > s]
+    shortest = min(durations) if durations else 1.0
+    if makespan <= 0:
+        makespan = 1.0
+    axes_w = min(_MAX_WIDTH_IN, max(_MIN_WIDTH_IN, makespan / shortest * _MIN_CELL_IN))
+    width = axes_w + _LEFT_IN + _RIGHT_IN
+    height = len(rows) * _ROW_IN + _TOP_IN + _BOTTOM_IN
+    pt_per_unit = axes_w * 72.0 / makespan
+    row_pt = _ROW_IN * 72.0
+    splits = _pair_splits(rows)
+
+    def cell(part: Part, start: float, end: float) -> Cell:
+        colour = COLOURS[(part.kind, max(part.module, 0))]
+        label = str(part.mb) if part.mb >= 0 else ""
+        size = 0.0
+        if label:
+            size = min(_MAX_FONT_PT, 0.55 * row_pt, (end - start) * pt_per_unit * 0.9 / (_CHAR_WIDTH * len(label)))
+            if size < _MIN_FONT_PT:
+                label, size = "", 0.0
+        text = "white" if colour in _DARK else "black"
+        return Cell(part.kind, part.module, part.mb, start - t0, end - t0, colour, label, round(size, 2), text)
+
+    out_rows = []
+    for r, row in enumerate(rows):
+        pending: Deque[Part] = deque()  # backward-for-input parts whose W has not run yet
+        boxes = []
+        for token, s, e in row:
+            first, second = parse_token(token)
+            if second is not None:
+                mid = s + (e - s) * splits[second.kind]
+                cells: Tuple[Cell, ...] = (cell(first, s, mid), cell(second, mid, e))
+                parts = (first, second)
+            else:
+                if first.kind == "W" and pending:
+                    origin = pending.popleft()
+                    first = Part("W", origin.module, origin.mb)
+                cells = (cell(first, s, e),)
+                parts = (first,)
+            pending.extend(p for p in parts if p.kind == "Bz")
+            boxes.append(Box(r, token, s - t0, e - t0, cells))
+        out_rows.append(tuple(boxes))
+
+    used = {(c.kind, max(c.module, 0)) for row in out_rows for b in row for c in b.cells}
+    has_pair = any(len(b.cells) == 2 for row in out_rows for b in row)
+    legend: List[Tuple[str, Tuple[str, ...]]] = []
+    other = _MODULE1_NAMES.get(schedule or "", "module 1")
+    two_modules = any(m == 1 for _, m in used)
+    for kind in ("F", "B", "Bz", "W"):
+        for module in (0, 1):
+            if (kind, module) in used:
+                name = _KIND_NAMES[kind]
+                if two_modules:
+                    name += f" ({other})" if module == 1 else ""
+                legend.append((name, (COLOURS[(kind, module)],)))
+    if has_pair:
+        pair_cols = sorted(
+            {tuple(c.colour for c in b.cells) for row in out_rows for b in row if len(b.cells) == 2}
+        )
+        legend.append((PAIR_LEGEND, pair_cols[0]))
+    return Drawing(
+        rows=tuple(out_rows),
+        legend=tuple(legend),
+        makespan=makespan,
+        time_unit=time_unit,
+        title=title,
+        width_in=round(width, 3),
+        height_in=round(height, 3),
+        axes_width_in=round(axes_w, 3),
+    )

@@ -1,0 +1,78 @@
+"""Paint a :class:`~dualpipe_ext.viz.layout.Drawing` with matplotlib (Agg, imported lazily)."""
+from __future__ import annotations
+
+import os
+
+from dualpipe_ext.viz.layout import Drawing
+
+__all__ = ["render", "FORMATS"]
+
+FORMATS = (".svg", ".png", ".pdf")
+_DPI = 150
+_GRID = "#D5D8DC"
+
+
+def render(drawing: Drawing, path: str) -> str:
+    """Write the picture to ``path`` (``.svg``, ``.png`` or ``.pdf``, chosen by suffix); returns ``path``."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in FORMATS:
+        raise ValueError(f"cannot write {path!r}: expected a file name ending in one of {', '.join(FORMATS)}")
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.collections import PatchCollection
+    from matplotlib.figure import Figure
+    from matplotlib.legend_handler import HandlerTuple
+    from matplotlib.patches import Patch, Rectangle
+
+    n = len(drawing.rows)
+    fig = Figure(figsize=(drawing.width_in, drawing.height_in))
+    left = 0.9 / drawing.width_in
+    bottom = 0.95 / drawing.height_in
+    top = 1.0 - 0.35 / drawing.height_in
+    ax = fig.add_axes((left, bottom, drawing.axes_width_in / drawing.width_in, top - bottom))
+
+    fills, colours, outlines = [], [], []
+    for r, row in enumerate(drawing.rows):
+        y = n - 1 - r  # rank 0 on top
+        for box in row:
+            outlines.append(Rectangle((box.start, y), box.end - box.start, 1.0))
+            for c in box.cells:
+                fills.append(Rectangle((c.start, y), c.end - c.start, 1.0))
+                colours.append(c.colour)
+                if c.label:
+                    ax.text(
+                        (c.start + c.end) / 2, y + 0.5, c.label, ha="center", va="center",
+                        fontsize=c.font_size, color=c.text_colour,
+                    )
+    ax.add_collection(PatchCollection(fills, facecolors=colours, edgecolors="none", linewidths=0))
+    # Black outlines per action: an overlapped pair shares one border around both halves.
+    ax.add_collection(PatchCollection(outlines, facecolors="none", edgecolors="black", linewidths=0.6))
+    for y in range(n + 1):
+        ax.axhline(y, color=_GRID, linewidth=0.5, zorder=0)
+
+    ax.set_xlim(0, drawing.makespan)
+    ax.set_ylim(0, n)
+    ax.set_yticks([n - 1 - r + 0.5 for r in range(n)])
+    ax.set_yticklabels([f"Device {r}" for r in range(n)], fontsize=8, fontweight="bold")
+    ax.tick_params(axis="y", length=0)
+    ax.tick_params(axis="x", labelsize=7)
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    ax.set_xlabel(f"Time ({drawing.time_unit}) \u2192", fontsize=8, loc="left")
+    if drawing.title:
+        ax.set_title(drawing.title, fontsize=9, loc="left")
+
+    handles, labels = [], []
+    for name, cols in drawing.legend:
+        patches = tuple(Patch(facecolor=col, edgecolor="black", linewidth=0.6) for col in cols)
+        handles.append(patches if len(patches) > 1 else patches[0])
+        labels.append(name)
+    if handles:
+        fig.legend(
+            handles, labels, loc="lower center", ncol=min(len(handles), 5), fontsize=7, frameon=False,
+            handler_map={tuple: HandlerTuple(ndivide=None, pad=0)}, bbox_to_anchor=(0.5, 0.0),
+        )
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    fig.savefig(path, dpi=_DPI)
+    return path
