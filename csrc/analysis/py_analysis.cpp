@@ -1,10 +1,49 @@
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "analysis/simulate.h"
+#include "analysis/validate.h"
 
 namespace py = pybind11;
 
 namespace dpx {
 
-// The validator and simulator register here.
-void register_analysis(py::module_& m) { (void)m; }
+void register_analysis(py::module_& m) {
+  m.def("validate", &validate, py::arg("plan"),
+        "Check that a plan is sound (matching communication, no deadlock, inputs present, every micro-batch "
+        "once); raises ValueError naming the broken rule, with the failing cells marked in a rank-by-step grid.");
+
+  py::class_<Costs>(m, "Costs")
+      .def(py::init([](double F, double B, double W, double FB, double P2P) {
+             Costs c{F, B, W, FB, P2P};
+             c.check();
+             return c;
+           }),
+           py::arg("F") = 1.0, py::arg("B") = 2.0, py::arg("W") = 1.0, py::arg("FB") = 3.0, py::arg("P2P") = 0.0)
+      .def_readonly("F", &Costs::F)
+      .def_readonly("B", &Costs::B)
+      .def_readonly("W", &Costs::W)
+      .def_readonly("FB", &Costs::FB)
+      .def_readonly("P2P", &Costs::P2P)
+      .def("__repr__", [](const Costs& c) {
+        return "Costs(F=" + std::to_string(c.F) + ", B=" + std::to_string(c.B) + ", W=" + std::to_string(c.W) +
+               ", FB=" + std::to_string(c.FB) + ", P2P=" + std::to_string(c.P2P) + ")";
+      });
+
+  py::class_<SimResult>(m, "SimResult")
+      .def_readonly("makespan", &SimResult::makespan)
+      .def_property_readonly("timeline", [](const SimResult& s) {
+        std::vector<std::vector<std::tuple<int, double, double>>> out(s.timeline.size());
+        for (size_t r = 0; r < s.timeline.size(); ++r)
+          for (const auto& t : s.timeline[r]) out[r].emplace_back(t.step, t.start, t.end);
+        return out;
+      }, "Per rank: (index into plan.actions[rank], start, end) of each compute action.")
+      .def_readonly("busy", &SimResult::busy)
+      .def_readonly("bubble", &SimResult::bubble)
+      .def_readonly("peak_activations", &SimResult::peak_activations);
+
+  m.def("simulate", &simulate, py::arg("plan"), py::arg("costs"),
+        "Validate then simulate a plan under the given costs.");
+}
 
 }  // namespace dpx
