@@ -92,16 +92,15 @@ def merge_step(records: Sequence[Dict[str, Any]], step: int = -1) -> RunStep:
         s, e = rec["steps"][step]
         bounds.append((int(s) + off, int(e) + off))
         evs = [ev for ev in rec["events"] if ev["step"] == step]
-        compute.append(
-            sorted((ev["name"], int(ev["start_ns"]) + off, int(ev["end_ns"]) + off) for ev in evs if ev["cat"] == "compute")
-        )
-        other.append(
-            sorted(
-                (ev["name"], ev["cat"], int(ev["start_ns"]) + off, int(ev["end_ns"]) + off)
-                for ev in evs
-                if ev["cat"] != "compute"
-            )
-        )
+        compute.append(sorted(
+            ((ev["name"], int(ev["start_ns"]) + off, int(ev["end_ns"]) + off) for ev in evs if ev["cat"] == "compute"),
+            key=lambda x: (x[1], x[2]),
+        ))
+        other.append(sorted(
+            ((ev["name"], ev["cat"], int(ev["start_ns"]) + off, int(ev["end_ns"]) + off)
+             for ev in evs if ev["cat"] != "compute"),
+            key=lambda x: (x[2], x[3]),
+        ))
     t0 = min(s for s, _ in bounds)
     return RunStep(
         schedule=records[0].get("schedule", ""),
