@@ -12,8 +12,22 @@ from typing import List
 
 from dualpipe_ext import _C
 from dualpipe_ext._C import Action, ActionType, Plan, StageInfo
+from dualpipe_ext.schedules.analysis import Costs, Simulation, closed_form_bubble, simulate, validate
 
-__all__ = ["Action", "ActionType", "Plan", "StageInfo", "get_plan", "schedule_names", "trace"]
+__all__ = [
+    "Action",
+    "ActionType",
+    "Costs",
+    "Plan",
+    "Simulation",
+    "StageInfo",
+    "closed_form_bubble",
+    "get_plan",
+    "schedule_names",
+    "simulate",
+    "trace",
+    "validate",
+]
 
 
 def schedule_names() -> List[str]:
