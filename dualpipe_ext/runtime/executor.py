@@ -339,9 +339,9 @@ class Executor:
                 try:
                     ok = w.wait(self.timeout)
                 except RuntimeError as e:
-                    self._timed_out(index, token, works, descs, e)
+                    self._timed_out(index, token, works[i:], descs[i:], e)
                 if ok is False:
-                    self._timed_out(index, token, works, descs, None)
+                    self._timed_out(index, token, works[i:], descs[i:], None)
         else:
             for w in works:
                 w.wait()
@@ -350,7 +350,8 @@ class Executor:
         self.to_free = []
 
     def _timed_out(self, index: int, token: str, works, descs, cause) -> None:
-        missing = sorted({d for w, d in zip(works, descs) if not w.is_completed()})
+        # works[0] is the one that timed out; later ones may or may not have completed.
+        missing = [descs[0]] + sorted({d for w, d in zip(works[1:], descs[1:]) if not w.is_completed()} - {descs[0]})
         where = f"action {index} '{token}'" if index < len(self.cp.actions) else "the final wait"
         raise PipelineError(
             f"pipeline rank {self.rank}: {where} waited {self.timeout_s:g} s for its sends and receives; "

@@ -12,6 +12,7 @@ from dualpipe_ext.runtime.reference import grad_cos_diff, sequential_step
 from rt_models import OverlapStage, Stage, criterion, make_stages
 
 CFG = RuntimeConfig(comm_timeout_s=20.0)
+CFG_RECORD = RuntimeConfig(comm_timeout_s=20.0, record=True)
 
 
 def _batch(size: int, hidden: int, num_tensors: int, seed: int) -> List[torch.Tensor]:
@@ -36,13 +37,21 @@ def _expect_equal(a, b, what: str, failures: List[str]) -> None:
         failures.append(f"{what}: pipeline {a} != reference {b}")
 
 
+def equivalence_cases(rank: int, world: int, cases: List[Dict]) -> List[Dict]:
+    """Several equivalence checks on one process group."""
+    return [equivalence(rank, world, **case) for case in cases]
+
+
 def equivalence(rank: int, world: int, schedule: str, chunks: int, num_tensors: int = 1, overlap: bool = False,
-                hidden: int = 8, mb_size: int = 2) -> Dict:
+                hidden: int = 8, mb_size: int = 2, record: bool = False, rank_mapping=None) -> Dict:
     """One training step and one forward-only step against the sequential reference."""
+    if rank_mapping is not None:
+        rank = rank_mapping[rank]  # from here on: the pipeline rank
     cls = OverlapStage if overlap else Stage
     set_p2p_tensor_shapes([(mb_size, hidden)] * num_tensors)
     set_p2p_tensor_dtype(torch.float32)
     R = world
+    cfg = CFG_RECORD if record else CFG
     failures: List[str] = []
     # Pipelines: (reference stages, inputs, labels, number of micro-batches, feeding rank, loss rank).
     if schedule == "dualpipe":
@@ -51,19 +60,19 @@ def equivalence(rank: int, world: int, schedule: str, chunks: int, num_tensors: 
         local = [copy.deepcopy(fwd[rank]), copy.deepcopy(rev[R - 1 - rank])]
         refs = [(fwd, 0, R - 1), (rev, R - 1, 0)]
         mbs = chunks // 2
-        pipe = DualPipe(local, config=CFG)
+        pipe = DualPipe(local, rank_mapping=rank_mapping, config=cfg)
     elif schedule == "dualpipev":
         full = make_stages(2 * R, hidden, num_tensors, seed=1, cls=cls)
         local = [copy.deepcopy(full[rank]), copy.deepcopy(full[2 * R - 1 - rank])]
         refs = [(full, 0, 0)]
         mbs = chunks
-        pipe = DualPipeV(local, config=CFG)
+        pipe = DualPipeV(local, rank_mapping=rank_mapping, config=cfg)
     else:
         full = make_stages(R, hidden, num_tensors, seed=1, cls=cls)
         local = [copy.deepcopy(full[rank])]
         refs = [(full, 0, R - 1)]
         mbs = chunks
-        pipe = PipelineSchedule(local[0], schedule, config=CFG)
+        pipe = PipelineSchedule(local[0], schedule, rank_mapping=rank_mapping, config=cfg)
     data = [(_batch(mbs * mb_size, hidden, num_tensors, 10 + i), _batch(mbs * mb_size, hidden, num_tensors, 20 + i))
             for i in range(len(refs))]
     inputs, labels = [], []
@@ -96,5 +105,129 @@ def equivalence(rank: int, world: int, schedule: str, chunks: int, num_tensors: 
         _compare_grads(local[1], full[2 * R - 1 - rank], "module1", failures)
     else:
         _compare_grads(local[0], full[rank], "module0", failures)
+    if record:
+        _check_timeline(pipe, schedule, world, rank, chunks, failures)
     return {"failures": failures, "overlapped_calls": OverlapStage.calls,
             "executor_overlapped_calls": pipe.executor.num_overlapped_calls}
+
+
+def _check_timeline(pipe, schedule: str, world: int, rank: int, chunks: int, failures: List[str]) -> None:
+    import json
+    import os
+    import tempfile
+
+    from dualpipe_ext.schedules import get_plan
+
+    plan = get_plan(schedule, world, chunks)
+    rec = pipe.timeline
+    for step, p in ((0, plan), (1, plan.forward_only())):
+        got = [e[0] for e in rec.compute_events(step)]
+        if got != p.trace()[rank]:
+            failures.append(f"timeline step {step}: {got} != plan trace {p.trace()[rank]}")
+        if any(e[3] < e[2] for e in rec.compute_events(step)):
+            failures.append("timeline: an event ends before it starts")
+    with tempfile.TemporaryDirectory() as d:
+        path = rec.save(os.path.join(d, "timeline_{rank}.json"))
+        data = json.load(open(path))
+    if data["rank"] != rank or len(data["steps"]) != 2 or len(data["events"]) != len(rec.events):
+        failures.append(f"timeline JSON: rank {data['rank']}, {len(data['steps'])} steps")
+
+
+class FaultyStage(Stage):
+    """A stage that can return a wrongly shaped output or raise, on demand."""
+
+    mode = None
+
+    def forward(self, *xs):
+        out = super().forward(*xs)
+        if self.mode == "shape":
+            return out[..., :-1]
+        if self.mode == "raise":
+            raise RuntimeError("stage exploded on purpose")
+        return out
+
+
+def _outcome(fn) -> Dict:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the test compares what every rank raised
+        return {"type": type(e).__name__, "message": str(e)}
+    return {"type": None, "message": ""}
+
+
+def bad_inputs(rank: int, world: int, hidden: int = 8, mb_size: int = 2) -> Dict:
+    """Every bad-input case on a DualPipe group; returns what this rank raised for each."""
+    import torch.distributed as dist
+
+    from dualpipe_ext import comm
+
+    R, chunks = world, 2 * world
+    mbs = chunks // 2
+    stages = make_stages(2, hidden, 1, seed=5, cls=FaultyStage)
+    pipe = DualPipe(stages, config=CFG)
+    set_p2p_tensor_shapes([(mb_size, hidden)])
+    set_p2p_tensor_dtype(torch.float32)
+    x = _batch(mbs * mb_size, hidden, 1, 7)
+    y = _batch(mbs * mb_size, hidden, 1, 8)
+    end = rank in (0, R - 1)
+
+    def step(inputs=None, num_chunks=chunks, crit=criterion, labels=None):
+        inputs = (x if end else []) if inputs is None else inputs
+        labels = (y if end else []) if labels is None else labels
+        return pipe.step(*inputs, num_chunks=num_chunks, criterion=crit if end else None, labels=labels)
+
+    out = {}
+    out["ok_before"] = _outcome(step)
+
+    def unset_shapes():
+        saved = comm.TENSOR_SHAPES
+        if rank == 1:
+            comm.TENSOR_SHAPES = None
+        try:
+            step()
+        finally:
+            comm.TENSOR_SHAPES = saved
+    out["shapes_unset"] = _outcome(unset_shapes)
+    out["odd_chunks"] = _outcome(lambda: step(num_chunks=chunks + 1))
+    out["few_chunks"] = _outcome(lambda: step(num_chunks=chunks - 2))
+    out["ranks_disagree"] = _outcome(lambda: step(num_chunks=chunks + 2 * (rank == 2)))
+    out["batch_split"] = _outcome(lambda: step(inputs=[x[0][:-1]] if rank == 0 else None))
+    out["no_criterion"] = _outcome(lambda: step(crit=None) if rank == R - 1 else step())
+    out["no_labels"] = _outcome(lambda: step(labels=[] if rank == 0 else None))
+
+    def wrong_output_shape():
+        stages[0].mode = "shape" if rank == 1 else None
+        try:
+            step()
+        finally:
+            stages[0].mode = None
+    out["output_shape"] = _outcome(wrong_output_shape)
+
+    def stage_raises():
+        stages[1].mode = "raise" if rank == 2 else None
+        try:
+            step()
+        finally:
+            stages[1].mode = None
+    out["stage_raises"] = _outcome(stage_raises)
+    out["ok_after"] = _outcome(step)
+
+    out["not_permutation"] = _outcome(lambda: DualPipe(stages, rank_mapping=[0, 1, 1, 3][:R], config=CFG))
+    odd = dist.new_group(list(range(R - 1)))
+    out["odd_ranks"] = _outcome(lambda: DualPipe(stages, process_group=odd, config=CFG)) if rank < R - 1 else None
+    return out
+
+
+def stuck_peer(rank: int, world: int, hidden: int = 8) -> Dict:
+    """The last rank never runs its step: the others must time out naming what they miss."""
+    set_p2p_tensor_shapes([(2, hidden)])
+    set_p2p_tensor_dtype(torch.float32)
+    cfg = RuntimeConfig(comm_timeout_s=3.0, check_errors=False)
+    pipe = DualPipeV(make_stages(2, hidden, 1, seed=3), config=cfg)
+    if rank == world - 1:
+        import time
+        time.sleep(cfg.comm_timeout_s + 3)  # alive but silent: the others must time out, not see a closed pair
+        return {"type": None, "message": "skipped"}
+    x, y = _batch(2 * world * 2, hidden, 1, 1), _batch(2 * world * 2, hidden, 1, 2)
+    return _outcome(lambda: pipe.step(*(x if rank == 0 else []), num_chunks=2 * world,
+                                      criterion=criterion if rank == 0 else None, labels=y if rank == 0 else []))
