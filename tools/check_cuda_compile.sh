@@ -17,7 +17,11 @@ PY=${PYTHON:-python}
 CUTLASS=$("$PY" -c 'import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), "source"))' 2>/dev/null) || {
   echo "check_cuda_compile: FAIL (python package nvidia-cutlass not importable: pip install nvidia-cutlass)"; exit 1; }
 TORCH_INC=$("$PY" -c 'from torch.utils.cpp_extension import include_paths; print(" ".join("-I" + p for p in include_paths()))' 2>/dev/null || true)
-CUDA_INC=$(dirname "$(dirname "$(readlink -f "$NVCC")")")/include
+CUDA_INC=""  # for the host compiler: where cuda_runtime_api.h lives
+for d in "${CUDA_HOME:-}/include" "$(dirname "$(dirname "$(readlink -f "$NVCC")")")/include" /usr/local/cuda/include /usr/local/cuda-*/include; do
+  if [[ -f "$d/cuda_runtime_api.h" ]]; then CUDA_INC=$d; break; fi
+done
+PY_INC=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 JOBS=${JOBS:-$(nproc)}
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
@@ -36,7 +40,7 @@ compile_one() {  # $1: source file; writes $OUT/<n>.log and $OUT/<n>.rc
       -DNDEBUG -I csrc -I csrc/cuda -I "$CUTLASS/include" -I "$CUTLASS/tools/util/include" $TORCH_INC \
       >"$OUT/$tag.log" 2>&1
   else
-    ${CXX:-g++} -fsyntax-only -std=c++17 "$src" -I csrc -I csrc/cuda -I "$CUDA_INC" $TORCH_INC \
+    ${CXX:-g++} -fsyntax-only -std=c++17 "$src" -I csrc -I csrc/cuda -I "$CUDA_INC" -I "$PY_INC" $TORCH_INC \
       -DTORCH_EXTENSION_NAME=_cuda >"$OUT/$tag.log" 2>&1
   fi
   echo $? >"$OUT/$tag.rc"

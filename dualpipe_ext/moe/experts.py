@@ -1,0 +1,154 @@
+"""Expert MLPs: grouped SwiGLU experts, dense shared experts, and the linear maps under them.
+
+Every weight gradient can be deferred: while ``WeightGradStore.enabled`` is set during a
+backward, the input gradient is computed at once and a closure computing (and accumulating
+into ``.grad``) the weight gradient goes to ``WeightGradStore.put``, so zero-bubble schedules
+run it later as a separate ``W`` step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dualpipe_ext.utils import WeightGradStore
+
+from .grouped_mm import grouped_mm, grouped_wgrad
+
+__all__ = ["linear", "grouped_linear", "GroupedExperts", "SharedExperts", "experts_forward"]
+
+
+def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad += grad
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[1]:
+            return grad_x, None
+
+        def weight_grad() -> torch.Tensor:
+            return grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+
+        if WeightGradStore.enabled:
+            WeightGradStore.put(lambda: _accumulate(weight, weight_grad()))
+            return grad_x, None
+        return grad_x, weight_grad()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight^T`` (x [..., k], weight [n, k]) whose weight gradient can be deferred."""
+    return _Linear.apply(x, weight)
+
+
+class _GroupedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, group_ends, backend):
+        ctx.save_for_backward(x, weight, group_ends)
+        ctx.backend = backend
+        return grouped_mm(x, weight, group_ends, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, group_ends = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grouped_mm(grad, weight.transpose(1, 2).contiguous(), group_ends, ctx.backend)
+        if not ctx.needs_input_grad[1]:
+            return grad_x, None, None, None
+        backend = ctx.backend
+
+        def weight_grad() -> torch.Tensor:
+            return grouped_wgrad(grad, x, group_ends, backend)
+
+        if WeightGradStore.enabled:
+            WeightGradStore.put(lambda: _accumulate(weight, weight_grad()))
+            return grad_x, None, None, None
+        return grad_x, weight_grad(), None, None
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``out[rows of g] = x[rows of g] @ weight[g]^T``; weight gradient deferrable.
+
+    x: [num_rows, k]; weight: [num_groups, n, k]; group_ends: [num_groups] int64 cumulative
+    row counts ending at num_rows. Returns [num_rows, n].
+    """
+    return _GroupedLinear.apply(x, weight, group_ends, backend)
+
+
+class GroupedExperts(nn.Module):
+    """``num_experts`` SwiGLU MLPs ``down(silu(gate(x)) * up(x))`` run as grouped GEMMs.
+
+    Parameters: ``gate_up`` [num_experts, 2 * intermediate, hidden] (gate rows first, then up),
+    ``down`` [num_experts, hidden, intermediate].
+    """
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, backend: str = "auto",
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_experts, self.hidden, self.intermediate, self.backend = num_experts, hidden, intermediate, backend
+        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden, device=device, dtype=dtype))
+        self.down = nn.Parameter(torch.empty(num_experts, hidden, intermediate, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.uniform_(self.gate_up, -1 / math.sqrt(self.hidden), 1 / math.sqrt(self.hidden))
+        nn.init.uniform_(self.down, -1 / math.sqrt(self.intermediate), 1 / math.sqrt(self.intermediate))
+
+    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """x: [num_rows, hidden] grouped by expert; num_tokens_per_expert: [num_experts] int64."""
+        group_ends = torch.cumsum(num_tokens_per_expert, 0)
+        h = grouped_linear(x, self.gate_up, group_ends, self.backend)
+        gate, up = h.split(self.intermediate, dim=-1)
+        return grouped_linear(F.silu(gate) * up, self.down, group_ends, self.backend)
+
+
+class SharedExperts(nn.Module):
+    """Dense SwiGLU MLP every token passes through (``num_shared * intermediate`` wide)."""
+
+    def __init__(self, hidden: int, intermediate: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.intermediate = intermediate
+        self.gate_up = nn.Parameter(torch.empty(2 * intermediate, hidden, device=device, dtype=dtype))
+        self.down = nn.Parameter(torch.empty(hidden, intermediate, device=device, dtype=dtype))
+        nn.init.uniform_(self.gate_up, -1 / math.sqrt(hidden), 1 / math.sqrt(hidden))
+        nn.init.uniform_(self.down, -1 / math.sqrt(intermediate), 1 / math.sqrt(intermediate))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = linear(x, self.gate_up).split(self.intermediate, dim=-1)
+        return linear(F.silu(gate) * up, self.down)
+
+
+def experts_forward(
+    experts: GroupedExperts,
+    recv_x: torch.Tensor,
+    recv_idx: torch.Tensor,
+    recv_weights: torch.Tensor,
+    num_sms: Optional[int] = None,
+) -> torch.Tensor:
+    """Expert side of a dispatch: ``y[i] = sum_k recv_weights[i, k] * expert_{recv_idx[i, k]}(recv_x[i])``.
+
+    recv_x: [num_recv, hidden]; recv_idx: [num_recv, num_topk] int64 local expert or -1;
+    recv_weights: [num_recv, num_topk] float32. Returns [num_recv, hidden], dtype of recv_x.
+    Gradients reach recv_x, recv_weights and the expert weights.
+    """
+    from dualpipe_ext.kernels.expand_reduce import expand, reduce
+
+    expanded = expand(recv_x, recv_idx, experts.num_experts, num_sms=num_sms)
+    expert_out = experts(expanded.expanded_x, expanded.num_tokens_per_local_expert)
+    return reduce(expert_out, expanded.expand_pos, recv_weights, num_sms=num_sms)

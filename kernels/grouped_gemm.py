@@ -1,0 +1,136 @@
+"""Grouped GEMM for MoE experts: ``out[rows of g] = x[rows of g] @ w[g]^T`` for every group g.
+
+Used on CUDA devices where ``torch._grouped_mm`` is not available (before sm90, or older
+torch). Group g owns rows ``[group_ends[g-1], group_ends[g])`` of ``x``; ``group_ends`` stays
+on the device, so a call never synchronises with the host: each program finds its group by
+scanning a device-side prefix sum of the number of row tiles per group.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._common import FLOAT_DTYPES, _interpreting, check_tensor, new_output, use_triton
+
+__all__ = ["grouped_gemm", "grouped_gemm_reference"]
+
+_kernel = None
+
+
+def _build_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def grouped_gemm_kernel(
+        x_ptr, w_ptr, out_ptr, group_ends_ptr, tile_ends_ptr,
+        num_groups, N, K,
+        stride_xm, stride_xk, stride_wg, stride_wn, stride_wk, stride_om, stride_on,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        num_tiles = tl.load(tile_ends_ptr + num_groups - 1)
+        if pid_m >= num_tiles:
+            return
+        # group of this row tile: number of groups whose tiles all come before it
+        g = 0
+        for i in range(num_groups):
+            g += (tl.load(tile_ends_ptr + i) <= pid_m).to(tl.int32)
+        prev = tl.maximum(g - 1, 0)
+        tile_begin = tl.where(g > 0, tl.load(tile_ends_ptr + prev), 0)
+        row_begin = tl.where(g > 0, tl.load(group_ends_ptr + prev), 0)
+        row_end = tl.load(group_ends_ptr + g)
+
+        rows = row_begin + (pid_m - tile_begin) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < row_end
+        col_ok = cols < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        w_base = w_ptr + g.to(tl.int64) * stride_wg
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
+                        mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            if UPCAST:  # the interpreter computes low-precision dots wrongly
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc += tl.dot(a, b)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+    return grouped_gemm_kernel
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor) -> None:
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("w", w, ndim=3, dtypes=(x.dtype,))
+    check_tensor("group_ends", group_ends, ndim=1, dtypes=(torch.int32, torch.int64))
+    if w.shape[2] != x.shape[1]:
+        raise ValueError(f"w must be [num_groups, n, k={x.shape[1]}], got shape {tuple(w.shape)}")
+    if group_ends.shape[0] != w.shape[0]:
+        raise ValueError(f"group_ends must have num_groups={w.shape[0]} entries, got {group_ends.shape[0]}")
+    if len({x.device, w.device, group_ends.device}) != 1:
+        raise ValueError(f"x, w, group_ends must share a device, got {x.device}, {w.device}, {group_ends.device}")
+
+
+def grouped_gemm_reference(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+    """Per-group loop in PyTorch with fp32 accumulation."""
+    _check(x, w, group_ends)
+    ends = group_ends.tolist()
+    if any(b < a for a, b in zip([0] + ends, ends)) or (ends and ends[-1] != x.shape[0]) or (not ends and x.shape[0]):
+        raise ValueError(f"group_ends must be non-decreasing and end at num_rows={x.shape[0]}, got {ends}")
+    out = torch.empty(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
+    begin = 0
+    for g, end in enumerate(ends):
+        if end > begin:
+            out[begin:end] = (x[begin:end].float() @ w[g].float().t()).to(x.dtype)
+        begin = end
+    return out
+
+
+def grouped_gemm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    group_ends: torch.Tensor,
+    *,
+    block_m: int = 64,
+    block_n: int = 64,
+    block_k: int = 32,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """``out[rows of g] = x[rows of g] @ w[g]^T``.
+
+    Args:
+        x: [num_rows, k] float, rows grouped by group.
+        w: [num_groups, n, k], same dtype as ``x`` (one ``nn.Linear`` weight per group).
+        group_ends: [num_groups] int32/int64, cumulative row counts, non-decreasing, ending at
+            ``num_rows`` (checked by the reference; the kernel does not read it back to the host).
+    Returns:
+        [num_rows, n], dtype of ``x``.
+    """
+    if not use_triton(impl, x, w, group_ends):
+        return grouped_gemm_reference(x, w, group_ends)
+    _check(x, w, group_ends)
+    global _kernel
+    if _kernel is None:
+        _kernel = _build_kernel()
+    num_rows, k = x.shape
+    num_groups, n, _ = w.shape
+    out = new_output((num_rows, n), x.dtype, x.device)
+    if num_groups == 0 or num_rows == 0 or n == 0:
+        return out
+    counts = torch.diff(group_ends.long(), prepend=group_ends.new_zeros(1).long())
+    tile_ends = torch.cumsum((counts + block_m - 1) // block_m, 0).to(torch.int32)
+    max_tiles = (num_rows + block_m - 1) // block_m + num_groups
+    grid = (max_tiles, (n + block_n - 1) // block_n)
+    _kernel[grid](
+        x, w, out, group_ends, tile_ends, num_groups, n, k,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=_interpreting(),
+    )
+    return out
