@@ -149,8 +149,11 @@ def layout(
         raise ValueError("timeline has no actions on any rank")
     t0 = min(starts)
     makespan = max(e for row in rows for _, _, e in row) - t0
-    durations = [e - s for row in rows for _, s, e in row if e > s]
-    shortest = min(durations) if durations else 1.0
+    # The shortest action that matters: near-empty measured actions (under a fifth of the
+    # median) would otherwise stretch the whole figure.
+    durations = sorted(e - s for row in rows for _, s, e in row if e > s)
+    median = durations[len(durations) // 2] if durations else 1.0
+    shortest = min((d for d in durations if d >= 0.2 * median), default=1.0)
     if makespan <= 0:
         makespan = 1.0
     axes_w = min(_MAX_WIDTH_IN, max(_MIN_WIDTH_IN, makespan / shortest * _MIN_CELL_IN))

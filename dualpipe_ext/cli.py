@@ -1,0 +1,170 @@
+"""``dualpipe-ext``: draw, compare and trace pipeline schedules.
+
+    dualpipe-ext schedule NAME --ranks R --chunks C --out FILE.svg [--costs F,B,W,FB,P2P]
+    dualpipe-ext simulate --ranks R --chunks C [--costs F,B,W,FB,P2P] [--best] [--memory N]
+    dualpipe-ext trace RANK0.json RANK1.json ... [--chrome OUT.json] [--svg OUT.svg] [--predict]
+
+Also runnable as ``python -m dualpipe_ext.cli``. Bad input ends with one line on standard
+error and exit status 2; set ``DUALPIPE_EXT_DEBUG=1`` to see tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, NoReturn, Optional
+
+__all__ = ["main"]
+
+PROG = "dualpipe-ext"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a usage error as one line instead of the usage text plus the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _costs(text: Optional[str]):
+    from dualpipe_ext.schedules import Costs
+    from dualpipe_ext.viz.table import parse_costs
+
+    return Costs() if text is None else parse_costs(text)
+
+
+def _simulated_timeline(plan, sim) -> list:
+    """Per rank (token, start, end), whichever form the simulator gives its timeline in."""
+    out = []
+    for r, row in enumerate(sim.timeline):
+        out.append([(str(plan.actions[r][t]) if isinstance(t, int) else str(t), s, e) for t, s, e in row])
+    return out
+
+
+def _cmd_schedule(args: argparse.Namespace) -> int:
+    from dualpipe_ext.schedules import get_plan, simulate
+    from dualpipe_ext.viz import draw_timeline
+    from dualpipe_ext.viz.render import FORMATS
+
+    if os.path.splitext(args.out)[1].lower() not in FORMATS:
+        raise ValueError(f"--out {args.out!r}: expected a file name ending in one of {', '.join(FORMATS)}")
+    costs = _costs(args.costs)
+    plan = get_plan(args.name, args.ranks, args.chunks)
+    sim = simulate(plan, costs=costs)
+    title = (f"{args.name}: {args.ranks} ranks, {args.chunks} micro-batches; "
+             f"F={costs.F:g} B={costs.B:g} W={costs.W:g} F&B={costs.FB:g} P2P={costs.P2P:g}; "
+             f"makespan {sim.makespan:.4g}")
+    drawing = draw_timeline(_simulated_timeline(plan, sim), args.out, schedule=args.name, title=title)
+    cells = sum(len(row) for row in drawing.rows)
+    print(f"wrote {args.out}: {len(drawing.rows)} ranks, {cells} compute actions, makespan {sim.makespan:.4g}")
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from dualpipe_ext.viz.table import compare, format_table, pick_best
+
+    if args.memory is not None and not args.best:
+        raise ValueError("--memory applies to --best: add --best to pick a schedule within that memory")
+    costs = _costs(args.costs)
+    rows = compare(args.ranks, args.chunks, costs)
+    best, why = pick_best(rows, args.memory) if args.best else (None, "")
+    print(f"{args.ranks} ranks, {args.chunks} micro-batches; costs F={costs.F:g} B={costs.B:g} "
+          f"W={costs.W:g} F&B={costs.FB:g} P2P={costs.P2P:g}")
+    print(format_table(rows, best))
+    if args.best:
+        if best is None:
+            raise ValueError(f"--best: {why}")
+        limit = "" if args.memory is None else f" within {args.memory} activations"
+        print(f"\nbest{limit}: {best.name} (makespan {best.makespan:.4g}, peak activations {best.peak_activations})")
+    if not any(not r.error for r in rows):
+        raise ValueError(f"no schedule is valid for {args.ranks} ranks and {args.chunks} micro-batches")
+    return 0
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from dualpipe_ext.viz.records import load_record, merge_step
+
+    if not (args.chrome or args.svg or args.predict):
+        raise ValueError("nothing to do: give --chrome OUT.json, --svg OUT.svg and/or --predict")
+    records = [load_record(p) for p in args.files]
+    args.step_given = args.step is not None
+    args.step = -1 if args.step is None else args.step
+    run = merge_step(records, step=args.step)
+    if args.chrome:
+        from dualpipe_ext.viz.chrome import write_chrome_trace
+
+        write_chrome_trace(run, args.chrome)
+        print(f"wrote {args.chrome}: {run.ranks} ranks, step {run.step}")
+    if args.svg:
+        from dualpipe_ext.viz import draw_timeline
+
+        timeline = [[(t, s / 1e6, e / 1e6) for t, s, e in row] for row in run.compute]
+        title = f"{run.schedule}: {run.ranks} ranks, {run.chunks} micro-batches; measured step {run.step}"
+        draw_timeline(timeline, args.svg, schedule=run.schedule, time_unit="ms", title=title)
+        print(f"wrote {args.svg}")
+    if args.predict:
+        from dualpipe_ext.viz.predict import format_prediction, predict
+
+        # Every recorded step but the first (warm-up), unless --step picks one.
+        num_steps = min(len(r["steps"]) for r in records)
+        steps = [args.step] if args.step_given or num_steps == 1 else range(1, num_steps)
+        print(format_prediction(predict([merge_step(records, step=s) for s in steps])))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Draw, compare and trace pipeline schedules.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    costs_help = "costs F,B,W,FB,P2P of forward, full backward, weight backward, overlapped pair, transfer (default 1,2,1,3,0)"
+
+    s = sub.add_parser("schedule", help="draw a schedule's timeline (SVG, PNG or PDF)")
+    s.add_argument("name", help="schedule name, e.g. dualpipe, dualpipev, 1f1b, zb1p, gpipe")
+    s.add_argument("--ranks", type=_positive, required=True, help="pipeline ranks (devices)")
+    s.add_argument("--chunks", type=_positive, required=True, help="micro-batches per step")
+    s.add_argument("--out", required=True, help="output file: .svg, .png or .pdf")
+    s.add_argument("--costs", help=costs_help)
+    s.set_defaults(func=_cmd_schedule)
+
+    m = sub.add_parser("simulate", help="compare every schedule valid at a size")
+    m.add_argument("--ranks", type=_positive, required=True, help="pipeline ranks (devices)")
+    m.add_argument("--chunks", type=_positive, required=True, help="micro-batches per step")
+    m.add_argument("--costs", help=costs_help)
+    m.add_argument("--best", action="store_true", help="pick the fastest schedule (within --memory)")
+    m.add_argument("--memory", type=_positive, help="most live activations per device allowed for --best")
+    m.set_defaults(func=_cmd_simulate)
+
+    t = sub.add_parser("trace", help="merge per-rank records of a run into a Chrome trace and a picture")
+    t.add_argument("files", nargs="+", help="one record file per pipeline rank (written by the runtime)")
+    t.add_argument("--chrome", help="write a Chrome trace JSON (open in Perfetto)")
+    t.add_argument("--svg", help="draw the measured timeline (.svg, .png or .pdf)")
+    t.add_argument("--step", type=int, default=None,
+                   help="which recorded step to draw and export (default: the last; --predict: all but the first)")
+    t.add_argument("--predict", action="store_true", help="compare the measured step time with the simulator's")
+    t.set_defaults(func=_cmd_trace)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as e:
+        if os.environ.get("DUALPIPE_EXT_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"{PROG} {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Record a real DualPipe run on CPU processes (gloo) and save one record file per rank.
+
+    python tests/viz/record_run.py OUT_DIR [--schedule dualpipe|dualpipev] [--ranks 4] [--chunks 8]
+
+Each rank holds two small MLP stages; two steps run, both recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from typing import List
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, schedule: str, chunks: int, hidden: int,
+            batch: int, steps: int) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+
+    from dualpipe_ext import comm
+    from dualpipe_ext.runtime import DualPipe, DualPipeV, RuntimeConfig
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    torch.manual_seed(rank)
+    stage = lambda: nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+    cls = DualPipe if schedule == "dualpipe" else DualPipeV
+    pipe = cls((stage(), stage()), config=RuntimeConfig(record=True, comm_timeout_s=60))
+    per_module = chunks // 2 if schedule == "dualpipe" else chunks
+    micro = batch // chunks
+    comm.set_p2p_tensor_shapes([(micro, hidden)])
+    comm.set_p2p_tensor_dtype(torch.float32)
+    feeds = schedule == "dualpipev" and rank == 0 or schedule == "dualpipe" and rank in (0, world - 1)
+    n = micro * per_module
+    x = torch.randn(n, hidden) if feeds else None
+    y = torch.randn(n, hidden) if feeds else None
+    crit = nn.functional.mse_loss
+    for _ in range(steps):
+        pipe.step(*([x] if feeds else []), num_chunks=chunks, criterion=crit, labels=[y] if feeds else [])
+    pipe.timeline.save(os.path.join(out_dir, "rank{rank}.json"))
+    dist.destroy_process_group()
+
+
+def record(out_dir: str, schedule: str = "dualpipe", ranks: int = 4, chunks: int = 8, hidden: int = 64,
+           batch: int = 64, steps: int = 2) -> List[str]:
+    """Run and record; returns the record paths in rank order."""
+    import torch.multiprocessing as mp
+
+    os.makedirs(out_dir, exist_ok=True)
+    mp.spawn(_worker, args=(ranks, _free_port(), out_dir, schedule, chunks, hidden, batch, steps), nprocs=ranks,
+             join=True)
+    return [os.path.join(out_dir, f"rank{r}.json") for r in range(ranks)]
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("out_dir")
+    p.add_argument("--schedule", default="dualpipe", choices=["dualpipe", "dualpipev"])
+    p.add_argument("--ranks", type=int, default=4)
+    p.add_argument("--chunks", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=2)
+    a = p.parse_args()
+    print("\n".join(record(a.out_dir, a.schedule, a.ranks, a.chunks, a.hidden, a.batch, a.steps)))
+    sys.exit(0)
