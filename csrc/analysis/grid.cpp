@@ -6,8 +6,8 @@
 namespace dpx {
 
 namespace {
-constexpr int kHalfWindow = 5;     // cells shown on each side of a mark
-constexpr int kCommonSpan = 14;    // marks closer than this share one aligned window
+constexpr int kHalfWindow = 4;     // cells shown on each side of a mark
+constexpr int kCommonSpan = 4;     // marks closer than this share one aligned window
 constexpr int kMaxFullRows = 16;   // larger plans show only the rows near a mark
 
 std::string pad(const std::string& s, size_t w) { return s.size() >= w ? s : s + std::string(w - s.size(), ' '); }
