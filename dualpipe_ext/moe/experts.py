@@ -21,7 +21,10 @@ from .grouped_mm import grouped_mm, grouped_wgrad
 __all__ = ["linear", "grouped_linear", "GroupedExperts", "SharedExperts", "experts_forward"]
 
 
-def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+@torch.no_grad()
+def _accumulate(param: torch.Tensor, compute_grad) -> None:
+    """Add ``compute_grad()`` to ``param.grad`` (a deferred weight gradient running outside backward)."""
+    grad = compute_grad()
     if param.grad is None:
         param.grad = grad
     else:
@@ -45,7 +48,7 @@ class _Linear(torch.autograd.Function):
             return grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
 
         if WeightGradStore.enabled:
-            WeightGradStore.put(lambda: _accumulate(weight, weight_grad()))
+            WeightGradStore.put(lambda: _accumulate(weight, weight_grad))
             return grad_x, None
         return grad_x, weight_grad()
 
@@ -77,7 +80,7 @@ class _GroupedLinear(torch.autograd.Function):
             return grouped_wgrad(grad, x, group_ends, backend)
 
         if WeightGradStore.enabled:
-            WeightGradStore.put(lambda: _accumulate(weight, weight_grad()))
+            WeightGradStore.put(lambda: _accumulate(weight, weight_grad))
             return grad_x, None, None, None
         return grad_x, weight_grad(), None, None
 
