@@ -24,10 +24,15 @@ _EXPORTS = {
     "WeightGradStore": "dualpipe_ext.utils",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+# subpackages loaded on first attribute access
+_SUBMODULES = ("moe",)
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"dualpipe_ext.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'dualpipe_ext' has no attribute {name!r}")
