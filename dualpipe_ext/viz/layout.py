@@ -207,10 +207,10 @@ def layout(
                     name += f" ({other})" if module == 1 else ""
                 legend.append((name, (COLOURS[(kind, module)],)))
     if has_pair:
-        pair_cols = sorted(
-            {tuple(c.colour for c in b.cells) for row in out_rows for b in row if len(b.cells) == 2}
-        )
-        legend.append((PAIR_LEGEND, pair_cols[0]))
+        pairs = [b.cells for row in out_rows for b in row if len(b.cells) == 2]
+        # Show a pair of the first module's forward where there is one.
+        shown = min(pairs, key=lambda cells: (cells[0].module != 0, cells[1].module, cells[1].kind))
+        legend.append((PAIR_LEGEND, tuple(c.colour for c in shown)))
     return Drawing(
         rows=tuple(out_rows),
         legend=tuple(legend),
