@@ -1,0 +1,157 @@
+"""Helpers shared by the MoE kernels: choosing Triton or the reference, grid sizing, checks.
+
+Triton is imported lazily here, so importing a kernel module's reference path never
+needs it, and ``TRITON_INTERPRET`` may still be set before Triton is first imported.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+IMPLS = ("auto", "triton", "torch")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when ``import triton`` succeeds."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
+    """Decide whether a call runs its Triton kernels (True) or its PyTorch reference (False).
+
+    "auto" picks Triton when the tensors are on CUDA and Triton imports, or when
+    ``DUALPIPE_EXT_TRITON=1`` is set (with ``TRITON_INTERPRET=1`` that runs the kernels on
+    CPU tensors); "triton" and "torch" force one side.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if impl == "triton":
+        if not triton_available():
+            raise ValueError("impl='triton' needs Triton, which is not importable")
+        if not on_cuda and not _interpreting():
+            raise ValueError(
+                "impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 (set before importing triton) for CPU tensors"
+            )
+        return True
+    forced = os.environ.get("DUALPIPE_EXT_TRITON", "0") == "1"
+    return triton_available() and (on_cuda or forced)
+
+
+def persistent_grid(num_items: int, num_sms: Optional[int]) -> int:
+    """Number of programs of a grid-stride kernel over ``num_items`` work items.
+
+    ``num_sms`` caps the grid (communication kernels leave the other SMs to the GEMMs);
+    None launches one program per item.
+    """
+    check_num_sms(num_sms)
+    if num_sms is None:
+        return max(1, num_items)
+    return max(1, min(num_items, num_sms))
+
+
+def check_num_sms(num_sms: Optional[int]) -> None:
+    if num_sms is not None and (not isinstance(num_sms, int) or isinstance(num_sms, bool) or num_sms < 1):
+        raise ValueError(f"num_sms must be a positive int or None, got {num_sms!r}")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def check_tensor(
+    name: str,
+    t: torch.Tensor,
+    *,
+    ndim: Optional[int] = None,
+    dtypes: Optional[Sequence[torch.dtype]] = None,
+) -> None:
+    """Raise ValueError unless ``t`` is a tensor with the given rank and one of ``dtypes``."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d) for d in dtypes)
+        raise ValueError(f"{name} must have dtype in ({names}), got {t.dtype}")
+
+
+def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"tensors must be on one device, got {devices}")
+
+
+def check_positions(name: str, pos: torch.Tensor, num_rows: int) -> None:
+    """Raise ValueError unless every entry of ``pos`` is -1 or a row in [0, num_rows)."""
+    if pos.numel() and bool(((pos < -1) | (pos >= num_rows)).any()):
+        bad = pos[(pos < -1) | (pos >= num_rows)][0].item()
+        raise ValueError(f"{name} entries must be -1 or in [0, {num_rows}), found {bad}")
+
+
+# Elements of one row chunk in the row-moving kernels (permute, combine): 1024 bf16 =
+# 2 KiB = 16 B per thread over 4 warps, the widest vector access; hidden 7168 is 7 chunks.
+# Not yet tuned on a GPU.
+MAX_BLOCK_H = 1024
+
+
+def row_tile(hidden: int) -> tuple:
+    """(BLOCK_T, BLOCK_H): tokens and row elements one program moves per step.
+
+    Short rows are packed several tokens to a tile of about ``MAX_BLOCK_H`` elements, so
+    small hidden sizes do not launch one tiny program per token.
+    """
+    block_h = min(next_pow2(hidden), MAX_BLOCK_H)
+    return max(1, MAX_BLOCK_H // block_h), block_h
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# Test hook: when set, kernel outputs are allocated pre-filled with a poison value
+# (NaN for floats, -7 for integers, True for bools) so that an element a kernel fails
+# to write shows up in a comparison.
+_POISON = False
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True) -> Iterator[None]:
+    """Within the block, fill every output a kernel allocates with a poison value first."""
+    global _POISON
+    previous, _POISON = _POISON, enabled
+    try:
+        yield
+    finally:
+        _POISON = previous
+
+
+def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised output tensor (poisoned under ``poison_outputs``)."""
+    out = torch.empty(tuple(shape), dtype=dtype, device=device)
+    if _POISON:
+        if dtype.is_floating_point:
+            out.fill_(float("nan"))
+        elif dtype == torch.bool:
+            out.fill_(True)
+        else:
+            out.fill_(-7)
+    return out

@@ -1,0 +1,160 @@
+"""Permute: copy token rows into a buffer at given rows (send buffer, or expert-grouped buffer).
+
+``out[send_pos[t, c]] = x[t]`` for every ``send_pos[t, c] >= 0``. With ``send_pos`` from
+``dispatch_layout`` (``num_cols`` = ranks) this fills the per-destination send buffer,
+each token at most once per rank; with ``expand_pos`` (``num_cols`` = top-k) it fills the
+buffer grouped by local expert. Its gradient is ``unpermute``:
+``grad_x[t] = sum_c grad_out[send_pos[t, c]]``, a combine-shaped reduction.
+
+Rows of ``out`` that no entry of ``send_pos`` names are left unspecified (the Triton path
+does not write them; the reference zero-fills them). Layouts from ``dispatch_layout`` name
+every row.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._common import (
+    FLOAT_DTYPES,
+    check_num_sms,
+    check_positions,
+    check_same_device,
+    check_tensor,
+    new_output,
+    persistent_grid,
+    row_tile,
+    cdiv,
+    use_triton,
+)
+from .combine import combine, combine_reference
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference path works without Triton
+    triton = None
+
+__all__ = ["permute", "permute_reference", "unpermute", "unpermute_reference"]
+
+def _check(x: torch.Tensor, send_pos: torch.Tensor, num_rows: int, check_pos: bool) -> None:
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("send_pos", send_pos, ndim=2, dtypes=(torch.int64,))
+    check_same_device(x=x, send_pos=send_pos)
+    if send_pos.shape[0] != x.shape[0]:
+        raise ValueError(f"send_pos must have one row per token of x ({x.shape[0]}), got shape {tuple(send_pos.shape)}")
+    if not isinstance(num_rows, int) or num_rows < 0:
+        raise ValueError(f"num_rows must be a non-negative int, got {num_rows!r}")
+    if check_pos:
+        check_positions("send_pos", send_pos, num_rows)
+
+
+def permute(
+    x: torch.Tensor,
+    send_pos: torch.Tensor,
+    num_rows: int,
+    *,
+    num_sms: Optional[int] = None,
+    check_pos: bool = True,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Scatter token rows into a ``[num_rows, hidden]`` buffer; differentiable in ``x``.
+
+    Args:
+        x: [num_tokens, hidden] float32/bfloat16/float16/float64.
+        send_pos: [num_tokens, num_cols] int64, destination row of token t for column c, or -1.
+        num_rows: rows of the output buffer.
+        num_sms: cap on the persistent grid (programs), None for one program per block of tokens.
+        check_pos: verify position range (costs a device-to-host sync on CUDA).
+        impl: "auto" | "triton" | "torch".
+    Returns:
+        [num_rows, hidden] in the dtype of ``x``.
+    """
+    _check(x, send_pos, num_rows, check_pos)
+    check_num_sms(num_sms)
+    if use_triton(impl, x, send_pos):
+        return _Permute.apply(x, send_pos, num_rows, num_sms)
+    return permute_reference(x, send_pos, num_rows)
+
+
+def unpermute(
+    grad_out: torch.Tensor,
+    send_pos: torch.Tensor,
+    *,
+    num_sms: Optional[int] = None,
+    check_pos: bool = True,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Gradient of ``permute``: ``grad_x[t] = sum_c grad_out[send_pos[t, c]]`` (fp32 accumulation).
+
+    Args:
+        grad_out: [num_rows, hidden] float.
+        send_pos: [num_tokens, num_cols] int64, as given to ``permute``.
+    Returns:
+        [num_tokens, hidden] in the dtype of ``grad_out``; tokens with no valid position get 0.
+    """
+    return combine(grad_out, send_pos, None, num_sms=num_sms, check_pos=check_pos, impl=impl)
+
+
+# Triton
+
+if triton is not None:
+
+    @triton.jit
+    def _permute_kernel(x_ptr, pos_ptr, out_ptr, num_tokens, num_cols, hidden, BLOCK_T: tl.constexpr,
+                        BLOCK_H: tl.constexpr):
+        # Grid-stride over blocks of tokens: each row is read once and written to each destination.
+        for tb in range(tl.program_id(0), tl.cdiv(num_tokens, BLOCK_T), tl.num_programs(0)):
+            t = (tb * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # int64: offsets past 2**31 stay exact
+            t_mask = t < num_tokens
+            for h0 in range(0, hidden, BLOCK_H):
+                h = h0 + tl.arange(0, BLOCK_H)
+                h_mask = h < hidden
+                row = tl.load(x_ptr + t[:, None] * hidden + h[None, :], mask=t_mask[:, None] & h_mask[None, :])
+                for c in range(num_cols):
+                    p = tl.load(pos_ptr + t * num_cols + c, mask=t_mask, other=-1)
+                    tl.store(out_ptr + p[:, None] * hidden + h[None, :], row, mask=(p >= 0)[:, None] & h_mask[None, :])
+
+
+def launch_permute(x: torch.Tensor, send_pos: torch.Tensor, out: torch.Tensor, num_sms: Optional[int]) -> None:
+    """Run the Triton permute into ``out`` (contiguous ``[num_rows, hidden]``, dtype of ``x``)."""
+    num_tokens, hidden = x.shape
+    if num_tokens == 0 or hidden == 0 or send_pos.shape[1] == 0:
+        return
+    block_t, block_h = row_tile(hidden)
+    grid = (persistent_grid(cdiv(num_tokens, block_t), num_sms),)
+    _permute_kernel[grid](x, send_pos, out, num_tokens, send_pos.shape[1], hidden, BLOCK_T=block_t, BLOCK_H=block_h)
+
+
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, send_pos, num_rows, num_sms):
+        x, send_pos = x.contiguous(), send_pos.contiguous()
+        out = new_output((num_rows, x.shape[1]), x.dtype, x.device)
+        launch_permute(x, send_pos, out, num_sms)
+        ctx.save_for_backward(send_pos)
+        ctx.num_sms = num_sms
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (send_pos,) = ctx.saved_tensors
+        grad_x = unpermute(grad_out, send_pos, num_sms=ctx.num_sms, check_pos=False, impl="triton")
+        return grad_x, None, None, None
+
+
+# torch reference
+
+
+def permute_reference(x: torch.Tensor, send_pos: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Plain PyTorch definition of ``permute`` (unnamed rows are zero); differentiable."""
+    valid = send_pos >= 0
+    token_idx = torch.arange(x.shape[0], device=x.device).unsqueeze(1).expand_as(send_pos)[valid]
+    out = x.new_zeros((num_rows, x.shape[1]))
+    return out.index_copy(0, send_pos[valid], x.index_select(0, token_idx))
+
+
+def unpermute_reference(grad_out: torch.Tensor, send_pos: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch definition of ``unpermute``."""
+    return combine_reference(grad_out, send_pos, None)
