@@ -1,0 +1,264 @@
+"""Routing: DeepSeek-V3's gate, top-k experts per token with optional group limit and bias.
+
+scores = softmax or sigmoid of the logits (fp32). Experts are chosen by ``scores + bias``
+(the bias steers load balance and never reaches the weights). With ``n_group > 1`` the
+experts form equal contiguous groups; a group scores the sum of its two best biased scores
+when a bias is given, its best score otherwise, and only the ``topk_group`` best groups stay
+eligible. The weights are the unbiased scores of the chosen experts, normalised to sum 1
+for sigmoid, times ``routed_scaling_factor``. Ties go to the lower expert (or group) index,
+in both implementations, so indices compare bitwise.
+
+Gradients reach the logits through the weights; the Triton backward recomputes the scores.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._common import FLOAT_DTYPES, check_tensor, new_output, next_pow2, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference path works without Triton
+    triton = None
+
+__all__ = ["route", "route_reference"]
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+def _check(logits, topk, score_func, n_group, topk_group, bias, check_finite):
+    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
+    num_experts = logits.shape[1]
+    if score_func not in SCORE_FUNCS:
+        raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
+    for name, value in (("topk", topk), ("n_group", n_group), ("topk_group", topk_group)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if topk > num_experts:
+        raise ValueError(f"topk ({topk}) must not exceed the number of experts ({num_experts})")
+    if num_experts % n_group != 0:
+        raise ValueError(f"the number of experts ({num_experts}) must be divisible by n_group ({n_group})")
+    if topk_group > n_group:
+        raise ValueError(f"topk_group ({topk_group}) must not exceed n_group ({n_group})")
+    experts_per_group = num_experts // n_group
+    if topk > topk_group * experts_per_group:
+        raise ValueError(
+            f"topk ({topk}) exceeds the experts in the {topk_group} eligible groups "
+            f"({topk_group} x {experts_per_group})"
+        )
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=(torch.float32,))
+        if bias.shape[0] != num_experts:
+            raise ValueError(f"bias must have shape [{num_experts}] (one per expert), got {tuple(bias.shape)}")
+        if bias.device != logits.device:
+            raise ValueError(f"bias must be on the device of logits ({logits.device}), got {bias.device}")
+        if n_group > 1 and experts_per_group < 2:
+            raise ValueError("with a bias and n_group > 1 a group scores its top-2 experts: need >= 2 experts per group")
+    if check_finite and logits.numel() and bool(torch.isnan(logits).any()):
+        raise ValueError("logits contain NaN")
+
+
+def route(
+    logits: torch.Tensor,
+    topk: int,
+    score_func: str = "softmax",
+    n_group: int = 1,
+    topk_group: int = 1,
+    bias: Optional[torch.Tensor] = None,
+    routed_scaling_factor: float = 1.0,
+    *,
+    check_inputs: bool = True,
+    impl: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Choose ``topk`` experts per token and their weights; differentiable in ``logits``.
+
+    Args:
+        logits: [num_tokens, num_experts] float (any float dtype; scores computed in fp32).
+        topk: experts per token.
+        score_func: "softmax" or "sigmoid".
+        n_group, topk_group: group-limited routing (n_group=1: off).
+        bias: optional [num_experts] float32 added to the scores for choosing only.
+        routed_scaling_factor: multiplies the weights.
+        check_inputs: check logits for NaN (a device-to-host sync on CUDA).
+        impl: "auto" | "triton" | "torch".
+    Returns:
+        topk_idx [num_tokens, topk] int64 and topk_weights [num_tokens, topk] float32.
+    """
+    _check(logits, topk, score_func, n_group, topk_group, bias, check_inputs)
+    if use_triton(impl, logits):
+        args = (topk, score_func, n_group, topk_group, bias, float(routed_scaling_factor))
+        return _Route.apply(logits, *args)
+    return route_reference(logits, topk, score_func, n_group, topk_group, bias, routed_scaling_factor)
+
+
+# Triton
+
+if triton is not None:
+
+    @triton.jit
+    def _scores(logits_ptr, t, e, num_tokens, num_experts, SIGMOID: tl.constexpr):
+        mask = (t < num_tokens)[:, None] & (e < num_experts)[None, :]
+        x = tl.load(logits_ptr + t[:, None] * num_experts + e[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.where((e < num_experts)[None, :], x, float("-inf"))  # padded tokens keep finite rows
+        if SIGMOID:
+            s = 1.0 / (1.0 + tl.exp(-x))
+        else:
+            ex = tl.exp(x - tl.max(x, axis=1)[:, None])
+            s = ex / tl.sum(ex, axis=1)[:, None]
+        return tl.where(mask, s, 0.0)
+
+    @triton.jit
+    def _route_fwd_kernel(logits_ptr, bias_ptr, idx_ptr, w_ptr, num_tokens, num_experts, topk, n_group, topk_group,
+                          experts_per_group, scale, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          GROUPED: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
+                          G_PAD: tl.constexpr):
+        t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        e = tl.arange(0, E_PAD)
+        e_ok = (e < num_experts)[None, :]
+        s = _scores(logits_ptr, t, e, num_tokens, num_experts, SIGMOID)
+        choose = s
+        if HAS_BIAS:
+            choose = s + tl.load(bias_ptr + e, mask=e < num_experts, other=0.0)[None, :]
+        cand = tl.where(e_ok, choose, float("-inf"))
+        if GROUPED:
+            gid = (e // experts_per_group)[None, :]
+            g = tl.arange(0, G_PAD)[None, :]
+            group_score = tl.full([BLOCK_T, G_PAD], float("-inf"), tl.float32)
+            for gi in range(n_group):
+                v = tl.where(gid == gi, cand, float("-inf"))
+                best = tl.max(v, axis=1)
+                if HAS_BIAS:  # plus the second best: drop one (the first) occurrence of the best
+                    first = tl.min(tl.where(v == best[:, None], e[None, :], E_PAD), axis=1)
+                    best += tl.max(tl.where(e[None, :] == first[:, None], float("-inf"), v), axis=1)
+                group_score = tl.where(g == gi, best[:, None], group_score)
+            keep = tl.zeros([BLOCK_T, E_PAD], dtype=tl.int32) != 0
+            for _ in range(topk_group):
+                best = tl.max(group_score, axis=1)
+                pick = tl.min(tl.where(group_score == best[:, None], g, G_PAD), axis=1)
+                group_score = tl.where(g == pick[:, None], float("-inf"), group_score)
+                keep = keep | (gid == pick[:, None])
+            cand = tl.where(keep, cand, float("-inf"))
+        k = tl.arange(0, K_PAD)[None, :]
+        out_idx = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int64)
+        out_w = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
+        for j in range(topk):
+            best = tl.max(cand, axis=1)
+            pick = tl.min(tl.where(cand == best[:, None], e[None, :], E_PAD), axis=1)
+            picked = e[None, :] == pick[:, None]
+            out_idx = tl.where(k == j, pick.to(tl.int64)[:, None], out_idx)
+            out_w = tl.where(k == j, tl.sum(tl.where(picked, s, 0.0), axis=1)[:, None], out_w)
+            cand = tl.where(picked, float("-inf"), cand)
+        if SIGMOID:
+            total = tl.sum(out_w, axis=1)
+            out_w = out_w / tl.where(t < num_tokens, total, 1.0)[:, None]  # padded tokens have zero scores
+        out_w = out_w * scale
+        mask = (t < num_tokens)[:, None] & (k < topk)
+        tl.store(idx_ptr + t[:, None] * topk + k, out_idx, mask=mask)
+        tl.store(w_ptr + t[:, None] * topk + k, out_w, mask=mask)
+
+    @triton.jit
+    def _route_bwd_kernel(logits_ptr, idx_ptr, grad_w_ptr, grad_logits_ptr, num_tokens, num_experts, topk, scale,
+                          SIGMOID: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
+        t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        e = tl.arange(0, E_PAD)
+        t_ok = t < num_tokens
+        s = _scores(logits_ptr, t, e, num_tokens, num_experts, SIGMOID)
+        # grad of the raw chosen scores, scattered over experts (chosen experts are distinct)
+        g = tl.zeros([BLOCK_T, E_PAD], dtype=tl.float32)
+        chosen = g != 0.0  # all False
+        for j in range(topk):
+            idx = tl.load(idx_ptr + t * topk + j, mask=t_ok, other=-1)
+            gj = tl.load(grad_w_ptr + t * topk + j, mask=t_ok, other=0.0)
+            hit = e[None, :] == idx[:, None]
+            g = tl.where(hit, gj[:, None], g)
+            chosen = chosen | hit
+        if SIGMOID:
+            # w = scale * s_I / sum(s_I)  =>  dL/ds_i = scale * (g_i - sum_j g_j s_j / S) / S
+            total = tl.sum(tl.where(chosen, s, 0.0), axis=1)
+            total = tl.where(t_ok, total, 1.0)  # padded tokens chose nothing
+            mean_g = tl.sum(g * s, axis=1) / total
+            gs = tl.where(chosen, scale * (g - mean_g[:, None]) / total[:, None], 0.0)
+            grad = gs * s * (1.0 - s)
+        else:
+            gs = scale * g
+            grad = s * (gs - tl.sum(gs * s, axis=1)[:, None])
+        mask = t_ok[:, None] & (e < num_experts)[None, :]
+        tl.store(grad_logits_ptr + t[:, None] * num_experts + e[None, :],
+                 grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_t(num_experts: int) -> int:
+    # about 4096 fp32 scores per tile (16 tokens at 256 experts); not yet tuned on a GPU
+    return max(1, min(64, 4096 // next_pow2(num_experts)))
+
+
+class _Route(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, topk, score_func, n_group, topk_group, bias, scale):
+        logits = logits.contiguous()
+        num_tokens, num_experts = logits.shape
+        topk_idx = new_output((num_tokens, topk), torch.int64, logits.device)
+        topk_weights = new_output((num_tokens, topk), torch.float32, logits.device)
+        block_t = _block_t(num_experts)
+        if num_tokens:
+            _route_fwd_kernel[(triton.cdiv(num_tokens, block_t),)](
+                logits, bias if bias is not None else logits, topk_idx, topk_weights, num_tokens, num_experts, topk,
+                n_group, topk_group, num_experts // n_group, scale, SIGMOID=score_func == "sigmoid",
+                HAS_BIAS=bias is not None, GROUPED=n_group > 1, BLOCK_T=block_t, E_PAD=next_pow2(num_experts),
+                K_PAD=next_pow2(topk), G_PAD=next_pow2(n_group),
+            )
+        ctx.save_for_backward(logits, topk_idx)
+        ctx.sigmoid, ctx.scale = score_func == "sigmoid", scale
+        ctx.mark_non_differentiable(topk_idx)
+        return topk_idx, topk_weights
+
+    @staticmethod
+    def backward(ctx, grad_idx, grad_weights):
+        logits, topk_idx = ctx.saved_tensors
+        num_tokens, num_experts = logits.shape
+        grad_logits = new_output(logits.shape, logits.dtype, logits.device)
+        block_t = _block_t(num_experts)
+        if num_tokens:
+            _route_bwd_kernel[(triton.cdiv(num_tokens, block_t),)](
+                logits, topk_idx, grad_weights.contiguous(), grad_logits, num_tokens, num_experts,
+                topk_idx.shape[1], ctx.scale, SIGMOID=ctx.sigmoid, BLOCK_T=block_t, E_PAD=next_pow2(num_experts),
+            )
+        return grad_logits, None, None, None, None, None, None
+
+
+# torch reference
+
+
+def route_reference(
+    logits: torch.Tensor,
+    topk: int,
+    score_func: str = "softmax",
+    n_group: int = 1,
+    topk_group: int = 1,
+    bias: Optional[torch.Tensor] = None,
+    routed_scaling_factor: float = 1.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch definition of ``route`` (no checks); differentiable by torch autograd."""
+    num_tokens, num_experts = logits.shape
+    logits = logits.float()
+    scores = logits.sigmoid() if score_func == "sigmoid" else logits.softmax(dim=-1)
+    with torch.no_grad():
+        choose = scores if bias is None else scores + bias
+        if n_group > 1:
+            grouped = choose.view(num_tokens, n_group, -1)
+            if bias is None:
+                group_score = grouped.amax(dim=-1)
+            else:
+                group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            # stable descending sort: among equal scores the lower index comes first
+            groups = group_score.sort(dim=-1, descending=True, stable=True).indices[:, :topk_group]
+            keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, groups, True)
+            choose = choose.masked_fill(~keep.repeat_interleave(num_experts // n_group, dim=1), float("-inf"))
+        topk_idx = choose.sort(dim=-1, descending=True, stable=True).indices[:, :topk]
+    weights = scores.gather(1, topk_idx)
+    if score_func == "sigmoid":
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return topk_idx, weights * routed_scaling_factor
