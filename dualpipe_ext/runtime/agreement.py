@@ -5,7 +5,10 @@ seen by those ranks alone; if they raised on their own, their peers would wait f
 for messages that never come. Instead each rank reports what it found (a message, or
 nothing) together with values all ranks must agree on, in one small all_reduce; when
 anything is wrong, a second collective exchanges the messages and every rank raises the
-same exception. The common, error-free case costs one all_reduce of a few integers.
+same exception. The common, error-free case costs one all_reduce of a few integers; on
+gloo it is one round of point-to-point messages between all pairs instead, which takes
+one network latency where gloo's ring all_reduce takes 2 (N - 1) of them (used above 4
+ranks, where it measured faster).
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ __all__ = ["PipelineError", "agree"]
 # Error kinds, ordered by precedence when several ranks fail differently.
 NONE, INPUT, STEP = 0, 1, 2
 _MAX_MESSAGE = 1024
+# Tag of the agreement's point-to-point messages on gloo; pipeline traffic uses tag 0.
+_TAG = 0x5A5A
 
 
 class PipelineError(RuntimeError):
@@ -48,9 +53,7 @@ def agree(group: dist.ProcessGroup, device: torch.device, rank: int, kind: int, 
     for _, v in values:
         flags += [int(v), -int(v)]
     t = torch.tensor(flags, dtype=torch.int64, device=device)
-    _wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s,
-          f"the error agreement of the {what}", rank)
-    summary = t.tolist()
+    summary = _max_over_ranks(group, t, timeout_s, f"the error agreement of the {what}", rank)
     worst = summary[0]
     disagree = [f"{name} (from {-summary[2 + 2 * i]} to {summary[1 + 2 * i]})"
                 for i, (name, _) in enumerate(values) if summary[1 + 2 * i] != -summary[2 + 2 * i]]
@@ -69,6 +72,29 @@ def agree(group: dist.ProcessGroup, device: torch.device, rank: int, kind: int, 
         rows[me, 2:2 + len(data)] = torch.tensor(list(data), dtype=torch.int32)
     _wait(dist.all_reduce(rows, group=group, async_op=True), timeout_s, f"the error report of the {what}", rank)
     raise _combined(rows.cpu())
+
+
+def _max_over_ranks(group: dist.ProcessGroup, t: torch.Tensor, timeout_s: float, what: str, rank: int) -> List[int]:
+    """Elementwise maximum of ``t`` over the ranks of ``group``."""
+    size = group.size()
+    if size == 1:
+        return t.tolist()
+    # Measured on 2 CPU cores (median of 60): 4 ranks all_reduce 1.7 ms, pairwise 3.3 ms;
+    # 8 ranks all_reduce 8.6 ms, pairwise 5.0 ms.
+    if dist.get_backend(group) != "gloo" or size <= 4:
+        _wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s, what, rank)
+        return t.tolist()
+    me = group.rank()
+    bufs = [torch.empty_like(t) for _ in range(size)]
+    works = []
+    for peer in range(size):
+        if peer != me:
+            works.append(group.recv([bufs[peer]], peer, _TAG))
+            works.append(group.send([t], peer, _TAG))
+    for w in works:
+        _wait(w, timeout_s, what, rank)
+    bufs[me] = t
+    return torch.stack(bufs).amax(0).tolist()
 
 
 def _combined(rows: torch.Tensor) -> Exception:

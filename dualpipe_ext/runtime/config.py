@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 __all__ = ["RuntimeConfig"]
 
@@ -18,9 +19,20 @@ class RuntimeConfig:
     # Ask for labels on the ranks that compute the loss of a training step. Turn off for
     # criteria of the outputs alone (called as criterion(*outputs)).
     require_labels: bool = True
+    # On gloo: post receives ahead of the plan's waits and let sends complete in the
+    # background (checked at later waits and at the end of the step). Same messages, same
+    # order per peer, less waiting. NCCL always posts the plan's batches as they are.
+    eager_comm: bool = True
+    # With eager_comm: how many waits ahead receives are posted (their buffers are
+    # allocated that early); None posts every receive of the step at its start, 0 each
+    # receive at its own wait. Tiny-compute DualPipeV, 4 ranks, 8 micro-batches, medians
+    # of 20 steps: 0: 63 ms, 1: 34 ms, 4: 38 ms, all: 30 ms.
+    recv_lookahead: Optional[int] = None
     # Record each action's (token, start, end) into the pipeline's Recorder.
     record: bool = False
 
     def __post_init__(self) -> None:
         if not (self.comm_timeout_s > 0):
             raise ValueError(f"RuntimeConfig.comm_timeout_s must be positive, got {self.comm_timeout_s}")
+        if self.recv_lookahead is not None and self.recv_lookahead < 0:
+            raise ValueError(f"RuntimeConfig.recv_lookahead must be >= 0, got {self.recv_lookahead}")

@@ -57,7 +57,7 @@ class StepFailure(Exception):
 class CompiledPlan:
     """One rank's actions in compact form, plus what the stage table says about its modules."""
 
-    def __init__(self, plan: "_C.Plan", rank: int, to_global: Sequence[int]) -> None:
+    def __init__(self, plan: "_C.Plan", rank: int, to_global: Sequence[int], to_group: Sequence[int]) -> None:
         self.schedule = plan.schedule
         self.ranks = plan.ranks
         self.chunks = plan.chunks
@@ -70,19 +70,41 @@ class CompiledPlan:
         self.local_prev = [s.prev_module if s.prev_rank == rank else -1 for s in stages]
         self.remote_prev = [s.prev_rank >= 0 and s.prev_rank != rank for s in stages]
         self.remote_next = [s.next_rank >= 0 and s.next_rank != rank for s in stages]
-        # (code, module, mb, module2, mb2, global peer, token)
-        self.actions: List[Tuple[int, int, int, int, int, int, str]] = []
+        # (code, module, mb, module2, mb2, global peer, token, group peer)
+        self.actions: List[Tuple[int, int, int, int, int, int, str, int]] = []
         for a in plan.actions[rank]:
             peer = to_global[a.peer] if a.peer >= 0 else -1
-            self.actions.append((_CODES[a.type], a.module, a.mb, a.module2, a.mb2, peer, str(a)))
-        self.has_compute = any(a[0] in _COMPUTE for a in self.actions)
+            gpeer = to_group[a.peer] if a.peer >= 0 else -1
+            self.actions.append((_CODES[a.type], a.module, a.mb, a.module2, a.mb2, peer, str(a), gpeer))
+        # Receives in plan order, each with the ordinal of the wait that completes it: lets
+        # the executor post receives ahead of their wait where the backend allows it.
+        self.receives: List[Tuple[int, int]] = []  # (action index, wait ordinal)
+        self.wait_ordinal: List[int] = []  # per action: ordinal of the next wait at or after it
+        ordinal = 0
+        for i, a in enumerate(self.actions):
+            self.wait_ordinal.append(ordinal)
+            if a[0] == RECV_F or a[0] == RECV_B:
+                self.receives.append((i, ordinal))
+            if a[0] == WAIT:
+                ordinal += 1
+        self.num_waits = ordinal
 
 
 class Executor:
-    """Runs compiled plans over a list of local modules on one rank."""
+    """Runs compiled plans over a list of local modules on one rank.
+
+    Communication follows the plan's batches. With ``eager_comm`` (gloo, where every
+    send and receive is an independent operation) two things happen earlier than the
+    plan says, without changing what is sent or computed: receives are posted up to
+    ``recv_lookahead`` waits ahead (so a sender finds its receiver ready), and a ``wait``
+    blocks only on its receives, while sends complete in the background and are checked
+    at later waits and at the end of the step. On NCCL the batches are posted with
+    ``batch_isend_irecv`` exactly as planned.
+    """
 
     def __init__(self, modules: Sequence[torch.nn.Module], group: dist.ProcessGroup, rank: int,
-                 device: torch.device, comm_timeout_s: float, recorder: Recorder) -> None:
+                 device: torch.device, comm_timeout_s: float, recorder: Recorder, eager_comm: bool,
+                 recv_lookahead: int) -> None:
         self.modules = list(modules)
         self.group = group
         self.rank = rank
@@ -90,6 +112,8 @@ class Executor:
         self.timeout = timedelta(seconds=comm_timeout_s)
         self.timeout_s = comm_timeout_s
         self.wait_with_timeout = device.type == "cpu"
+        self.eager_comm = eager_comm
+        self.recv_lookahead = recv_lookahead
         self.recorder = recorder
         t = type(self.modules[0])
         self.overlapped = (len(self.modules) == 2 and type(self.modules[1]) is t
@@ -117,8 +141,12 @@ class Executor:
         self.criterion = criterion
         self.return_outputs = return_outputs
         self.forward_only = forward_only
-        self.pending: List[Tuple[bool, List[torch.Tensor], int, str]] = []
+        self.pending: List[Tuple[bool, List[torch.Tensor], int, str]] = []  # queued until the next wait
         self.to_free: List[torch.Tensor] = []
+        self.posted: Dict[int, Tuple[List[torch.Tensor], List[Any]]] = {}  # receive index -> (buffers, works)
+        self.next_receive = 0  # position in cp.receives of the next receive to post
+        self.batch_works: List[Tuple[Any, str]] = []  # receives the next wait completes
+        self.sends: List[Tuple[List[Any], str, List[torch.Tensor]]] = []  # posted sends in flight
         WeightGradStore.clear()
 
         rec = self.recorder if self.recorder.enabled else None
@@ -129,6 +157,8 @@ class Executor:
         if rec is not None:
             rec.begin_step(cp.schedule, cp.ranks, cp.chunks)
         try:
+            if self.eager_comm:
+                self._post_receives(self.recv_lookahead)  # the receives of the first waits
             for index, a in enumerate(cp.actions):
                 code = a[0]
                 if code == WAIT:
@@ -140,11 +170,11 @@ class Executor:
                 elif code >= RECV_F:
                     if error is None:
                         try:
-                            comm_ops[code - RECV_F](a)
+                            comm_ops[code - RECV_F](index, a)
                         except StepFailure as e:
                             error = f"action {index} '{a[6]}': {e}"
                     if error is not None:
-                        self._drain_comm(code, a)
+                        self._drain_comm(index, code, a)
                 elif error is None:
                     try:
                         if rec is not None:
@@ -160,6 +190,7 @@ class Executor:
                         error = f"action {index} '{a[6]}': {type(e).__name__}: {e}"
                         WeightGradStore.enabled = False
             self._wait(len(cp.actions), "end of step")
+            self._finish_sends(len(cp.actions), "end of step")
         finally:
             WeightGradStore.enabled = False
             if rec is not None:
@@ -171,8 +202,7 @@ class Executor:
     def _release(self) -> None:
         self.inputs = self.outputs = self.out_grads = self.in_grads = self.losses = None
         self.labels = self.criterion = None
-        self.pending = []
-        self.to_free = []
+        self.pending, self.to_free, self.posted, self.batch_works, self.sends = [], [], {}, [], []
         WeightGradStore.clear()
 
     # Compute ----------------------------------------------------------------------------
@@ -277,32 +307,61 @@ class Executor:
 
     # Communication ----------------------------------------------------------------------
 
-    def _recv_forward(self, a) -> None:
-        bufs = comm.empty_buffers(self.device, not self.forward_only)
-        self.inputs[a[1]][a[2]] = bufs
+    def _receive_buffers(self, index: int, a) -> List[torch.Tensor]:
+        """Buffers of the receive at action ``index``: already posted, or queued now."""
+        if self.eager_comm:
+            if index not in self.posted:  # beyond the look-ahead: post it now
+                self._post_receives_through(index)
+            bufs, works = self.posted.pop(index)
+            self.batch_works.extend((w, a[6]) for w in works)
+            return bufs
+        bufs = comm.empty_buffers(self.device, a[0] == RECV_F and not self.forward_only)
         self.pending.append((False, bufs, a[5], a[6]))
+        return bufs
 
-    def _recv_backward(self, a) -> None:
-        bufs = comm.empty_buffers(self.device, False)
-        self.out_grads[a[1]][a[2]] = bufs
-        self.pending.append((False, bufs, a[5], a[6]))
+    def _post_receives(self, limit: int) -> None:
+        """Post the receives that the waits up to ordinal ``limit`` complete."""
+        receives = self.cp.receives
+        i = self.next_receive
+        while i < len(receives) and receives[i][1] <= limit:
+            self._post_receive(receives[i][0])
+            i += 1
+        self.next_receive = i
 
-    def _send_forward(self, a) -> None:
+    def _post_receives_through(self, index: int) -> None:
+        receives = self.cp.receives
+        while self.next_receive < len(receives) and receives[self.next_receive][0] <= index:
+            self._post_receive(receives[self.next_receive][0])
+            self.next_receive += 1
+
+    def _post_receive(self, index: int) -> None:
+        a = self.cp.actions[index]
+        bufs = comm.empty_buffers(self.device, a[0] == RECV_F and not self.forward_only)
+        recv, peer = self.group.recv, a[7]
+        self.posted[index] = (bufs, [recv([b], peer, 0) for b in bufs])
+
+    def _recv_forward(self, index: int, a) -> None:
+        self.inputs[a[1]][a[2]] = self._receive_buffers(index, a)
+
+    def _recv_backward(self, index: int, a) -> None:
+        self.out_grads[a[1]][a[2]] = self._receive_buffers(index, a)
+
+    def _send_forward(self, index: int, a) -> None:
         outputs = self.outputs[a[1]][a[2]]
         why = comm.mismatch(outputs, f"outputs of stage module {a[1]} (micro-batch {a[2]})")
         if why is not None:
             raise StepFailure(why)
-        send = []
+        send, free = [], []
         for t in outputs:
             if t.is_contiguous():
                 send.append(t)
                 if not self.return_outputs and t._base is None:
-                    self.to_free.append(t)
+                    free.append(t)
             else:
                 send.append(t.contiguous())
-        self.pending.append((True, send, a[5], a[6]))
+        self.pending.append((True, send, a[5], a[6], a[7], free))
 
-    def _send_backward(self, a) -> None:
+    def _send_backward(self, index: int, a) -> None:
         grads = self.in_grads[a[1]][a[2]]
         self.in_grads[a[1]][a[2]] = None
         shapes = comm.TENSOR_SHAPES
@@ -311,49 +370,84 @@ class Executor:
         why = comm.mismatch(send, f"input gradients of stage module {a[1]} (micro-batch {a[2]})")
         if why is not None:
             raise StepFailure(why)
-        self.pending.append((True, send, a[5], a[6]))
+        self.pending.append((True, send, a[5], a[6], a[7], ()))
 
-    def _drain_comm(self, code: int, a) -> None:
+    def _drain_comm(self, index: int, code: int, a) -> None:
         """After an error: keep every send and receive matched, with placeholder data."""
         if code == RECV_F or code == RECV_B:
-            self.pending.append((False, comm.empty_buffers(self.device, False), a[5], a[6]))
+            self._receive_buffers(index, a)
         else:
-            self.pending.append((True, comm.zero_buffers(self.device), a[5], a[6]))
+            self.pending.append((True, comm.zero_buffers(self.device), a[5], a[6], a[7], ()))
 
     def _wait(self, index: int, token: str) -> None:
+        if self.eager_comm:
+            self._wait_eager(index, token)
+            return
         pending = self.pending
         if not pending:
             return
         self.pending = []
-        ops = []
-        descs = []
+        ops, descs, free = [], [], []
         group = self.group
-        for is_send, tensors, peer, desc in pending:
+        for entry in pending:
+            is_send, tensors, peer, desc = entry[:4]
             op = dist.isend if is_send else dist.irecv
             for t in tensors:
                 ops.append(dist.P2POp(op, t, peer, group))
                 descs.append(desc)
+            if is_send:
+                free.extend(entry[5])
         works = dist.batch_isend_irecv(ops)
-        if self.wait_with_timeout:
-            for i, w in enumerate(works):
-                try:
-                    ok = w.wait(self.timeout)
-                except RuntimeError as e:
-                    self._timed_out(index, token, works[i:], descs[i:], e)
-                if ok is False:
-                    self._timed_out(index, token, works[i:], descs[i:], None)
-        else:
+        self._wait_all(works, descs, index, token)
+        for t in free:
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+
+    def _wait_eager(self, index: int, token: str) -> None:
+        send = self.group.send
+        for _, tensors, _, desc, gpeer, free in self.pending:
+            self.sends.append(([send([t], gpeer, 0) for t in tensors], desc, free))
+        self.pending = []
+        if self.recv_lookahead > 0 and index < len(self.cp.actions):
+            self._post_receives(self.cp.wait_ordinal[index] + self.recv_lookahead)
+        works = self.batch_works
+        if works:
+            self.batch_works = []
+            self._wait_all([w for w, _ in works], [d for _, d in works], index, token)
+        # Free what completed sends no longer need; keep the rest in flight.
+        sends = self.sends
+        while sends and all(w.is_completed() for w in sends[0][0]):
+            self._sent(sends.pop(0), index, token)
+
+    def _sent(self, entry, index: int, token: str) -> None:
+        works, desc, free = entry
+        self._wait_all(works, [desc] * len(works), index, token)  # completed: surfaces backend errors
+        for t in free:
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+
+    def _finish_sends(self, index: int, token: str) -> None:
+        sends, self.sends = self.sends, []
+        for entry in sends:
+            self._sent(entry, index, token)
+
+    def _wait_all(self, works, descs, index: int, token: str) -> None:
+        if not self.wait_with_timeout:
             for w in works:
                 w.wait()
-        for t in self.to_free:
-            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
-        self.to_free = []
+            return
+        timeout = self.timeout
+        for i, w in enumerate(works):
+            try:
+                ok = w.wait(timeout)
+            except RuntimeError as e:
+                self._timed_out(index, token, works[i:], descs[i:], e)
+            if ok is False:
+                self._timed_out(index, token, works[i:], descs[i:], None)
 
     def _timed_out(self, index: int, token: str, works, descs, cause) -> None:
         # works[0] is the one that timed out; later ones may or may not have completed.
         missing = [descs[0]] + sorted({d for w, d in zip(works[1:], descs[1:]) if not w.is_completed()} - {descs[0]})
-        where = f"action {index} '{token}'" if index < len(self.cp.actions) else "the final wait"
+        where = f"action {index} '{token}'" if index < len(self.cp.actions) else "the end of the step"
         raise PipelineError(
             f"pipeline rank {self.rank}: {where} waited {self.timeout_s:g} s for its sends and receives; "
-            f"still missing: {', '.join(missing) or 'unknown'} (the peer did not post the matching operation: "
+            f"still missing: {', '.join(missing)} (the peer did not post the matching operation: "
             f"it failed, stopped, or runs a different plan)" + (f"; backend: {cause}" if cause else ""))

@@ -57,13 +57,16 @@ class _Pipeline(nn.Module):
         for g, pp in enumerate(rank_mapping):
             inverse[pp] = g
         self.rank = rank_mapping[group_rank]
+        self._to_group = inverse
         self._to_global = [dist.get_global_rank(self.group, g) for g in inverse]
         self.device = _device_of(modules)
         self.timeline = Recorder(self.config.record)
         self.timeline.rank = self.rank
         self.timeline.global_rank = dist.get_rank()
+        eager = self.config.eager_comm and dist.get_backend(self.group) == "gloo"
         self.executor = Executor(modules, self.group, self.rank, self.device, self.config.comm_timeout_s,
-                                 self.timeline)
+                                 self.timeline, eager,
+                                 1 << 30 if self.config.recv_lookahead is None else self.config.recv_lookahead)
         self.overlapped_forward_backward = self.executor.overlapped
         self._compiled: Dict[Tuple[int, bool], CompiledPlan] = {}
 
@@ -74,7 +77,7 @@ class _Pipeline(nn.Module):
             plan = get_plan(self.schedule, self.num_ranks, num_chunks)
             if forward_only:
                 plan = plan.forward_only()
-            cp = CompiledPlan(plan, self.rank, self._to_global)
+            cp = CompiledPlan(plan, self.rank, self._to_global, self._to_group)
             self._compiled[key] = cp
         return cp
 
