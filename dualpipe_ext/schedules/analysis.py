@@ -75,8 +75,9 @@ def simulate(plan: "_C.Plan", costs: Costs = Costs()) -> Simulation:
     if not isinstance(costs, Costs):
         raise TypeError(f"costs must be dualpipe_ext.schedules.Costs, got {type(costs).__name__}")
     res = _C.simulate(plan, costs._c())
+    tokens = plan.trace()  # compute actions in program order, as the timeline lists them
     timeline = [
-        [(str(plan.actions[r][step]), start, end) for step, start, end in row] for r, row in enumerate(res.timeline)
+        [(tok, start, end) for tok, (_, start, end) in zip(tokens[r], row)] for r, row in enumerate(res.timeline)
     ]
     return Simulation(
         makespan=res.makespan,
