@@ -17,6 +17,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--chunks", type=int, required=True, help="micro-batches per step")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--full", action="store_true", help="include communication actions")
+    parser.error = lambda message: (print(f"error: {message}", file=sys.stderr), sys.exit(2))  # one line
     args = parser.parse_args(argv)
     try:
         plan = get_plan(args.name, args.ranks, args.chunks)

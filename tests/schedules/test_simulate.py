@@ -63,6 +63,8 @@ def test_costs_checked():
         (["dualpipe", "--ranks", "4", "--chunks", "6"], "at least 8"),
         (["dualpipev", "--ranks", "4", "--chunks", "7"], "at least 8"),
         (["pipedream", "--ranks", "4", "--chunks", "8"], "expected one of dualpipe, dualpipev, 1f1b, zb1p, gpipe"),
+        (["dualpipe", "--ranks", "4", "--chunks", "x"], "invalid int value"),
+        (["dualpipe", "--ranks", "4"], "required: --chunks"),
     ],
 )
 def test_cli_bad_requests(args, fragment):
