@@ -25,6 +25,7 @@ import torch.distributed as dist
 from dualpipe_ext import _C
 from dualpipe_ext import comm
 from dualpipe_ext.runtime.agreement import PipelineError
+from dualpipe_ext.runtime import timeline
 from dualpipe_ext.runtime.timeline import Recorder, _now
 from dualpipe_ext.utils import WeightGradStore, run_backward
 
@@ -156,6 +157,7 @@ class Executor:
         comm_ops = (self._recv_forward, self._recv_backward, self._send_forward, self._send_backward)
         if rec is not None:
             rec.begin_step(cp.schedule, cp.ranks, cp.chunks)
+            timeline._current = rec
         try:
             if self.eager_comm:
                 self._post_receives(self.recv_lookahead)  # the receives of the first waits
@@ -195,6 +197,7 @@ class Executor:
             WeightGradStore.enabled = False
             if rec is not None:
                 rec.end_step()
+                timeline._current = None
         losses, outputs = self.losses, self.outputs
         self._release()
         return error, losses, outputs

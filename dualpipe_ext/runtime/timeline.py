@@ -2,6 +2,8 @@
 
 A :class:`Recorder` collects events while ``enabled``; the executor adds one event per
 action it runs, and code inside an action can add finer spans with
+``with dualpipe_ext.runtime.timeline.span("dispatch"):`` (records into the recorder of
+the step that is running, if recording is on; costs one attribute check otherwise) or
 ``with recorder.span("dispatch"):``. Timestamps come from ``time.perf_counter_ns()`` of
 the recording process, so events of one rank compare with each other; across ranks,
 align them with the ``clock_offset_ns`` fields if set, or by the step boundaries.
@@ -38,11 +40,13 @@ import json
 import os
 import time
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-__all__ = ["Recorder"]
+__all__ = ["Recorder", "span", "current"]
 
 _now = time.perf_counter_ns
+
+_current: Optional["Recorder"] = None  # the recorder of the step that is running
 
 # Internal event tuple: (name, cat, start_ns, end_ns, step, index).
 Event = Tuple[str, str, int, int, int, int]
@@ -123,3 +127,22 @@ class Recorder:
         if step < 0:
             step = len(self.steps) + step
         return [e for e in self.events if e[1] == "compute" and e[4] == step]
+
+
+def current() -> Optional[Recorder]:
+    """The enabled recorder of the pipeline step running in this process, or None."""
+    return _current
+
+
+@contextmanager
+def span(name: str) -> Iterator[None]:
+    """Record a span named ``name`` inside the running step's current action, if recording is on."""
+    rec = _current
+    if rec is None:
+        yield
+        return
+    start = _now()
+    try:
+        yield
+    finally:
+        rec.events.append((name, "span", start, _now(), rec._step, -1))

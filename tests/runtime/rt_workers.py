@@ -231,3 +231,30 @@ def stuck_peer(rank: int, world: int, hidden: int = 8) -> Dict:
     x, y = _batch(2 * world * 2, hidden, 1, 1), _batch(2 * world * 2, hidden, 1, 2)
     return _outcome(lambda: pipe.step(*(x if rank == 0 else []), num_chunks=2 * world,
                                       criterion=criterion if rank == 0 else None, labels=y if rank == 0 else []))
+
+
+class SpanStage(Stage):
+    def forward(self, *xs):
+        from dualpipe_ext.runtime.timeline import span
+
+        with span("inner"):
+            return super().forward(*xs)
+
+
+def profiled(rank: int, world: int, hidden: int = 8) -> Dict:
+    """Action names reach the PyTorch profiler; spans inside actions reach the recorder."""
+    from torch.profiler import ProfilerActivity, profile
+
+    set_p2p_tensor_shapes([(2, hidden)])
+    set_p2p_tensor_dtype(torch.float32)
+    pipe = DualPipeV(make_stages(2, hidden, 1, seed=4, cls=SpanStage), config=CFG_RECORD)
+    x, y = _batch(2 * 2 * world, hidden, 1, 1), _batch(2 * 2 * world, hidden, 1, 2)
+    args = (x if rank == 0 else [])
+    kw = dict(num_chunks=2 * world, criterion=criterion if rank == 0 else None, labels=y if rank == 0 else [])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        pipe.step(*args, **kw)
+    names = sorted({e.name for e in prof.events()})
+    recorded = [(e[0], e[1]) for e in pipe.timeline.events]
+    pipe.timeline.enabled = False
+    pipe.step(*args, **kw)  # recording off: nothing added
+    return {"profiler_names": names, "recorded": recorded, "after_off": len(pipe.timeline.events)}

@@ -38,3 +38,18 @@ def test_matches_sequential_reference(group):
             assert calls == sum(r["executor_overlapped_calls"] for r in per_rank)
         else:
             assert calls == 0, f"{case}: overlapped_forward_backward ran {calls} times"
+
+
+def test_profiler_ranges_and_spans():
+    from rt_workers import profiled
+
+    (res,) = run_ranks(profiled, 1, timeout_s=60)
+    from dualpipe_ext.schedules import get_plan
+
+    tokens = get_plan("dualpipev", 1, 2).trace()[0]
+    assert set(tokens) <= set(res["profiler_names"]), (tokens, res["profiler_names"])
+    assert [n for n, c in res["recorded"] if c == "compute"] == tokens
+    # One span per forward (F, and the forward half of each F&B pair), inside its action.
+    num_forwards = sum(1 for t in tokens if t.startswith("F"))
+    assert sum(1 for n, c in res["recorded"] if c == "span" and n == "inner") == num_forwards
+    assert res["after_off"] == len(res["recorded"])
