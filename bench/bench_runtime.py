@@ -94,6 +94,30 @@ def _worker(rank, world, port, args, queue):
                 sched.step()
         runners["torch ScheduleDualPipeV"] = run_torch
 
+        if args.baselines:
+            # 1F1B over the same blocks, one stage per rank: PipelineSchedule vs torch Schedule1F1B.
+            from torch.distributed.pipelining import Schedule1F1B
+
+            from dualpipe_ext import PipelineSchedule
+
+            ours_1f1b = PipelineSchedule(copy.deepcopy(full[rank]), "1f1b")
+            theirs_1f1b = Schedule1F1B(PipelineStage(copy.deepcopy(full[rank]), rank, world, torch.device("cpu")),
+                                       n_microbatches=args.chunks, loss_fn=mse, scale_grads=False)
+
+            def run_ours_1f1b():
+                ours_1f1b.step(*([x] if rank == 0 else []), num_chunks=args.chunks,
+                               criterion=mse if rank == world - 1 else None, labels=[y] if rank == world - 1 else [])
+
+            def run_torch_1f1b():
+                if rank == 0:
+                    theirs_1f1b.step(x)
+                elif rank == world - 1:
+                    theirs_1f1b.step(target=y, losses=[])
+                else:
+                    theirs_1f1b.step()
+            runners["1f1b: ours PipelineSchedule"] = run_ours_1f1b
+            runners["1f1b: torch Schedule1F1B"] = run_torch_1f1b
+
         times = {k: [] for k in runners}
         for it in range(args.warmup + args.steps):
             for name, fn in runners.items():
@@ -118,6 +142,7 @@ def main():
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--sizes", default="tiny,realistic")
+    p.add_argument("--baselines", action="store_true", help="also time 1F1B: PipelineSchedule vs Schedule1F1B")
     args = p.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,14 +158,14 @@ def main():
     rows = []
     for size, times in results.items():
         hidden, tokens = SIZES[size]
-        ref = median(times["torch ScheduleDualPipeV"])
         for name, ts in times.items():
+            ref = median(times["1f1b: torch Schedule1F1B" if name.startswith("1f1b") else "torch ScheduleDualPipeV"])
             m = median(ts)
             rows.append([f"{size} (hidden {hidden}, {tokens} tokens/mb)", name, f"{m * 1e3:.2f}",
                          f"{quantile(ts, 0.2) * 1e3:.2f} - {quantile(ts, 0.8) * 1e3:.2f}", f"{m / ref:.3f}"])
     print(f"DualPipeV, {args.ranks} ranks, {args.chunks} micro-batches, gloo on CPU, torch {torch.__version__}, "
           f"{args.steps} timed steps (median of the slowest rank per step)")
-    print(table(["size", "runtime", "median step ms", "p20 - p80 ms", "ratio vs torch"], rows))
+    print(table(["size", "runtime", "median step ms", "p20 - p80 ms", "ratio vs torch, same schedule"], rows))
 
 
 if __name__ == "__main__":
