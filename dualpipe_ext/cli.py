@@ -106,12 +106,10 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         write_chrome_trace(run, args.chrome)
         print(f"wrote {args.chrome}: {run.ranks} ranks, step {run.step}")
     if args.svg:
-        from dualpipe_ext.viz import draw_timeline
+        from dualpipe_ext.viz import draw_run
 
-        timeline = [[(t, s / 1e6, e / 1e6) for t, s, e in row] for row in run.compute]
-        title = f"{run.schedule}: {run.ranks} ranks, {run.chunks} micro-batches; measured step {run.step}"
-        draw_timeline(timeline, args.svg, schedule=run.schedule, time_unit="ms", title=title)
-        print(f"wrote {args.svg}")
+        drawing = draw_run(run, args.svg)
+        print(f"wrote {args.svg}: {sum(len(row) for row in drawing.rows)} compute actions, step {run.step}")
     if args.predict:
         from dualpipe_ext.viz.predict import format_prediction, predict
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dualpipe_ext.viz.layout import COLOURS, Box, Cell, Drawing, layout
 from dualpipe_ext.viz.render import render
 
-__all__ = ["COLOURS", "Box", "Cell", "Drawing", "draw_timeline", "layout", "render"]
+__all__ = ["COLOURS", "Box", "Cell", "Drawing", "draw_run", "draw_timeline", "layout", "measured_timeline", "render"]
 
 
 def draw_timeline(timeline, path: str, schedule: str = "", time_unit: str = "cost units", title: str = "") -> Drawing:
@@ -15,3 +15,15 @@ def draw_timeline(timeline, path: str, schedule: str = "", time_unit: str = "cos
     drawing = layout(timeline, schedule=schedule or None, time_unit=time_unit, title=title)
     render(drawing, path)
     return drawing
+
+
+def measured_timeline(run):
+    """Per rank (token, start_ms, end_ms) of a merged recorded step (:class:`~dualpipe_ext.viz.records.RunStep`)."""
+    return [[(t, s / 1e6, e / 1e6) for t, s, e in row] for row in run.compute]
+
+
+def draw_run(run, path: str, title: str = "") -> Drawing:
+    """Draw the measured timeline of a merged recorded step to ``path`` (milliseconds on the time axis)."""
+    if not title:
+        title = f"{run.schedule}: {run.ranks} ranks, {run.chunks} micro-batches; measured step {run.step}"
+    return draw_timeline(measured_timeline(run), path, schedule=run.schedule, time_unit="ms", title=title)

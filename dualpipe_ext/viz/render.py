@@ -45,9 +45,10 @@ def render(drawing: Drawing, path: str) -> str:
                         (c.start + c.end) / 2, y + 0.5, c.label, ha="center", va="center",
                         fontsize=c.font_size, color=c.text_colour,
                     )
-    ax.add_collection(PatchCollection(fills, facecolors=colours, edgecolors="none", linewidths=0))
+    # Group ids in SVG output: "cells" holds one path per cell, "actions" one outline per action.
+    ax.add_collection(PatchCollection(fills, facecolors=colours, edgecolors="none", linewidths=0, gid="cells"))
     # Black outlines per action: an overlapped pair shares one border around both halves.
-    ax.add_collection(PatchCollection(outlines, facecolors="none", edgecolors="black", linewidths=0.6))
+    ax.add_collection(PatchCollection(outlines, facecolors="none", edgecolors="black", linewidths=0.6, gid="actions"))
     for y in range(n + 1):
         ax.axhline(y, color=_GRID, linewidth=0.5, zorder=0)
 
