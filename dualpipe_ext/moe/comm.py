@@ -1,6 +1,7 @@
 """Communication pieces of expert parallelism: a differentiable ``all_to_all_single`` with
-uneven splits (sync or async), the exchange of per-rank counts, and an agreement step that
-makes every rank raise the same error when any rank's input is bad.
+uneven splits (sync or async), one that carries routing indices and weights together, and
+the small control exchanges (row counts, error flags, metadata) that let every rank size its
+receive buffers and raise the same error when any rank's input is bad.
 
 With no process group (torch.distributed not initialised) or a group of one rank, every
 function here works locally without communication.
@@ -12,7 +13,8 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["group_size", "group_rank", "agree_on_errors", "exchange_counts", "all_to_all", "PendingWorks"]
+__all__ = ["group_size", "group_rank", "exchange_control", "gather_rows", "all_to_all", "all_to_all_routes",
+           "PendingWorks"]
 
 
 def _active(group) -> bool:
@@ -43,41 +45,35 @@ def _comm_device(group, device: torch.device) -> torch.device:
     return torch.device("cpu")
 
 
-def agree_on_errors(error: Optional[str], op: str, group=None, device: torch.device = torch.device("cpu")) -> None:
-    """Raise ``ValueError`` on every rank of ``group`` if any rank passes a non-None ``error``.
+def exchange_control(rows: torch.Tensor, group=None) -> torch.Tensor:
+    """One ``all_to_all_single`` of a small int64 table: row r goes to rank r.
 
-    One all_reduce of a [world_size] flag vector: each rank marks its own slot. A rank with a
-    bad input raises its own message; the others raise one that names the bad ranks. Costs one
-    small collective, and keeps ranks from waiting forever on an exchange a bad rank skipped.
+    ``rows``: [world_size, k] int64, what this rank tells each peer (a row count for that peer,
+    its error flag, metadata). Returns [world_size, k] int64 on the CPU: row s is what rank s
+    sent here. A rank that sends the same value to every peer in some column lets every rank
+    see that column of every rank, so all of them can reach the same verdict about it.
     """
     if not _active(group):
-        if error is not None:
-            raise ValueError(f"{op}: {error}")
-        return
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    flags = torch.zeros(world, dtype=torch.int32, device=_comm_device(group, device))
-    if error is not None:
-        flags[rank] = 1
-    dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=group)
-    bad = [r for r, f in enumerate(flags.tolist()) if f]
-    if error is not None:
-        raise ValueError(f"{op} on rank {rank}: {error}")
-    if bad:
-        raise ValueError(f"{op}: rank(s) {bad} of the group passed bad input (see their errors); nothing was exchanged")
-
-
-def exchange_counts(num_send_per_rank: torch.Tensor, group=None) -> List[int]:
-    """All-to-all of per-destination counts: returns how many rows each rank will send here.
-
-    ``num_send_per_rank``: [world_size] int64, rows this rank sends to each rank.
-    """
-    if not _active(group):
-        return [int(c) for c in num_send_per_rank.tolist()]
-    device = _comm_device(group, num_send_per_rank.device)
-    send = num_send_per_rank.to(device=device, dtype=torch.int64).contiguous()
+        return rows.to(device="cpu", dtype=torch.int64).clone()
+    device = _comm_device(group, rows.device)
+    send = rows.to(device=device, dtype=torch.int64).contiguous()
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
-    return [int(c) for c in recv.tolist()]
+    return recv.cpu()
+
+
+def gather_rows(row: torch.Tensor, group=None, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """Every rank's ``row`` ([k] int64) on every rank: [world_size, k] int64 on the CPU.
+
+    One all_reduce (sum) of a [world_size, k] table in which each rank fills its own row.
+    """
+    if not _active(group):
+        return row.to(device="cpu", dtype=torch.int64).reshape(1, -1).clone()
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    table = torch.zeros(world, row.numel(), dtype=torch.int64, device=_comm_device(group, device))
+    table[rank] = row.to(table.device)
+    dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
+    return table.cpu()
 
 
 class PendingWorks:
@@ -154,3 +150,59 @@ def all_to_all(
     if not _active(group):
         return x
     return _AllToAll.apply(x, out_splits, in_splits, group, pending)
+
+
+class _RoutesAllToAll(torch.autograd.Function):
+    """Indices and weights of the send rows in one int32 all-to-all; differentiable in the weights.
+
+    The buffer is [rows, 2 * num_topk] int32: the local expert indices, then the float32 weights
+    bit-cast to int32. Bit-casting is exact: the received weights are the sent ones bit for bit
+    (NaN payloads and signed zeros included), and the indices fit int32 (checked by the caller).
+    The received buffer goes to ``sink``; the output is the float32 view of its weight columns.
+    Backward: the weight gradients go back in one float32 all-to-all along the same routes.
+    """
+
+    @staticmethod
+    def forward(ctx, weights, idx, out_splits, in_splits, group, pending, sink):
+        ctx.out_splits, ctx.in_splits, ctx.group, ctx.device = out_splits, in_splits, group, weights.device
+        k = idx.shape[1]
+        packed = torch.empty(idx.shape[0], 2 * k, dtype=torch.int32, device=idx.device)
+        packed[:, :k] = idx
+        packed[:, k:] = weights.detach().contiguous().view(torch.int32)
+        out, work = _a2a(packed, out_splits, in_splits, group, async_op=pending is not None)
+        if pending is not None:
+            pending.append(work)
+        if out.device != weights.device:  # gloo moves CPU tensors: only happens for CPU inputs without async
+            if work is not None:
+                work.wait()
+            out = out.to(weights.device)
+        sink.append(out)
+        return out[:, k:].view(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_in, _ = _a2a(grad.contiguous(), ctx.in_splits, ctx.out_splits, ctx.group, async_op=False)
+        return grad_in.to(ctx.device), None, None, None, None, None, None
+
+
+def all_to_all_routes(
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+    out_splits: List[int],
+    in_splits: List[int],
+    group=None,
+    pending: Optional[list] = None,
+):
+    """Send per-row expert indices and weights along the routes of ``all_to_all``, in one transfer.
+
+    ``idx``: [sum(in_splits), num_topk] int64 with values in int32 range; ``weights``: the same
+    shape, float32, differentiable. Returns a function that gives ``(recv_idx [sum(out_splits),
+    num_topk] int64, recv_weights float32)``; with ``pending`` it may only be called after the
+    work appended there is waited on.
+    """
+    if not _active(group):
+        return lambda: (idx, weights)
+    sink: list = []
+    recv_weights = _RoutesAllToAll.apply(weights, idx, out_splits, in_splits, group, pending, sink)
+    k = idx.shape[1]
+    return lambda: (sink[0][:, :k].to(torch.int64), recv_weights.contiguous())

@@ -6,9 +6,21 @@ indices and weights for that rank. ``combine`` sends the expert outputs back and
 original token, the rows from all ranks. The backward of dispatch is a combine-shaped sum
 (through ``permute``'s autograd) and the backward of combine a dispatch-shaped copy.
 
-Order of one dispatch: check inputs and agree on errors (one small all_reduce), layout,
-exchange of per-rank counts (one all_to_all of [world_size] int64; needed to size the
-receive buffers), pack, then the payload all_to_alls (sync, or async with ``async_op``).
+Collectives of one dispatch: one control exchange (``all_to_all_single`` of a [world_size, 6]
+int64 table: to each peer its row count, this rank's error code, hidden size, dtype, top-k and
+number of experts; it sizes the receive buffers and lets every rank raise the same error
+before any payload moves), then two payload all-to-alls: the token rows, and the local expert
+indices with the weights bit-cast beside them in one int32 buffer. Combine: one control
+all_reduce of a [world_size, 3 + 2 * world_size] int64 table (error codes, hidden size, dtype
+and every rank's row counts, so that every rank checks that all the handles come from the
+same dispatch), then one payload all-to-all. With ``async_op`` only the control exchange is
+synchronous. Backward: two all-to-alls for dispatch (row and weight gradients), one for combine.
+
+These two stay ``torch.autograd.Function``s rather than ``torch.library.custom_op``s: their
+output shapes depend on the data (how many rows each rank receives is known only after the
+control exchange), they return a handle with Python data and a process group, and with
+``async_op`` they hand back an object whose ``wait()`` produces the tensors. The fixed-shape
+kernels under them (``permute``, ``unpermute``, ``combine``) are registered custom ops.
 """
 from __future__ import annotations
 
@@ -17,7 +29,7 @@ from typing import Any, List, Optional, Tuple, Union
 
 import torch
 
-from .comm import PendingWorks, agree_on_errors, all_to_all, exchange_counts, group_size
+from .comm import PendingWorks, all_to_all, all_to_all_routes, exchange_control, gather_rows, group_rank, group_size
 
 __all__ = ["DispatchHandle", "dispatch", "combine"]
 
@@ -43,32 +55,71 @@ class DispatchHandle:
         return sum(self.num_recv_per_rank)
 
 
-def _check_dispatch(x, topk_idx, topk_weights, num_experts, world) -> Optional[str]:
-    """The first problem with the dispatch inputs of this rank, or None."""
+# What a rank's error code names in the message every rank raises (code = index + 1).
+_DISPATCH_ERRORS = ("x", "topk_idx", "topk_weights", "shapes", "devices", "num_experts", "topk_idx values",
+                    "topk_weights values")
+_COMBINE_ERRORS = ("handle", "y", "y shape", "y device")
+# Columns of the dispatch control table (row r: what this rank tells rank r).
+_DISPATCH_CONTROL = ("num_rows", "error", "hidden", "dtype", "num_topk", "num_experts")
+
+
+def _check_dispatch(x, topk_idx, topk_weights, num_experts, world) -> Tuple[int, Optional[str]]:
+    """(error code, message) of the first problem with the dispatch inputs of this rank, or (0, None)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in _FLOATS:
-        return f"x must be a [num_tokens, hidden] float tensor, got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}"
+        return 1, f"x must be a [num_tokens, hidden] float tensor, got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}"
     if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2 or topk_idx.dtype != torch.int64:
-        return f"topk_idx must be a [num_tokens, num_topk] int64 tensor, got {getattr(topk_idx, 'dtype', type(topk_idx).__name__)}"
+        return 2, f"topk_idx must be a [num_tokens, num_topk] int64 tensor, got {getattr(topk_idx, 'dtype', type(topk_idx).__name__)}"
     if not isinstance(topk_weights, torch.Tensor) or topk_weights.dtype != torch.float32:
-        return f"topk_weights must be a float32 tensor, got {getattr(topk_weights, 'dtype', type(topk_weights).__name__)}"
+        return 3, f"topk_weights must be a float32 tensor, got {getattr(topk_weights, 'dtype', type(topk_weights).__name__)}"
     if topk_idx.shape[0] != x.shape[0] or topk_weights.shape != topk_idx.shape:
-        return (f"x {tuple(x.shape)}, topk_idx {tuple(topk_idx.shape)} and topk_weights {tuple(topk_weights.shape)} "
-                "must agree: [num_tokens, hidden], [num_tokens, num_topk], [num_tokens, num_topk]")
+        return 4, (f"x {tuple(x.shape)}, topk_idx {tuple(topk_idx.shape)} and topk_weights {tuple(topk_weights.shape)} "
+                   "must agree: [num_tokens, hidden], [num_tokens, num_topk], [num_tokens, num_topk]")
     if len({x.device, topk_idx.device, topk_weights.device}) != 1:
-        return f"x, topk_idx, topk_weights must share a device, got {x.device}, {topk_idx.device}, {topk_weights.device}"
-    if not isinstance(num_experts, int) or num_experts < 1:
-        return f"num_experts must be a positive int, got {num_experts!r}"
+        return 5, f"x, topk_idx, topk_weights must share a device, got {x.device}, {topk_idx.device}, {topk_weights.device}"
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or not 1 <= num_experts < 2 ** 31:
+        return 6, f"num_experts must be a positive int below 2**31, got {num_experts!r}"
     if num_experts % world != 0:
-        return f"num_experts ({num_experts}) must be divisible by the expert-parallel size ({world})"
+        return 6, f"num_experts ({num_experts}) must be divisible by the expert-parallel size ({world})"
     if topk_idx.shape[1] > num_experts:
-        return f"num_topk ({topk_idx.shape[1]}) must not exceed num_experts ({num_experts})"
+        return 2, f"num_topk ({topk_idx.shape[1]}) must not exceed num_experts ({num_experts})"
     if topk_idx.numel():
         bad = (topk_idx < -1) | (topk_idx >= num_experts)
         if bool(bad.any()):
-            return f"topk_idx entries must be -1 (no expert) or in [0, {num_experts}), found {topk_idx[bad][0].item()}"
+            return 7, f"topk_idx entries must be -1 (no expert) or in [0, {num_experts}), found {topk_idx[bad][0].item()}"
         if not bool(torch.isfinite(topk_weights).all()):
-            return "topk_weights contain NaN or infinity"
-    return None
+            return 8, "topk_weights contain NaN or infinity"
+    return 0, None
+
+
+def _raise_on_errors(op: str, codes: List[int], names: Tuple[str, ...], rank: int, detail: Optional[str]) -> None:
+    """Raise ``ValueError`` if any rank's error code is non-zero; the same first sentence on every rank.
+
+    ``codes``: every rank's code, as every rank received them. The ranks that passed bad input
+    add their own detailed message.
+    """
+    bad = [r for r, c in enumerate(codes) if c]
+    if not bad:
+        return
+    what = "; ".join(f"rank {r}: {names[codes[r] - 1]}" for r in bad)
+    msg = f"{op}: rank(s) {bad} of the group passed bad input ({what}); nothing was exchanged"
+    if detail is not None:
+        msg += f". On rank {rank}: {detail}"
+    raise ValueError(msg)
+
+
+def _raise_on_disagreement(op: str, table: torch.Tensor, columns: Tuple[str, ...]) -> None:
+    """Raise on every rank if a column of ``table`` ([world_size, len(columns)], one row per rank) differs."""
+    differ = []
+    for j, name in enumerate(columns):
+        col = table[:, j].tolist()
+        if len(set(col)) > 1:
+            if name == "dtype":
+                differ.append("dtype differs (" + ", ".join(f"rank {r}: {_FLOATS[c]}" for r, c in enumerate(col)) + ")")
+            else:
+                per_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(col))
+                differ.append(f"{name} ranges over [{min(col)}, {max(col)}] ({per_rank})")
+    if differ:
+        raise ValueError(f"{op}: ranks of the group disagree: " + "; ".join(differ))
 
 
 def _pack_expert_slots(topk_idx, topk_weights, send_pos, num_rows: int, num_local: int):
@@ -117,18 +168,25 @@ def dispatch(
     Raises:
         ValueError on every rank, before any payload moves, if any rank's input is bad.
     """
-    world = group_size(group)
-    device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
-    agree_on_errors(_check_dispatch(x, topk_idx, topk_weights, num_experts, world), "dispatch", group, device)
-    _check_same_across_ranks("dispatch", group, device, hidden=x.shape[1], num_topk=topk_idx.shape[1],
-                             num_experts=num_experts, dtype=_FLOATS.index(x.dtype))
+    world, rank = group_size(group), group_rank(group)
+    code, detail = _check_dispatch(x, topk_idx, topk_weights, num_experts, world)
+    control = torch.full((world, len(_DISPATCH_CONTROL)), -1, dtype=torch.int64)
+    control[:, 1] = code
+    layout = None
+    if code == 0:
+        from dualpipe_ext.kernels.dispatch_layout import dispatch_layout
 
-    from dualpipe_ext.kernels.dispatch_layout import dispatch_layout
+        layout = dispatch_layout(topk_idx, num_experts, world, check_indices=False)
+        control[:, 0] = layout.num_tokens_per_rank.cpu()
+        control[:, 2:] = torch.tensor([x.shape[1], _FLOATS.index(x.dtype), topk_idx.shape[1], num_experts])
+    received = exchange_control(control, group)  # row s: what rank s told this rank
+    _raise_on_errors("dispatch", received[:, 1].tolist(), _DISPATCH_ERRORS, rank, detail)
+    _raise_on_disagreement("dispatch", received[:, 2:], _DISPATCH_CONTROL[2:])
+
     from dualpipe_ext.kernels.permute import permute
 
-    layout = dispatch_layout(topk_idx, num_experts, world, check_indices=False)
-    num_send = [int(c) for c in layout.num_tokens_per_rank.tolist()]
-    num_recv = exchange_counts(layout.num_tokens_per_rank, group)
+    num_send = control[:, 0].tolist()
+    num_recv = received[:, 0].tolist()
     total_send = sum(num_send)
     send_x = permute(x, layout.send_pos, total_send, num_sms=num_sms)
     send_idx, send_weights = _pack_expert_slots(topk_idx, topk_weights, layout.send_pos, total_send, num_experts // world)
@@ -136,12 +194,15 @@ def dispatch(
     handle = DispatchHandle(layout.send_pos, tuple(num_send), tuple(num_recv), num_experts, group)
     pending: Optional[list] = [] if async_op else None
     recv_x = all_to_all(send_x, num_recv, num_send, group, pending)
-    recv_idx = all_to_all(send_idx, num_recv, num_send, group, pending)
-    recv_weights = all_to_all(send_weights, num_recv, num_send, group, pending)
-    result = (recv_x, recv_idx, recv_weights, handle)
+    recv_routes = all_to_all_routes(send_idx, send_weights, num_recv, num_send, group, pending)
+
+    def finish():
+        recv_idx, recv_weights = recv_routes()
+        return recv_x, recv_idx, recv_weights, handle
+
     if async_op:
-        return PendingWorks(pending, lambda: result)
-    return result
+        return PendingWorks(pending, finish)
+    return finish()
 
 
 def combine(
@@ -161,19 +222,35 @@ def combine(
     Returns:
         [num_tokens, hidden], dtype of ``y`` (or a handle with ``async_op``).
     """
-    error = None
+    code, detail = 0, None
     if not isinstance(handle, DispatchHandle):
-        error = f"handle must be the DispatchHandle returned by dispatch, got {type(handle).__name__}"
+        code, detail = 1, f"handle must be the DispatchHandle returned by dispatch, got {type(handle).__name__}"
     elif not isinstance(y, torch.Tensor) or y.dim() != 2 or y.dtype not in _FLOATS:
-        error = f"y must be a [num_recv, hidden] float tensor, got {getattr(y, 'dtype', type(y).__name__)}"
+        code, detail = 2, f"y must be a [num_recv, hidden] float tensor, got {getattr(y, 'dtype', type(y).__name__)}"
     elif y.shape[0] != handle.num_recv:
-        error = f"y has {y.shape[0]} rows but dispatch delivered {handle.num_recv} tokens to this rank"
+        code, detail = 3, f"y has {y.shape[0]} rows but dispatch delivered {handle.num_recv} tokens to this rank"
     elif y.device != handle.send_pos.device:
-        error = f"y is on {y.device} but the dispatched tokens were on {handle.send_pos.device}"
+        code, detail = 4, f"y is on {y.device} but the dispatched tokens were on {handle.send_pos.device}"
     group = handle.group if isinstance(handle, DispatchHandle) else None
-    device = y.device if isinstance(y, torch.Tensor) else torch.device("cpu")
-    agree_on_errors(error, "combine", group, device)
-    _check_same_across_ranks("combine", group, device, hidden=y.shape[1], dtype=_FLOATS.index(y.dtype))
+    world, rank = group_size(group), group_rank(group)
+    # this rank's row: error code, hidden, dtype, rows it sends each rank, rows it expects from each rank
+    row = torch.full((3 + 2 * world,), -1, dtype=torch.int64)
+    row[0] = code
+    if code == 0 and len(handle.num_recv_per_rank) == world:
+        row[1:3] = torch.tensor([y.shape[1], _FLOATS.index(y.dtype)])
+        row[3:3 + world] = torch.tensor(handle.num_recv_per_rank)
+        row[3 + world:] = torch.tensor(handle.num_send_per_rank)
+    elif code == 0:
+        code, detail = 1, f"handle is for {len(handle.num_recv_per_rank)} ranks, the group has {world}"
+        row[0] = code
+    table = gather_rows(row, group, y.device if isinstance(y, torch.Tensor) else torch.device("cpu"))
+    _raise_on_errors("combine", table[:, 0].tolist(), _COMBINE_ERRORS, rank, detail)
+    _raise_on_disagreement("combine", table[:, 1:3], ("hidden", "dtype"))
+    sends, expects = table[:, 3:3 + world], table[:, 3 + world:]
+    if not torch.equal(sends, expects.t()):
+        s, r = (sends != expects.t()).nonzero()[0].tolist()
+        raise ValueError(f"combine: the handles of the ranks come from different dispatches: rank {s} would send "
+                         f"{int(sends[s, r])} rows to rank {r}, which expects {int(expects[r, s])}; nothing was exchanged")
 
     from dualpipe_ext.kernels.combine import combine as combine_rows
 
@@ -186,20 +263,3 @@ def combine(
     if async_op:
         return PendingWorks(pending, finish)
     return finish()
-
-
-def _check_same_across_ranks(op: str, group, device, **values: int) -> None:
-    """Raise on every rank if the named integers differ between ranks (one all_reduce of min and max)."""
-    if group_size(group) == 1:
-        return
-    import torch.distributed as dist
-
-    from .comm import _comm_device
-
-    v = torch.tensor(list(values.values()), dtype=torch.int64, device=_comm_device(group, device))
-    both = torch.cat([v, -v])
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-    hi, lo = both[: len(v)].tolist(), (-both[len(v):]).tolist()
-    differ = [f"{name} ranges over [{a}, {b}]" for name, a, b in zip(values, lo, hi) if a != b]
-    if differ:
-        raise ValueError(f"{op}: ranks of the group disagree: " + "; ".join(differ))
