@@ -28,7 +28,7 @@ from ._common import (
     cdiv,
     use_triton,
 )
-from .combine import combine, combine_reference
+from .combine import combine_backward_op, combine_op, combine_reference
 
 try:
     import triton
@@ -38,7 +38,8 @@ except ImportError:  # the reference path works without Triton
 
 __all__ = ["permute", "permute_reference", "unpermute", "unpermute_reference"]
 
-def _check(x: torch.Tensor, send_pos: torch.Tensor, num_rows: int, check_pos: bool) -> None:
+def _check(x: torch.Tensor, send_pos: torch.Tensor, num_rows: int) -> None:
+    # metadata only (traceable by torch.compile); positions are checked inside the op
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("send_pos", send_pos, ndim=2, dtypes=(torch.int64,))
     check_same_device(x=x, send_pos=send_pos)
@@ -46,8 +47,6 @@ def _check(x: torch.Tensor, send_pos: torch.Tensor, num_rows: int, check_pos: bo
         raise ValueError(f"send_pos must have one row per token of x ({x.shape[0]}), got shape {tuple(send_pos.shape)}")
     if not isinstance(num_rows, int) or num_rows < 0:
         raise ValueError(f"num_rows must be a non-negative int, got {num_rows!r}")
-    if check_pos:
-        check_positions("send_pos", send_pos, num_rows)
 
 
 def permute(
@@ -71,11 +70,9 @@ def permute(
     Returns:
         [num_rows, hidden] in the dtype of ``x``.
     """
-    _check(x, send_pos, num_rows, check_pos)
+    _check(x, send_pos, num_rows)
     check_num_sms(num_sms)
-    if use_triton(impl, x, send_pos):
-        return _Permute.apply(x, send_pos, num_rows, num_sms)
-    return permute_reference(x, send_pos, num_rows)
+    return permute_op(x, send_pos, num_rows, num_sms, check_pos, use_triton(impl, x, send_pos))
 
 
 def unpermute(
@@ -94,7 +91,11 @@ def unpermute(
     Returns:
         [num_tokens, hidden] in the dtype of ``grad_out``; tokens with no valid position get 0.
     """
-    return combine(grad_out, send_pos, None, num_sms=num_sms, check_pos=check_pos, impl=impl)
+    check_tensor("grad_out", grad_out, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("send_pos", send_pos, ndim=2, dtypes=(torch.int64,))
+    check_same_device(grad_out=grad_out, send_pos=send_pos)
+    check_num_sms(num_sms)
+    return unpermute_op(grad_out, send_pos, num_sms, check_pos, use_triton(impl, grad_out, send_pos))
 
 
 # Triton
@@ -127,21 +128,71 @@ def launch_permute(x: torch.Tensor, send_pos: torch.Tensor, out: torch.Tensor, n
     _permute_kernel[grid](x, send_pos, out, num_tokens, send_pos.shape[1], hidden, BLOCK_T=block_t, BLOCK_H=block_h)
 
 
-class _Permute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, send_pos, num_rows, num_sms):
-        x, send_pos = x.contiguous(), send_pos.contiguous()
-        out = new_output((num_rows, x.shape[1]), x.dtype, x.device)
-        launch_permute(x, send_pos, out, num_sms)
-        ctx.save_for_backward(send_pos)
-        ctx.num_sms = num_sms
-        return out
+# torch.library registration: ``permute`` and ``unpermute`` are custom ops (each the other's
+# gradient), so torch.compile traces through them without graph breaks.
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        (send_pos,) = ctx.saved_tensors
-        grad_x = unpermute(grad_out, send_pos, num_sms=ctx.num_sms, check_pos=False, impl="triton")
-        return grad_x, None, None, None
+
+@torch.library.custom_op("dualpipe_ext::permute", mutates_args=())
+def permute_op(x: torch.Tensor, send_pos: torch.Tensor, num_rows: int, num_sms: Optional[int], check_pos: bool,
+               use_kernel: bool) -> torch.Tensor:
+    """``permute`` as a custom op: Triton kernel (``use_kernel``) or the PyTorch reference."""
+    if check_pos:
+        check_positions("send_pos", send_pos, num_rows)
+    if not use_kernel:
+        return permute_reference(x, send_pos, num_rows)
+    x, send_pos = x.contiguous(), send_pos.contiguous()
+    out = new_output((num_rows, x.shape[1]), x.dtype, x.device)
+    launch_permute(x, send_pos, out, num_sms)
+    return out
+
+
+@permute_op.register_fake
+def _(x, send_pos, num_rows, num_sms, check_pos, use_kernel):
+    return x.new_empty((num_rows, x.shape[1]))
+
+
+def _permute_setup_context(ctx, inputs, output):
+    _, send_pos, _, num_sms, _, use_kernel = inputs
+    ctx.save_for_backward(send_pos)
+    ctx.num_sms, ctx.use_kernel = num_sms, use_kernel
+
+
+def _permute_backward(ctx, grad_out):
+    (send_pos,) = ctx.saved_tensors
+    grad_x = unpermute_op(grad_out, send_pos, ctx.num_sms, False, ctx.use_kernel)
+    return grad_x, None, None, None, None, None
+
+
+permute_op.register_autograd(_permute_backward, setup_context=_permute_setup_context)
+
+
+@torch.library.custom_op("dualpipe_ext::unpermute", mutates_args=())
+def unpermute_op(grad_out: torch.Tensor, send_pos: torch.Tensor, num_sms: Optional[int], check_pos: bool,
+                 use_kernel: bool) -> torch.Tensor:
+    """``unpermute`` as a custom op: the unweighted ``combine`` of the rows ``send_pos`` names."""
+    return combine_op(grad_out, send_pos, None, num_sms, check_pos, use_kernel)
+
+
+@unpermute_op.register_fake
+def _(grad_out, send_pos, num_sms, check_pos, use_kernel):
+    return grad_out.new_empty((send_pos.shape[0], grad_out.shape[1]))
+
+
+def _unpermute_setup_context(ctx, inputs, output):
+    grad_out, send_pos, num_sms, _, use_kernel = inputs
+    ctx.save_for_backward(send_pos)
+    ctx.num_rows, ctx.num_sms, ctx.use_kernel = grad_out.shape[0], num_sms, use_kernel
+
+
+def _unpermute_backward(ctx, grad):
+    # rows that no position names get a zero gradient (permute would leave them unspecified)
+    (send_pos,) = ctx.saved_tensors
+    grad_rows, _ = combine_backward_op(grad, None, send_pos, None, ctx.num_rows, ctx.num_sms, ctx.use_kernel, True,
+                                       False)
+    return grad_rows, None, None, None, None
+
+
+unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup_context)
 
 
 # torch reference
