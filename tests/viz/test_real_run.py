@@ -9,7 +9,7 @@ import sys
 from dualpipe_ext.schedules import trace
 from dualpipe_ext.viz import layout
 from dualpipe_ext.viz.chrome import to_chrome_trace
-from dualpipe_ext.viz.predict import predict
+from dualpipe_ext.viz.predict import predict, predict_shared
 from dualpipe_ext.viz.records import load_record, merge_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -35,3 +35,6 @@ def test_recorded_dualpipe_run(tmp_path):
     assert d.colours_used() == d.legend_colours()
     p = predict([merge_step(records, step=1)])
     assert p.measured_ns > 0 and p.predicted_ns > 0 and set(p.costs) == {"F", "B", "W", "FB", "P2P"}
+    shared = predict_shared([merge_step(records, step=1)], cores=2)
+    assert shared.predicted_ns > 0 and shared.delay_ns >= 0
+    assert all(shared.work[k] > 0 for k in ("F", "FB")) and shared.work["F"] <= p.costs["F"]
