@@ -1,76 +1,11 @@
-"""Helpers of the MoE tests: run a function on several gloo ranks under a hard timeout, and a
-dense single-process reference of routing + experts."""
+"""Helpers of the MoE tests: a dense single-process reference of routing + experts, and
+``run_ranks`` (from the shared ``dist_harness``) for the multi-process ones."""
 from __future__ import annotations
-
-import io
-import multiprocessing as mp
-import os
-import socket
-import traceback
-from datetime import timedelta
 
 import torch
 import torch.nn.functional as F
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(fn, rank, world, port, queue, args):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    try:
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=60))
-        try:
-            # serialised to bytes: shared-memory tensors would die with this process
-            buf = io.BytesIO()
-            torch.save(fn(rank, world, *args), buf)
-            queue.put((rank, "ok", buf.getvalue()))
-        finally:
-            dist.destroy_process_group()
-    except BaseException:  # report everything to the parent
-        queue.put((rank, "error", traceback.format_exc()))
-
-
-def run_ranks(fn, world: int, *args, timeout: float = 90.0):
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return the per-rank results.
-
-    Fails naming the ranks that raised or did not finish within ``timeout`` seconds.
-    """
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, queue, args), daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    results, errors = {}, {}
-    import queue as queue_mod
-    import time
-
-    deadline = time.monotonic() + timeout
-    while len(results) + len(errors) < world and time.monotonic() < deadline:
-        try:
-            rank, status, value = queue.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue_mod.Empty:
-            break
-        (results if status == "ok" else errors)[rank] = value
-    for p in procs:
-        p.join(timeout=max(0.1, deadline - time.monotonic()) if not errors else 5)
-        if p.is_alive():
-            p.kill()
-            p.join()
-    missing = [r for r in range(world) if r not in results and r not in errors]
-    if errors:
-        raise AssertionError("ranks failed:\n" + "\n".join(f"--- rank {r} ---\n{e}" for r, e in sorted(errors.items())))
-    if missing:
-        raise AssertionError(f"ranks {missing} did not finish within {timeout} s")
-    return [torch.load(io.BytesIO(results[r]), weights_only=False) for r in range(world)]
+from dist_harness import run_ranks  # noqa: F401 - re-exported for the MoE tests
 
 
 def swiglu_expert(x, gate_up, down):

@@ -106,7 +106,7 @@ A2A, A2A_ASYNC, ALL_REDUCE = ("all_to_all_single", False), ("all_to_all_single",
 
 @pytest.fixture(scope="module")
 def results():
-    return run_ranks(_worker, WORLD, timeout=120)
+    return run_ranks(_worker, WORLD, timeout_s=120)
 
 
 def test_collectives_per_dispatch_and_combine(results):

@@ -121,7 +121,7 @@ def test_dispatch_experts_combine_match_dense_reference(world):
     if world == 1:  # no process group at all: local path
         results = [_run_local(cases)]
     else:
-        results = run_ranks(_worker, world, cases, timeout=120)
+        results = run_ranks(_worker, world, cases, timeout_s=120)
     _check(cases, results, world)
 
 

@@ -74,7 +74,7 @@ def _expected(x, idx):
 
 
 def test_bad_input_raises_on_every_rank_without_hanging():
-    results = run_ranks(_worker, 2, timeout=90)
+    results = run_ranks(_worker, 2, timeout_s=90)
     for rank, (messages, group_ok) in enumerate(results):
         assert group_ok, rank
         for kind, bad_rank, expected in CASES:

@@ -37,7 +37,7 @@ def _worker(rank, world, p):
 
 def test_moe_layer_matches_dense_model_on_two_ranks():
     p = _params()
-    results = run_ranks(_worker, 2, p, timeout=120)
+    results = run_ranks(_worker, 2, p, timeout_s=120)
     leaves = {k: p[k].clone().requires_grad_(True) for k in ("x", "gate", "gate_up", "down", "shared_gate_up", "shared_down")}
     idx, weights = reference_router(leaves["x"], leaves["gate"], TOPK, "topk")
     out = dense_moe_reference(leaves["x"], idx, weights, leaves["gate_up"], leaves["down"])

@@ -1,4 +1,4 @@
-"""Per-rank bodies of the runtime tests (run in spawned processes by rt_harness.run_ranks)."""
+"""Per-rank bodies of the runtime tests (run in spawned processes by dist_harness.run_ranks)."""
 from __future__ import annotations
 
 import copy

@@ -1,7 +1,7 @@
 """Pipelined steps against the unpipelined reference: losses bitwise, gradients 1-cos < 1e-12."""
 import pytest
 
-from rt_harness import run_ranks
+from dist_harness import run_ranks
 from rt_workers import equivalence_cases
 
 # (ranks, cases): each group of processes runs several checks, since spawning dominates the cost.

@@ -1,7 +1,7 @@
 """Bad input raises the same clear error on every rank before any pipeline traffic; nothing hangs."""
 import pytest
 
-from rt_harness import run_ranks
+from dist_harness import run_ranks
 from rt_workers import bad_inputs, stuck_peer
 
 EXPECTED = {

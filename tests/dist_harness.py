@@ -1,6 +1,13 @@
-"""Run a function on N gloo ranks in spawned processes, under a hard timeout."""
+"""Run a function on N gloo ranks in spawned processes, under a hard timeout.
+
+Shared by every multi-process test: ``run_ranks(fn, world, *args)`` calls
+``fn(rank, world, *args)`` in each process after ``init_process_group("gloo")`` on a
+free loopback port, and fails naming the ranks that raised (with their tracebacks) or
+did not finish in time.
+"""
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -19,6 +26,7 @@ def free_port() -> int:
 
 def _worker(fn: Callable, rank: int, world: int, port: int, args: tuple, out: "mp.Queue", barrier: bool) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
     import torch.distributed as dist
 
@@ -29,7 +37,9 @@ def _worker(fn: Callable, rank: int, world: int, port: int, args: tuple, out: "m
         result = fn(rank, world, *args)
         if barrier:
             dist.barrier()
-        out.put((rank, "ok", result))
+        buf = io.BytesIO()  # bytes, not shared-memory tensors, which die with this process
+        torch.save(result, buf)
+        out.put((rank, "ok", buf.getvalue()))
     except BaseException:  # noqa: BLE001 - reported to the parent
         out.put((rank, "error", traceback.format_exc()))
     finally:
@@ -41,12 +51,14 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout_s: float = 120.0, ba
     """Call ``fn(rank, world, *args)`` on ``world`` processes; return the results by rank.
 
     ``barrier=False`` skips the closing barrier, for groups a test leaves broken on purpose.
-    Fails naming the ranks that raised (with their tracebacks) or did not finish in time.
     """
+    import torch
+
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world, port, args, out, barrier), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(fn, r, world, port, args, out, barrier), daemon=True)
+             for r in range(world)]
     for p in procs:
         p.start()
     results: Dict[int, Any] = {}
@@ -72,4 +84,4 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout_s: float = 120.0, ba
         for r in sorted(errors):
             msg.append(f"rank {r} raised:\n{errors[r]}")
         raise AssertionError("\n".join(msg))
-    return [results[r] for r in range(world)]
+    return [torch.load(io.BytesIO(results[r]), weights_only=False) for r in range(world)]
