@@ -5,6 +5,7 @@ namespace dpx {
 void register_plan(pybind11::module_& m);
 void register_schedules(pybind11::module_& m);
 void register_analysis(pybind11::module_& m);
+void register_overlap(pybind11::module_& m);
 }  // namespace dpx
 
 PYBIND11_MODULE(_C, m) {
@@ -12,4 +13,5 @@ PYBIND11_MODULE(_C, m) {
   dpx::register_plan(m);
   dpx::register_schedules(m);
   dpx::register_analysis(m);
+  dpx::register_overlap(m);
 }
