@@ -35,6 +35,22 @@ def _same(a, b, what: str, failures: List[str]) -> None:
         failures.append(f"{what} differs" + ("" if a is None or b is None else f" (max {float((a - b).abs().max()):.3g})"))
 
 
+def autograd_reference(stage: MoEStage, x: torch.Tensor) -> torch.Tensor:
+    """The stage's function written as one autograd graph over ``dualpipe_ext.moe.MoE``."""
+    for blk in stage.blocks:
+        eps = blk.config.norm_eps
+        norm = lambda t, w: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * w  # noqa: E731
+        h = x + blk._attention(norm(x, blk.norm1))
+        x = h + blk.moe(norm(h, blk.norm2))
+    return x
+
+
+def _cos_check(a, b, what: str, failures: List[str]) -> None:
+    cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+    if not 1 - float(cos) < 1e-12:
+        failures.append(f"{what}: 1 - cos = {1 - float(cos):.3g}")
+
+
 def pair_equality(rank: int, world: int, layers: int) -> List[str]:
     """An overlapped pair against forward-then-backward of the same stages, bit for bit."""
     ep = dist.new_group(list(range(world)))
@@ -71,6 +87,15 @@ def pair_equality(rank: int, world: int, layers: int) -> List[str]:
         l0.backward()
         for (n, p), q in zip(st0.named_parameters(), ref0.parameters()):
             _same(p.grad, q.grad, f"{variant}: module0 {n}.grad", failures)
+    # the component backward against one autograd graph through moe.MoE's dispatch and combine
+    auto = _stage(MoEStage, 20 + rank, layers, ep)
+    xa = x1.clone().requires_grad_()
+    out = autograd_reference(auto, xa)
+    _cos_check(out, out1.detach(), "autograd reference: output", failures)
+    torch.autograd.backward(out, g1)
+    _cos_check(xa.grad, xr.grad, "autograd reference: input grad", failures)
+    for (n, p), q in zip(auto.named_parameters(), ref1.parameters()):
+        _cos_check(p.grad, q.grad, f"autograd reference: {n}.grad", failures)
     return failures
 
 
@@ -100,9 +125,7 @@ def pipeline_and_latency(rank: int, world: int, layers: int, chunks: int, latenc
     loss_p, loss_o = _step(plain, rank, chunks), _step(over, rank, chunks)
     _same(loss_o, loss_p, "DualPipe loss", failures)
     for (n, p), q in zip(over.named_parameters(), plain.parameters()):
-        cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), q.grad.flatten(), dim=0)
-        if not 1 - float(cos) < 1e-12:
-            failures.append(f"DualPipe {n}.grad: 1 - cos = {1 - float(cos):.3g}")
+        _cos_check(p.grad, q.grad, f"DualPipe {n}.grad", failures)
     if over.executor.num_overlapped_calls == 0 or plain.executor.num_overlapped_calls != 0:
         failures.append(f"overlapped pairs: {over.executor.num_overlapped_calls} (engine), "
                         f"{plain.executor.num_overlapped_calls} (plain)")
