@@ -14,20 +14,23 @@ void register_analysis(py::module_& m) {
         "once); raises ValueError naming the broken rule, with the failing cells marked in a rank-by-step grid.");
 
   py::class_<Costs>(m, "Costs")
-      .def(py::init([](double F, double B, double W, double FB, double P2P) {
-             Costs c{F, B, W, FB, P2P};
+      .def(py::init([](double F, double B, double W, double FB, double P2P, double overhead) {
+             Costs c{F, B, W, FB, P2P, overhead};
              c.check();
              return c;
            }),
-           py::arg("F") = 1.0, py::arg("B") = 2.0, py::arg("W") = 1.0, py::arg("FB") = 3.0, py::arg("P2P") = 0.0)
+           py::arg("F") = 1.0, py::arg("B") = 2.0, py::arg("W") = 1.0, py::arg("FB") = 3.0, py::arg("P2P") = 0.0,
+           py::arg("overhead") = 0.0)
       .def_readonly("F", &Costs::F)
       .def_readonly("B", &Costs::B)
       .def_readonly("W", &Costs::W)
       .def_readonly("FB", &Costs::FB)
       .def_readonly("P2P", &Costs::P2P)
+      .def_readonly("overhead", &Costs::overhead)
       .def("__repr__", [](const Costs& c) {
         return "Costs(F=" + std::to_string(c.F) + ", B=" + std::to_string(c.B) + ", W=" + std::to_string(c.W) +
-               ", FB=" + std::to_string(c.FB) + ", P2P=" + std::to_string(c.P2P) + ")";
+               ", FB=" + std::to_string(c.FB) + ", P2P=" + std::to_string(c.P2P) +
+               ", overhead=" + std::to_string(c.overhead) + ")";
       });
 
   py::class_<SimResult>(m, "SimResult")
@@ -42,8 +45,20 @@ void register_analysis(py::module_& m) {
       .def_readonly("bubble", &SimResult::bubble)
       .def_readonly("peak_activations", &SimResult::peak_activations);
 
-  m.def("simulate", &simulate, py::arg("plan"), py::arg("costs"),
-        "Validate then simulate a plan under the given costs.");
+  m.def(
+      "simulate",
+      [](const Plan& plan, const Costs& costs, bool eager_comm, std::vector<double> start, std::vector<double> tail) {
+        SimOptions opts;
+        opts.eager_comm = eager_comm;
+        opts.start = std::move(start);
+        opts.tail = std::move(tail);
+        return simulate(plan, costs, opts);
+      },
+      py::arg("plan"), py::arg("costs"), py::kw_only(), py::arg("eager_comm") = false,
+      py::arg("start") = std::vector<double>(), py::arg("tail") = std::vector<double>(),
+      "Validate then simulate a plan under the given costs. eager_comm: sends never block and a receive "
+      "completes P2P after the sender posts (the gloo runtime); otherwise a wait is a rendezvous. start/tail: "
+      "per-rank time before the program begins and after its last action (empty: zeros).");
 }
 
 }  // namespace dpx

@@ -1,6 +1,7 @@
 #include "analysis/simulate.h"
 
 #include <algorithm>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -18,9 +19,9 @@ double Costs::of(const Action& a) const {
 }
 
 void Costs::check() const {
-  const double v[] = {F, B, W, FB, P2P};
-  const char* names[] = {"F", "B", "W", "FB", "P2P"};
-  for (int i = 0; i < 5; ++i)
+  const double v[] = {F, B, W, FB, P2P, overhead};
+  const char* names[] = {"F", "B", "W", "FB", "P2P", "overhead"};
+  for (int i = 0; i < 6; ++i)
     if (!(v[i] >= 0))
       throw std::invalid_argument(std::string("cost ") + names[i] + " must be a non-negative number, got " +
                                   std::to_string(v[i]));
@@ -29,12 +30,30 @@ void Costs::check() const {
                                 std::to_string(W) + ", B=" + std::to_string(B));
 }
 
-Execution execute(const Plan& plan, const CommLinks& links, const Costs& costs) {
+static void check_edges(const std::vector<double>& v, const char* name, int ranks) {
+  if (v.empty()) return;
+  if (static_cast<int>(v.size()) != ranks)
+    throw std::invalid_argument(std::string("simulation option ") + name + " needs one value per rank (" +
+                                std::to_string(ranks) + "), got " + std::to_string(v.size()));
+  for (size_t r = 0; r < v.size(); ++r)
+    if (!(v[r] >= 0) || v[r] == std::numeric_limits<double>::infinity())
+      throw std::invalid_argument(std::string("simulation option ") + name + "[" + std::to_string(r) +
+                                  "] must be a finite non-negative number, got " + std::to_string(v[r]));
+}
+
+void SimOptions::check(int ranks) const {
+  check_edges(start, "start", ranks);
+  check_edges(tail, "tail", ranks);
+}
+
+Execution execute(const Plan& plan, const CommLinks& links, const Costs& costs, const SimOptions& opts) {
   const int R = plan.ranks;
   Execution ex;
   ex.pc.assign(R, 0);
   ex.finish.assign(R, 0.0);
+  if (!opts.start.empty()) ex.finish = opts.start;
   ex.timeline.resize(R);
+  std::vector<double> last_end(R, -1.0);  // [rank]: end of its latest compute action, -1 before the first
   std::vector<std::vector<double>> posted(R);  // [rank][step of a wait]: post time, -1 until reached
   std::vector<std::vector<std::vector<int>>> batch(R);  // [rank][step of a wait]: its communication steps
   for (int r = 0; r < R; ++r) {
@@ -55,21 +74,28 @@ Execution execute(const Plan& plan, const CommLinks& links, const Costs& costs) 
         const Action& a = acts[pc];
         if (a.is_compute()) {
           const double d = costs.of(a);
+          if (last_end[r] >= 0) t = std::max(t, last_end[r] + costs.overhead);
           ex.timeline[r].push_back(TimedAction{pc, t, t + d});
           t += d;
+          last_end[r] = t;
         } else if (a.type == ActionType::kWait) {
           if (posted[r][pc] < 0) posted[r][pc] = t, progress = true;
           double done = t;
           bool blocked = false;
           for (int op : batch[r][pc]) {
             const Cell p = links.partner[r][op];
+            const bool send = acts[op].type == ActionType::kSendForward || acts[op].type == ActionType::kSendBackward;
+            if (opts.eager_comm && send) continue;
             const double other = posted[p.rank][links.wait_of[p.rank][p.step]];
             if (other < 0) {
               blocked = true;
               break;
             }
             const bool recv = acts[op].type == ActionType::kRecvForward || acts[op].type == ActionType::kRecvBackward;
-            done = std::max(done, std::max(posted[r][pc], other) + (recv ? costs.P2P : 0.0));
+            if (!opts.eager_comm)
+              done = std::max(done, std::max(posted[r][pc], other) + (recv ? costs.P2P : 0.0));
+            else if (recv)
+              done = std::max(done, other + costs.P2P);
           }
           if (blocked) break;
           t = done;
@@ -85,18 +111,21 @@ Execution execute(const Plan& plan, const CommLinks& links, const Costs& costs) 
   return ex;
 }
 
-SimResult simulate(const Plan& plan, const Costs& costs) {
+SimResult simulate(const Plan& plan, const Costs& costs, const SimOptions& opts) {
   costs.check();
+  opts.check(plan.ranks);
   validate(plan);
   const CommLinks links = link_comm(plan);
-  Execution ex = execute(plan, links, costs);
+  Execution ex = execute(plan, links, costs, opts);
+  if (!ex.finished)  // unreachable for a validated plan: eager_comm only drops constraints
+    throw std::logic_error("simulation of a validated plan did not finish");
   const int R = plan.ranks;
   SimResult res;
   res.timeline = std::move(ex.timeline);
   res.busy.assign(R, 0.0);
   res.peak_activations.assign(R, 0);
   for (int r = 0; r < R; ++r) {
-    res.makespan = std::max(res.makespan, ex.finish[r]);
+    res.makespan = std::max(res.makespan, ex.finish[r] + (opts.tail.empty() ? 0.0 : opts.tail[r]));
     int live = 0, peak = 0;
     for (const TimedAction& ta : res.timeline[r]) {
       res.busy[r] += ta.end - ta.start;

@@ -16,10 +16,29 @@ struct Costs {
   double B = 2;    // full backward chunk (input part + W)
   double W = 1;    // weight-gradient part of a backward; an input-only backward costs B - W
   double FB = 3;   // overlapped forward+backward pair
-  double P2P = 0;  // from a send being posted (and its receive posted) to the data being usable
+  double P2P = 0;  // from a send being posted (and, rendezvous only, its receive posted) to the data being usable
+  // Per-action bookkeeping of a runtime: a rank spends this long after each compute action
+  // before it can start its next one (not before its first). The time overlaps any waiting
+  // for data in between, so on a rank that never waits it adds exactly (n - 1) * overhead.
+  double overhead = 0;
 
   double of(const Action& a) const;
   void check() const;  // throws std::invalid_argument for negative costs or W > B
+};
+
+// How the plan's communication runs, and the edges of the step.
+struct SimOptions {
+  // false (rendezvous): a wait completes once every operation in its batch is matched by a
+  // posted peer operation; a receive's data arrive P2P after both sides posted. This is the
+  // semantics the validator's deadlock check uses.
+  // true (as the runtime runs on gloo): receives are posted ahead and sends complete in the
+  // background, so a send never blocks; a receive completes at the post time of the sender's
+  // wait that carries the matching send, plus P2P, once the sender has reached that wait.
+  bool eager_comm = false;
+  std::vector<double> start;  // [rank] time the rank begins its program (its first action no earlier); empty: 0
+  std::vector<double> tail;   // [rank] time the rank spends after its last action; empty: 0
+
+  void check(int ranks) const;  // throws std::invalid_argument for wrong lengths or negative values
 };
 
 struct TimedAction {
@@ -28,7 +47,7 @@ struct TimedAction {
 };
 
 struct SimResult {
-  double makespan = 0;                          // time the last rank finishes
+  double makespan = 0;                          // max over ranks of (end of its last action + tail)
   std::vector<std::vector<TimedAction>> timeline;  // [rank]: compute actions in program order
   std::vector<double> busy;                     // [rank]: sum of compute durations
   std::vector<double> bubble;                   // [rank]: makespan - busy
@@ -36,7 +55,7 @@ struct SimResult {
 };
 
 // Validates the plan first (ValueError when unsound), then simulates it.
-SimResult simulate(const Plan& plan, const Costs& costs);
+SimResult simulate(const Plan& plan, const Costs& costs, const SimOptions& opts = SimOptions());
 
 // The execution engine shared with the validator's deadlock check.
 struct Execution {
@@ -45,6 +64,7 @@ struct Execution {
   std::vector<double> finish;                   // [rank]: time its program ended (or stalled)
   std::vector<std::vector<TimedAction>> timeline;
 };
-Execution execute(const Plan& plan, const CommLinks& links, const Costs& costs);
+Execution execute(const Plan& plan, const CommLinks& links, const Costs& costs,
+                  const SimOptions& opts = SimOptions());
 
 }  // namespace dpx

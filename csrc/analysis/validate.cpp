@@ -249,7 +249,8 @@ void check_dataflow(const Plan& plan, bool forward_only) {
 
 void check_deadlock(const Plan& plan, const CommLinks& links) {
   Costs unit;
-  const Execution ex = execute(plan, links, unit);
+  // The runtime's blocking semantics: a wait needs every operation of its batch matched (rendezvous).
+  const Execution ex = execute(plan, links, unit, SimOptions());
   if (ex.finished) return;
   const int R = plan.ranks;
   // Each stuck rank sits at a wait; it waits on the ranks whose matching operations are not posted.

@@ -5,9 +5,18 @@ and identity, nothing deadlocks under the runtime's blocking ``wait`` (post the 
 batch, block until the peer has posted every matching operation), every computation has
 its inputs, and every micro-batch is forwarded and backwarded exactly once.
 
-``simulate(plan, costs)`` runs the plan event by event. What it reports:
+``simulate(plan, costs)`` runs the plan event by event. By default a ``wait`` is a
+rendezvous: it completes once every operation of its batch is matched by a posted peer
+operation, and received data arrive ``P2P`` after both sides posted. ``eager_comm=True``
+runs communication as the gloo runtime does (receives posted ahead, sends completing in
+the background): a send never blocks, and a receive completes ``P2P`` after the sender
+posted the ``wait`` carrying the matching send. ``Costs.overhead`` is a per-action
+bookkeeping time: a rank starts a compute action no earlier than ``overhead`` after the end
+of its previous one (none before its first); it overlaps any waiting in between.
+``start[r]`` is when rank ``r`` begins its program and ``tail[r]`` the time it spends after
+its last action. What it reports:
 
-- ``makespan``: time at which the last rank finishes.
+- ``makespan``: max over ranks of (end of the rank's last action + ``tail``).
 - ``busy[r]``: total compute time of rank ``r``; ``bubble[r] = makespan - busy[r]``, the
   idle time of rank ``r``. Every rank of GPipe, 1F1B, ZB-H1, DualPipe and DualPipeV does
   the same amount of work, so their bubbles are equal across ranks and match the DualPipe
@@ -21,7 +30,7 @@ its inputs, and every micro-batch is forwarded and backwarded exactly once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from dualpipe_ext import _C
 
@@ -40,10 +49,11 @@ class Costs:
     B: float = 2.0  # full backward chunk (input and weight gradients); B..z costs B - W
     W: float = 1.0  # weight-gradient part of a backward
     FB: float = 3.0  # overlapped forward+backward pair
-    P2P: float = 0.0  # from a send and its receive both posted to the data being usable
+    P2P: float = 0.0  # from a send posted (rendezvous: and its receive) to the data being usable
+    overhead: float = 0.0  # least time between two compute actions of a rank (runtime bookkeeping)
 
     def __post_init__(self) -> None:
-        for name in ("F", "B", "W", "FB", "P2P"):
+        for name in ("F", "B", "W", "FB", "P2P", "overhead"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
                 raise ValueError(f"Costs.{name} must be a finite non-negative number, got {value!r}")
@@ -51,14 +61,15 @@ class Costs:
             raise ValueError(f"Costs.W ({self.W:g}) is part of the full backward and cannot exceed Costs.B ({self.B:g})")
 
     def _c(self) -> "_C.Costs":
-        return _C.Costs(F=float(self.F), B=float(self.B), W=float(self.W), FB=float(self.FB), P2P=float(self.P2P))
+        return _C.Costs(F=float(self.F), B=float(self.B), W=float(self.W), FB=float(self.FB), P2P=float(self.P2P),
+                        overhead=float(self.overhead))
 
 
 @dataclass(frozen=True)
 class Simulation:
     """What :func:`simulate` measured; lists are indexed by pipeline rank."""
 
-    makespan: float  # time the last rank finishes
+    makespan: float  # max over ranks of (end of its last action + tail)
     timeline: List[List[Tuple[str, float, float]]]  # per rank: (trace token, start, end) of each compute action
     busy: List[float]  # compute time per rank
     bubble: List[float]  # makespan - busy, per rank
@@ -70,11 +81,30 @@ def validate(plan: "_C.Plan") -> None:
     _C.validate(plan)
 
 
-def simulate(plan: "_C.Plan", costs: Costs = Costs()) -> Simulation:
-    """Validate ``plan`` and simulate it under ``costs`` (see the module docstring for what is reported)."""
+def _edges(name: str, values: Optional[Sequence[float]], ranks: int) -> List[float]:
+    if values is None:
+        return []
+    values = list(values)
+    if len(values) != ranks:
+        raise ValueError(f"{name} needs one value per rank ({ranks}), got {len(values)}")
+    for r, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
+            raise ValueError(f"{name}[{r}] must be a finite non-negative number, got {v!r}")
+    return [float(v) for v in values]
+
+
+def simulate(plan: "_C.Plan", costs: Costs = Costs(), *, eager_comm: bool = False,
+             start: Optional[Sequence[float]] = None, tail: Optional[Sequence[float]] = None) -> Simulation:
+    """Validate ``plan`` and simulate it under ``costs`` (see the module docstring for what is reported).
+
+    ``eager_comm``: run communication as the gloo runtime does instead of as rendezvous
+    waits. ``start``/``tail``: per rank, when its program begins and how long it spends after
+    its last action (default zeros).
+    """
     if not isinstance(costs, Costs):
         raise TypeError(f"costs must be dualpipe_ext.schedules.Costs, got {type(costs).__name__}")
-    res = _C.simulate(plan, costs._c())
+    res = _C.simulate(plan, costs._c(), eager_comm=bool(eager_comm), start=_edges("start", start, plan.ranks),
+                      tail=_edges("tail", tail, plan.ranks))
     tokens = plan.trace()  # compute actions in program order, as the timeline lists them
     timeline = [
         [(tok, start, end) for tok, (_, start, end) in zip(tokens[r], row)] for r, row in enumerate(res.timeline)
