@@ -118,5 +118,8 @@ def _weights_grad(grad_send_w: torch.Tensor, handle: DispatchHandle, topk_idx: t
     owner = torch.where(topk_idx >= 0, topk_idx // (handle.num_experts // world), torch.zeros_like(topk_idx))
     rows = handle.send_pos.gather(1, owner)  # [num_tokens, num_topk]
     valid = (topk_idx >= 0) & (rows >= 0)
-    picked = grad_send_w[rows.clamp_min(0), torch.arange(topk_idx.shape[1]).expand_as(rows)]
+    if grad_send_w.shape[0] == 0:
+        return torch.zeros(topk_idx.shape, dtype=grad_send_w.dtype, device=topk_idx.device)
+    slots = torch.arange(topk_idx.shape[1], device=rows.device).expand_as(rows)
+    picked = grad_send_w[rows.clamp_min(0), slots]
     return torch.where(valid, picked, torch.zeros((), dtype=grad_send_w.dtype))
