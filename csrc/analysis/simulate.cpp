@@ -53,7 +53,6 @@ Execution execute(const Plan& plan, const CommLinks& links, const Costs& costs, 
   ex.finish.assign(R, 0.0);
   if (!opts.start.empty()) ex.finish = opts.start;
   ex.timeline.resize(R);
-  std::vector<double> last_end(R, -1.0);  // [rank]: end of its latest compute action, -1 before the first
   std::vector<std::vector<double>> posted(R);  // [rank][step of a wait]: post time, -1 until reached
   std::vector<std::vector<std::vector<int>>> batch(R);  // [rank][step of a wait]: its communication steps
   for (int r = 0; r < R; ++r) {
@@ -74,10 +73,9 @@ Execution execute(const Plan& plan, const CommLinks& links, const Costs& costs, 
         const Action& a = acts[pc];
         if (a.is_compute()) {
           const double d = costs.of(a);
-          if (last_end[r] >= 0) t = std::max(t, last_end[r] + costs.overhead);
+          if (!ex.timeline[r].empty()) t += costs.overhead;  // bookkeeping before every compute action but the first
           ex.timeline[r].push_back(TimedAction{pc, t, t + d});
           t += d;
-          last_end[r] = t;
         } else if (a.type == ActionType::kWait) {
           if (posted[r][pc] < 0) posted[r][pc] = t, progress = true;
           double done = t;

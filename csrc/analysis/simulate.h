@@ -17,9 +17,9 @@ struct Costs {
   double W = 1;    // weight-gradient part of a backward; an input-only backward costs B - W
   double FB = 3;   // overlapped forward+backward pair
   double P2P = 0;  // from a send being posted (and, rendezvous only, its receive posted) to the data being usable
-  // Per-action bookkeeping of a runtime: a rank spends this long after each compute action
-  // before it can start its next one (not before its first). The time overlaps any waiting
-  // for data in between, so on a rank that never waits it adds exactly (n - 1) * overhead.
+  // Per-action bookkeeping of a runtime, added before every compute action of a rank but its
+  // first (after any wait in between): the action starts `overhead` after the rank is free
+  // and its data are there. Not part of the action's timeline interval nor of busy time.
   double overhead = 0;
 
   double of(const Action& a) const;

@@ -11,8 +11,8 @@ operation, and received data arrive ``P2P`` after both sides posted. ``eager_com
 runs communication as the gloo runtime does (receives posted ahead, sends completing in
 the background): a send never blocks, and a receive completes ``P2P`` after the sender
 posted the ``wait`` carrying the matching send. ``Costs.overhead`` is a per-action
-bookkeeping time: a rank starts a compute action no earlier than ``overhead`` after the end
-of its previous one (none before its first); it overlaps any waiting in between.
+bookkeeping time added before every compute action of a rank but its first, after any
+waiting in between (it counts as idle time, not as ``busy``).
 ``start[r]`` is when rank ``r`` begins its program and ``tail[r]`` the time it spends after
 its last action. What it reports:
 
@@ -50,7 +50,7 @@ class Costs:
     W: float = 1.0  # weight-gradient part of a backward
     FB: float = 3.0  # overlapped forward+backward pair
     P2P: float = 0.0  # from a send posted (rendezvous: and its receive) to the data being usable
-    overhead: float = 0.0  # least time between two compute actions of a rank (runtime bookkeeping)
+    overhead: float = 0.0  # added before each compute action of a rank but its first (runtime bookkeeping)
 
     def __post_init__(self) -> None:
         for name in ("F", "B", "W", "FB", "P2P", "overhead"):
