@@ -2,7 +2,7 @@
 
     dualpipe-ext schedule NAME --ranks R --chunks C --out FILE.svg [--costs F,B,W,FB,P2P]
     dualpipe-ext simulate --ranks R --chunks C [--costs F,B,W,FB,P2P] [--best] [--memory N]
-    dualpipe-ext trace RANK0.json RANK1.json ... [--chrome OUT.json] [--svg OUT.svg] [--predict [--cores N]]
+    dualpipe-ext trace RANK0.json RANK1.json ... [--chrome OUT.json] [--svg OUT.svg] [--predict]
 
 Also runnable as ``python -m dualpipe_ext.cli``. Bad input ends with one line on standard
 error and exit status 2; set ``DUALPIPE_EXT_DEBUG=1`` to see tracebacks.
@@ -118,9 +118,6 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         steps = [args.step] if args.step_given or num_steps == 1 else range(1, num_steps)
         runs = [merge_step(records, step=s) for s in steps]
         print(format_prediction(predict(runs)))
-        from dualpipe_ext.viz.predict import format_shared, predict_shared
-
-        print(format_shared(predict_shared(runs, cores=args.cores)))
     return 0
 
 
@@ -152,9 +149,6 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--step", type=int, default=None,
                    help="which recorded step to draw and export (default: the last; --predict: all but the first)")
     t.add_argument("--predict", action="store_true", help="compare the measured step time with the simulator's")
-    t.add_argument("--cores", type=_positive, default=None,
-                   help="with --predict: also replay the step with the ranks sharing this many CPU cores "
-                        "(default: a core per rank)")
     t.set_defaults(func=_cmd_trace)
     return p
 
