@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import time
 from datetime import timedelta
 
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import median, quantile, table  # noqa: E402
+from harness import median, quantile, spawn_ranks, table  # noqa: E402
 
 _COLLECTIVES = ("all_to_all_single", "all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "barrier")
 
@@ -96,17 +94,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, args.ranks, port, args, queue)) for r in range(args.ranks)]
-    for proc in procs:
-        proc.start()
-    rows = queue.get(timeout=1800)
-    for proc in procs:
-        proc.join(timeout=60)
+    rows = spawn_ranks(_worker, args.ranks, args)
     out = []
     for tokens, hidden, ms, calls in rows:
         calls_str = ", ".join(f"{k} {v}" for k, v in sorted(calls.items()))

@@ -14,23 +14,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import time
 from datetime import timedelta
 
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import median, quantile, table  # noqa: E402
+from harness import median, quantile, spawn_ranks, table  # noqa: E402
 
 
 def _pair_times(rank, args, latency_s, ep):
     import torch.distributed as dist
 
     from dualpipe_ext.moe import MoEConfig
-    from dualpipe_ext.overlap import BlockConfig, MoEStage, OverlapConfig, OverlappedMoEStage
+    from dualpipe_ext.overlap import BlockConfig, OverlapConfig, OverlappedMoEStage
 
     cfg = BlockConfig(MoEConfig(hidden=args.hidden, moe_intermediate=args.hidden * 2, num_experts=8, topk=2,
                                 num_shared_experts=1), num_heads=4)
@@ -84,21 +82,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--timeout-s", type=float, default=600)
     args = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, args, queue), daemon=True) for r in range(2)]
-    for pr in procs:
-        pr.start()
-    try:
-        rows = queue.get(timeout=args.timeout_s)
-    finally:
-        for pr in procs:
-            pr.join(timeout=10)
-            if pr.is_alive():
-                pr.kill()
+    rows = spawn_ranks(_worker, 2, args, timeout_s=args.timeout_s)
     out = []
     for ms, t in rows:
         s, o = median(t["sequential"]), median(t["overlapped"])

@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from harness import median, quantile, table  # noqa: E402
+from harness import median, table  # noqa: E402
 
 
 def _demo():

@@ -13,19 +13,17 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import socket
 import sys
 import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import median, quantile, table  # noqa: E402
+from harness import median, quantile, spawn_ranks, table  # noqa: E402
 
 SIZES = {
     # name: (hidden, tokens per micro-batch)
@@ -144,17 +142,7 @@ def main():
     p.add_argument("--sizes", default="tiny,realistic")
     p.add_argument("--baselines", action="store_true", help="also time 1F1B: PipelineSchedule vs Schedule1F1B")
     args = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, args.ranks, port, args, queue)) for r in range(args.ranks)]
-    for pr in procs:
-        pr.start()
-    results = queue.get(timeout=1800)
-    for pr in procs:
-        pr.join(timeout=60)
+    results = spawn_ranks(_worker, args.ranks, args)
     rows = []
     for size, times in results.items():
         hidden, tokens = SIZES[size]
