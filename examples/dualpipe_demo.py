@@ -39,8 +39,8 @@ from dualpipe_ext import DualPipe, DualPipeV, RuntimeConfig, set_p2p_tensor_dtyp
 from dualpipe_ext.runtime.reference import grad_cos_diff, sequential_step
 from dualpipe_ext.viz.render import FORMATS
 
-HIDDEN = 32
-TOKENS_PER_MICRO_BATCH = 4
+HIDDEN = 256
+TOKENS_PER_MICRO_BATCH = 64
 DTYPE = torch.float64
 
 

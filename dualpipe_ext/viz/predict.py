@@ -6,10 +6,12 @@ Costs come from the recorded compute actions of the step:
 * ``B``: the full-backward cost that keeps the recorded backward time, since the simulator
   charges ``B`` for a full backward and ``B - W`` for an input-only one;
 * ``overhead``: mean gap from the end of an action to the start of the next on the same
-  rank, over actions that did not wait for data (the runtime's bookkeeping between actions:
-  posting sends and receives, Python);
+  rank, over actions that receive nothing from another rank (the runtime's bookkeeping
+  between actions: posting sends and receives, Python);
 * ``P2P``: mean delay from the end of the action that produces a tensor on one rank to the
-  start of the action that consumes it on another, over consumers that sat idle waiting for it;
+  start of the action that consumes it on another, over consumers that sat idle waiting for
+  it, less ``overhead`` (that delay also holds the consumer's bookkeeping, which the
+  simulator charges separately);
 * step edges, per rank: ``start`` (when the rank started its step, plus the mean set-up time
   from a step's start to the first action of a rank whose first action needs no input) and
   ``tail`` (from its last action to the end of its step: the final wait).
@@ -91,11 +93,28 @@ def _producers(plan, run: RunStep) -> List[List[List[Tuple[int, int]]]]:
     return out
 
 
+def _receives_before(plan, rank: int) -> List[bool]:
+    """For each compute action of ``rank``: whether a wait on receives precedes it (since the last compute)."""
+    from dualpipe_ext.schedules import ActionType
+
+    recv_types = (ActionType.RECV_FORWARD, ActionType.RECV_BACKWARD)
+    out, queued, waited = [], False, False
+    for a in plan.actions[rank]:
+        if a.type in recv_types:
+            queued = True
+        elif a.type == ActionType.WAIT:
+            waited, queued = waited or queued, False
+        elif a.is_compute:
+            out.append(waited)
+            waited = False
+    return out
+
+
 def estimate_costs(runs: Sequence[RunStep], plan) -> Dict[str, float]:
     """Estimated simulator costs (ns) from one or more steps: F, B, W, FB, P2P and overhead."""
     durs: Dict[str, List[float]] = {"F": [], "B": [], "Bz": [], "W": [], "FB": []}
     waits: List[float] = []  # producer end -> consumer start, consumer idle
-    gaps: List[float] = []  # end of an action -> start of the next, next not waiting for data
+    gaps: List[float] = []  # end of an action -> start of the next, next receiving nothing
     for run in runs:
         for row in run.compute:
             for token, s, e in row:
@@ -103,13 +122,14 @@ def estimate_costs(runs: Sequence[RunStep], plan) -> Dict[str, float]:
                 durs["FB" if second is not None else first.kind].append(e - s)
         producers = _producers(plan, run)
         for r, row in enumerate(run.compute):
+            received = _receives_before(plan, r)
             for i, (_, s, _) in enumerate(row):
                 prev_end = row[i - 1][2] if i > 0 else None
                 ready = max((run.compute[a][j][2] for a, j in producers[r][i]), default=None)
                 if ready is not None and (prev_end is None or prev_end <= ready):
                     waits.append(s - ready)
-                elif prev_end is not None:
-                    gaps.append(s - prev_end)
+                elif prev_end is not None and not received[i]:
+                    gaps.append(s - prev_end)  # no receive waited on: the gap is bookkeeping alone
     f = _mean(durs["F"], 0.0)
     w = _mean(durs["W"], 0.0)
     n_b, n_bz = len(durs["B"]), len(durs["Bz"])
@@ -117,8 +137,11 @@ def estimate_costs(runs: Sequence[RunStep], plan) -> Dict[str, float]:
         b = (sum(durs["B"]) + sum(durs["Bz"]) + n_bz * w) / (n_b + n_bz)
     else:
         b = 2 * f
-    return {"F": f, "B": b, "W": min(w, b), "FB": _mean(durs["FB"], f + b),
-            "P2P": max(0.0, _mean(waits, 0.0)), "overhead": max(0.0, _mean(gaps, 0.0))}
+    overhead = max(0.0, _mean(gaps, 0.0))
+    # A waiting consumer's measured delay also holds the bookkeeping the simulator charges
+    # as ``overhead`` before every action, so the transfer itself is the difference.
+    p2p = max(0.0, _mean(waits, 0.0) - overhead)
+    return {"F": f, "B": b, "W": min(w, b), "FB": _mean(durs["FB"], f + b), "P2P": p2p, "overhead": overhead}
 
 
 def step_edges(runs: Sequence[RunStep], plan) -> Tuple[List[float], List[float], float]:

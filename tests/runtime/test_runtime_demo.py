@@ -56,6 +56,6 @@ def test_demo_timeline_and_records(tmp_path, capsys):
                      "--svg", str(tmp_path / f"{name}-trace.svg"), "--predict"])
         out = capsys.readouterr().out
         assert code == 0, out
-        assert "predicted step time" in out and "relative error" in out
+        assert "simulator (as the gloo runtime runs)" in out and "relative error" in out
         assert _svg_groups(tmp_path / f"{name}-trace.svg")["actions"] == n
         assert sum(1 for ev in json.load(open(chrome))["traceEvents"] if ev.get("cat") == "compute") == n
