@@ -141,8 +141,5 @@ def span(name: str) -> Iterator[None]:
     if rec is None:
         yield
         return
-    start = _now()
-    try:
+    with rec.span(name):
         yield
-    finally:
-        rec.events.append((name, "span", start, _now(), rec._step, -1))
