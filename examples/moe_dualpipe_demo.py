@@ -254,7 +254,7 @@ def main() -> int:
           f"+ 1 shared, float64; DualPipe PP={PP} x EP={EP} on {WORLD} gloo CPU processes, "
           f"{args.chunks} micro-batches per pipeline, AdamW lr {LR:g}")
     print(f"pipeline groups {{0,1}} {{2,3}}; expert groups {{0,2}} {{1,3}}; "
-          f"{r0['pairs']} forward+backward pairs through the overlap engine per rank")
+          f"{r0['pairs'] // args.steps} forward+backward pairs through the overlap engine per rank and step")
     for i, loss in enumerate(r0["losses"]):
         ms = max(results[r]["step_s"][i] for r in range(WORLD)) * 1e3
         print(f"step {i}: loss {loss:.6f}  time {ms:.1f} ms")
