@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -31,11 +30,11 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
 from dualpipe_ext import DualPipe, DualPipeV, RuntimeConfig, set_p2p_tensor_dtype, set_p2p_tensor_shapes
+from launch import launch  # examples/launch.py
 from dualpipe_ext.runtime.reference import grad_cos_diff, sequential_step
 from dualpipe_ext.viz.render import FORMATS
 
@@ -158,27 +157,8 @@ def main() -> int:
         p.error(f"--timeline {args.timeline!r}: expected a file name ending in one of {', '.join(FORMATS)}")
     if args.hidden <= 0 or args.tokens <= 0:
         p.error("--hidden and --tokens must be positive")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, args.ranks, port, args, queue), daemon=True)
-             for r in range(args.ranks)]
-    for pr in procs:
-        pr.start()
-    results, deadline = {}, time.monotonic() + args.timeout
-    while len(results) < args.ranks and time.monotonic() < deadline:
-        try:
-            rank, out = queue.get(timeout=max(0.1, deadline - time.monotonic()))
-        except Exception:  # noqa: BLE001 - queue.Empty
-            break
-        results[rank] = out
-    for pr in procs:
-        pr.join(timeout=10)
-        if pr.is_alive():
-            pr.kill()
-    missing = [r for r in range(args.ranks) if r not in results]
+    results, missing = launch(worker, args.ranks, lambda r, port, queue: (r, args.ranks, port, args, queue),
+                              args.timeout)
     if missing:
         print(f"FAIL: ranks {missing} did not finish within {args.timeout:g} s")
         return 1

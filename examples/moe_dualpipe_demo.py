@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -44,11 +43,11 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dualpipe_ext import DualPipe, RuntimeConfig, set_p2p_tensor_dtype, set_p2p_tensor_shapes
 from dualpipe_ext.moe import MoEConfig
 from dualpipe_ext.overlap import BlockConfig, MoEStage, OverlappedMoEStage
+from launch import launch  # examples/launch.py
 from dualpipe_ext.runtime.reference import grad_cos_diff
 
 PP, EP = 2, 2
@@ -219,27 +218,8 @@ def main() -> int:
         p.error(f"--hidden must be a positive multiple of {HEADS}")
     if args.chunks < 2 * PP or args.chunks % 2:
         p.error(f"--chunks must be even and at least {2 * PP}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, port, args, queue), daemon=True) for r in range(WORLD)]
     t_start = time.perf_counter()
-    for pr in procs:
-        pr.start()
-    results, deadline = {}, time.monotonic() + args.timeout
-    while len(results) < WORLD and time.monotonic() < deadline:
-        try:
-            rank, out = queue.get(timeout=max(0.1, deadline - time.monotonic()))
-        except Exception:  # noqa: BLE001 - queue.Empty
-            break
-        results[rank] = out
-    for pr in procs:
-        pr.join(timeout=10)
-        if pr.is_alive():
-            pr.kill()
-    missing = [r for r in range(WORLD) if r not in results]
+    results, missing = launch(worker, WORLD, lambda r, port, queue: (r, port, args, queue), args.timeout)
     if missing:
         print(f"FAIL: ranks {missing} did not finish within {args.timeout:g} s")
         return 1
