@@ -113,20 +113,25 @@ def _a2a(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group, as
     return out, (work if async_op else None)
 
 
+def _a2a_pending(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group, pending) -> torch.Tensor:
+    """``_a2a`` that queues its work on ``pending`` (async) or completes it; output on ``x``'s device."""
+    out, work = _a2a(x, out_splits, in_splits, group, async_op=pending is not None)
+    if pending is not None:
+        pending.append(work)
+    if out.device != x.device:  # gloo moves CPU tensors: only happens for CPU inputs without async
+        if work is not None:
+            work.wait()
+        out = out.to(x.device)
+    return out
+
+
 class _AllToAll(torch.autograd.Function):
     """Differentiable uneven all-to-all; the backward sends gradients back along the same routes."""
 
     @staticmethod
     def forward(ctx, x, out_splits, in_splits, group, pending):
         ctx.out_splits, ctx.in_splits, ctx.group, ctx.device = out_splits, in_splits, group, x.device
-        out, work = _a2a(x, out_splits, in_splits, group, async_op=pending is not None)
-        if pending is not None:
-            pending.append(work)
-        if out.device != x.device:  # gloo moves CPU tensors: only happens for CPU inputs without async
-            if work is not None:
-                work.wait()
-            out = out.to(x.device)
-        return out
+        return _a2a_pending(x, out_splits, in_splits, group, pending)
 
     @staticmethod
     def backward(ctx, grad):
@@ -169,13 +174,7 @@ class _RoutesAllToAll(torch.autograd.Function):
         packed = torch.empty(idx.shape[0], 2 * k, dtype=torch.int32, device=idx.device)
         packed[:, :k] = idx
         packed[:, k:] = weights.detach().contiguous().view(torch.int32)
-        out, work = _a2a(packed, out_splits, in_splits, group, async_op=pending is not None)
-        if pending is not None:
-            pending.append(work)
-        if out.device != weights.device:  # gloo moves CPU tensors: only happens for CPU inputs without async
-            if work is not None:
-                work.wait()
-            out = out.to(weights.device)
+        out = _a2a_pending(packed, out_splits, in_splits, group, pending)
         sink.append(out)
         return out[:, k:].view(torch.float32)
 
