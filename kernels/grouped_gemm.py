@@ -13,9 +13,9 @@ import torch
 
 from ._common import FLOAT_DTYPES, _interpreting, check_tensor, new_output, use_triton
 
-__all__ = ["grouped_gemm", "grouped_gemm_reference"]
+__all__ = ["grouped_gemm", "grouped_gemm_reference", "grouped_wgrad", "grouped_wgrad_reference"]
 
-_kernel = None
+_kernels = None
 
 
 def _build_kernel():
@@ -63,7 +63,41 @@ def _build_kernel():
         tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on,
                  acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
-    return grouped_gemm_kernel
+    @triton.jit
+    def grouped_wgrad_kernel(
+        grad_ptr, x_ptr, dw_ptr, group_ends_ptr, N, K,
+        stride_gm, stride_gn, stride_xm, stride_xk, stride_dg, stride_dn, stride_dk,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        g = tl.program_id(0)
+        cols_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+        n_ok, k_ok = cols_n < N, cols_k < K
+        begin = tl.where(g > 0, tl.load(group_ends_ptr + tl.maximum(g - 1, 0)), 0)
+        end = tl.load(group_ends_ptr + g)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for m0 in range(begin, end, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < end
+            a = tl.load(grad_ptr + rows[:, None].to(tl.int64) * stride_gm + cols_n[None, :] * stride_gn,
+                        mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+            b = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols_k[None, :] * stride_xk,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc += tl.dot(tl.trans(a), b)
+        tl.store(dw_ptr + g.to(tl.int64) * stride_dg + cols_n[:, None] * stride_dn + cols_k[None, :] * stride_dk,
+                 acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+    return grouped_gemm_kernel, grouped_wgrad_kernel
+
+
+def _built():
+    global _kernels
+    if _kernels is None:
+        _kernels = _build_kernel()
+    return _kernels
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor) -> None:
@@ -82,9 +116,9 @@ def grouped_gemm_reference(x: torch.Tensor, w: torch.Tensor, group_ends: torch.T
     """Per-group loop in PyTorch with fp32 accumulation."""
     _check(x, w, group_ends)
     ends = group_ends.tolist()
-    if any(b < a for a, b in zip([0] + ends, ends)) or (ends and ends[-1] != x.shape[0]) or (not ends and x.shape[0]):
-        raise ValueError(f"group_ends must be non-decreasing and end at num_rows={x.shape[0]}, got {ends}")
-    out = torch.empty(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
+    if any(b < a for a, b in zip([0] + ends, ends)) or (ends and ends[-1] > x.shape[0]):
+        raise ValueError(f"group_ends must be non-decreasing and end at most at num_rows={x.shape[0]}, got {ends}")
+    out = torch.zeros(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device)  # rows past the last end: 0
     begin = 0
     for g, end in enumerate(ends):
         if end > begin:
@@ -108,17 +142,15 @@ def grouped_gemm(
     Args:
         x: [num_rows, k] float, rows grouped by group.
         w: [num_groups, n, k], same dtype as ``x`` (one ``nn.Linear`` weight per group).
-        group_ends: [num_groups] int32/int64, cumulative row counts, non-decreasing, ending at
-            ``num_rows`` (checked by the reference; the kernel does not read it back to the host).
+        group_ends: [num_groups] int32/int64, cumulative row counts, non-decreasing, ending at most at
+            ``num_rows`` (checked by the reference; the kernel does not read it back to the host). Rows past
+            the last end (capacity-sized buffers) are not computed: the kernel leaves them unwritten.
     Returns:
         [num_rows, n], dtype of ``x``.
     """
     if not use_triton(impl, x, w, group_ends):
         return grouped_gemm_reference(x, w, group_ends)
     _check(x, w, group_ends)
-    global _kernel
-    if _kernel is None:
-        _kernel = _build_kernel()
     num_rows, k = x.shape
     num_groups, n, _ = w.shape
     out = new_output((num_rows, n), x.dtype, x.device)
@@ -128,9 +160,59 @@ def grouped_gemm(
     tile_ends = torch.cumsum((counts + block_m - 1) // block_m, 0).to(torch.int32)
     max_tiles = (num_rows + block_m - 1) // block_m + num_groups
     grid = (max_tiles, (n + block_n - 1) // block_n)
-    _kernel[grid](
+    _built()[0][grid](
         x, w, out, group_ends, tile_ends, num_groups, n, k,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=_interpreting(),
     )
     return out
+
+
+def grouped_wgrad_reference(grad: torch.Tensor, x: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+    """Per-group loop in PyTorch with fp32 accumulation: ``dw[g] = grad[rows of g]^T @ x[rows of g]``."""
+    dw = grad.new_zeros(group_ends.shape[0], grad.shape[1], x.shape[1])
+    begin = 0
+    for g, end in enumerate(group_ends.tolist()):
+        if end > begin:
+            dw[g] = (grad[begin:end].float().t() @ x[begin:end].float()).to(grad.dtype)
+        begin = end
+    return dw
+
+
+def grouped_wgrad(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    group_ends: torch.Tensor,
+    *,
+    block_m: int = 32,
+    block_n: int = 64,
+    block_k: int = 64,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Weight gradient of ``grouped_gemm``: ``dw[g] = grad[rows of g]^T @ x[rows of g]``.
+
+    Args:
+        grad: [num_rows, n] float, the output gradient; x: [num_rows, k], same dtype.
+        group_ends: [num_groups] int32/int64 cumulative row counts on the device; rows past the
+            last end are ignored, and the kernel never reads the ends back to the host.
+    Returns:
+        [num_groups, n, k], dtype of ``grad`` (zero for empty groups).
+    """
+    check_tensor("grad", grad, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("x", x, ndim=2, dtypes=(grad.dtype,))
+    check_tensor("group_ends", group_ends, ndim=1, dtypes=(torch.int32, torch.int64))
+    if x.shape[0] != grad.shape[0]:
+        raise ValueError(f"grad {tuple(grad.shape)} and x {tuple(x.shape)} must have the same rows")
+    if not use_triton(impl, grad, x, group_ends):
+        return grouped_wgrad_reference(grad, x, group_ends)
+    num_groups, n, k = group_ends.shape[0], grad.shape[1], x.shape[1]
+    dw = new_output((num_groups, n, k), grad.dtype, grad.device)
+    if num_groups == 0 or n == 0 or k == 0:
+        return dw
+    grid = (num_groups, (n + block_n - 1) // block_n, (k + block_k - 1) // block_k)
+    _built()[1][grid](
+        grad, x, dw, group_ends, n, k, grad.stride(0), grad.stride(1), x.stride(0), x.stride(1),
+        dw.stride(0), dw.stride(1), dw.stride(2),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=_interpreting(),
+    )
+    return dw

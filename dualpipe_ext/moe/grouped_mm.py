@@ -6,8 +6,12 @@ input gradient); ``grouped_wgrad(grad, x, group_ends)``: ``dw[g] = grad[rows of 
 
 - "torch": ``torch._grouped_mm`` (CUDA sm90+, bf16, 16-byte aligned sizes);
 - "cutlass": the CUTLASS sm90 kernel of ``dualpipe_ext._cuda`` when it was built (bf16);
-- "triton": ``kernels.grouped_gemm`` (CUDA, or CPU under ``TRITON_INTERPRET=1``);
-- "loop": one matmul per group (CPU, and anything else).
+- "triton": ``kernels.grouped_gemm`` (CUDA, or CPU tensors with ``DUALPIPE_EXT_TRITON=1`` under
+  ``TRITON_INTERPRET=1``);
+- "loop": one matmul per group (CPU, and anything else); it reads the group ends on the host.
+
+Every backend but "loop" keeps the group ends on the device, so capacity-sized buffers
+(rows past the last end are not computed) run without a host read.
 """
 from __future__ import annotations
 
@@ -45,8 +49,10 @@ def pick_backend(x: torch.Tensor, w: torch.Tensor, backend: str = "auto") -> str
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    if not x.is_cuda:
-        return "loop"
+    if not x.is_cuda:  # the Triton kernels run on CPU tensors only when forced (interpreter)
+        from dualpipe_ext.kernels._common import use_triton
+
+        return "triton" if use_triton("auto", x) else "loop"
     fast_ok = x.dtype == torch.bfloat16 and _sm90(x.device) and _aligned(x.shape[1], w.shape[1])
     if fast_ok and hasattr(torch, "_grouped_mm"):
         return "torch"
@@ -108,6 +114,10 @@ def grouped_wgrad(grad: torch.Tensor, x: torch.Tensor, group_ends: torch.Tensor,
     which = pick_backend(x, grad.new_empty(1, grad.shape[1]), backend)
     if which == "torch" and _aligned(grad.shape[1], x.shape[1]):
         return torch._grouped_mm(grad.t(), x, offs=group_ends.to(torch.int32))
+    if which == "triton":
+        from dualpipe_ext.kernels.grouped_gemm import grouped_wgrad as triton_wgrad
+
+        return triton_wgrad(grad.contiguous(), x.contiguous(), group_ends, impl="triton")
     dw = grad.new_zeros(num_groups, grad.shape[1], x.shape[1])
     begin = 0
     for g, end in enumerate(group_ends.tolist()):

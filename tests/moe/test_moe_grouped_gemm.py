@@ -39,6 +39,26 @@ for seed, counts, n, k in [(0, [5, 0, 17, 3], 24, 40), (1, [0, 0, 33], 8, 16), (
         got = grouped_gemm(x, w, ends, block_m=16, block_n=16, block_k=16, impl="triton")
     ref = grouped_gemm_reference(x, w, ends)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+# capacity-sized rows: rows past the last end are not computed (left poisoned) and ignored by the wgrad
+from dualpipe_ext.kernels.grouped_gemm import grouped_wgrad, grouped_wgrad_reference
+for seed, counts, pad, n, k in [(3, [4, 0, 9], 6, 24, 40), (4, [0, 0], 3, 8, 16), (5, [37], 0, 97, 7)]:
+    g = torch.Generator().manual_seed(seed)
+    rows = sum(counts) + pad
+    x = torch.randn(rows, k, generator=g)
+    grad = torch.randn(rows, n, generator=g)
+    x[sum(counts):] = float("nan")
+    grad[sum(counts):] = float("nan")
+    w = torch.randn(len(counts), n, k, generator=g)
+    ends = torch.cumsum(torch.tensor(counts), 0)
+    with poison_outputs():
+        out = grouped_gemm(x, w, ends, block_m=16, block_n=16, block_k=16, impl="triton")
+        dw = grouped_wgrad(grad, x, ends, block_m=16, block_n=16, block_k=16, impl="triton")
+    valid = sum(counts)
+    torch.testing.assert_close(out[:valid], grouped_gemm_reference(x, w, ends)[:valid], rtol=1e-5, atol=1e-4)
+    assert torch.isnan(out[valid:]).all()  # untouched
+    ref = grouped_wgrad_reference(grad[:valid], x[:valid], ends)
+    torch.testing.assert_close(dw, ref, rtol=1e-5, atol=1e-4)
+    assert not torch.isnan(dw).any()
 print("ok")
 """
 
@@ -58,8 +78,13 @@ def test_reference_and_cutlass_wrapper_on_cpu():
     expected = _per_group(x, w, counts)
     torch.testing.assert_close(grouped_gemm_reference(x, w, ends).double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cutlass_grouped_mm(x, w, ends.int()).double(), expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="end at num_rows"):
-        grouped_gemm_reference(x, w, ends - 1)
+    with pytest.raises(ValueError, match="end at most at num_rows"):
+        grouped_gemm_reference(x, w, ends + 1)  # past the rows
+    with pytest.raises(ValueError, match="non-decreasing"):
+        grouped_gemm_reference(x, w, ends.flip(0))
+    short = grouped_gemm_reference(x, w, ends - 1)  # capacity-sized: the rows past the last end are zero
+    torch.testing.assert_close(short[:-1].double(), _per_group(x[:-1], w, [2, 0, 9, 1]), rtol=1e-5, atol=1e-5)
+    assert torch.all(short[-1] == 0)
     with pytest.raises(ValueError, match="w must be"):
         grouped_gemm_reference(x, w[:, :, :4], ends)
 
