@@ -10,6 +10,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from dualpipe_ext.debug import checks_enabled
+
 from ._common import check_tensor
 from .combine import combine
 from .dispatch_layout import dispatch_layout
@@ -41,8 +43,10 @@ def expand(
         recv_x: [num_recv_tokens, hidden] float.
         recv_idx: [num_recv_tokens, num_topk] int64, local expert of each slot or -1.
         num_local_experts: experts on this rank.
-        num_rows: rows of ``expanded_x`` when known (skips a device-to-host sync); by
-            default the number of valid entries of ``recv_idx``. Rows past them are unspecified.
+        num_rows: rows of ``expanded_x`` when known, e.g. the capacity ``num_recv_tokens *
+            min(num_topk, num_local_experts)`` (no host read then); by default the number of valid
+            entries of ``recv_idx`` (read on the host). Rows past the valid ones are unspecified.
+    Index and position checks read the host, so they run in debug mode (``DUALPIPE_EXT_CHECKS=1``).
         num_sms: cap on the persistent grid of the copy.
     """
     check_tensor("recv_x", recv_x, ndim=2)
@@ -51,13 +55,15 @@ def expand(
         raise ValueError(
             f"recv_idx must have one row per received token ({recv_x.shape[0]}), got shape {tuple(recv_idx.shape)}"
         )
-    layout = dispatch_layout(recv_idx, num_local_experts, num_local_experts, impl=impl)
+    if num_rows is not None and (not isinstance(num_rows, int) or num_rows < 0):
+        raise ValueError(f"num_rows must be a non-negative int, got {num_rows!r}")
+    checks = checks_enabled()
+    layout = dispatch_layout(recv_idx, num_local_experts, num_local_experts, check_indices=checks, impl=impl)
     valid = recv_idx >= 0
     expand_pos = torch.where(valid, layout.send_pos.gather(1, recv_idx.clamp(min=0)), -1)
     total = int(layout.num_tokens_per_rank.sum()) if num_rows is None else num_rows
-    if num_rows is not None and num_rows < 0:
-        raise ValueError(f"num_rows must be non-negative, got {num_rows}")
-    expanded_x = permute(recv_x, expand_pos, total, num_sms=num_sms, check_pos=num_rows is not None, impl=impl)
+    expanded_x = permute(recv_x, expand_pos, total, num_sms=num_sms, check_pos=checks and num_rows is not None,
+                         impl=impl)
     return Expanded(expanded_x, layout.num_tokens_per_rank, expand_pos)
 
 

@@ -143,15 +143,20 @@ def experts_forward(
     recv_idx: torch.Tensor,
     recv_weights: torch.Tensor,
     num_sms: Optional[int] = None,
+    capacity: bool = False,
 ) -> torch.Tensor:
     """Expert side of a dispatch: ``y[i] = sum_k recv_weights[i, k] * expert_{recv_idx[i, k]}(recv_x[i])``.
 
     recv_x: [num_recv, hidden]; recv_idx: [num_recv, num_topk] int64 local expert or -1;
     recv_weights: [num_recv, num_topk] float32. Returns [num_recv, hidden], dtype of recv_x.
-    Gradients reach recv_x, recv_weights and the expert weights.
+    Gradients reach recv_x, recv_weights and the expert weights. With ``capacity`` (rows of an
+    ``EPBuffer`` dispatch, padding included) the expanded buffer has its worst-case size
+    ``num_recv * min(num_topk, num_experts)``, so nothing is read on the host; padding rows
+    (all -1) give zero rows.
     """
     from dualpipe_ext.kernels.expand_reduce import expand, reduce
 
-    expanded = expand(recv_x, recv_idx, experts.num_experts, num_sms=num_sms)
+    num_rows = recv_idx.shape[0] * min(recv_idx.shape[1], experts.num_experts) if capacity else None
+    expanded = expand(recv_x, recv_idx, experts.num_experts, num_rows=num_rows, num_sms=num_sms)
     expert_out = experts(expanded.expanded_x, expanded.num_tokens_per_local_expert)
     return reduce(expert_out, expanded.expand_pos, recv_weights, num_sms=num_sms)

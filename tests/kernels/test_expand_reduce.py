@@ -56,8 +56,9 @@ def test_expand_reduce_round_trip_and_gradient():
     assert torch.allclose(got[1], ref[1].float(), rtol=1e-5, atol=1e-5)
 
 
-def test_expand_bad_input():
+def test_expand_bad_input(monkeypatch):
     with pytest.raises(ValueError, match="one row per received token"):
         expand(torch.randn(3, 4), torch.zeros(2, 1, dtype=torch.int64), 2)
+    monkeypatch.setenv("DUALPIPE_EXT_CHECKS", "1")  # value checks read the host: debug mode
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
         expand(torch.randn(2, 4), torch.tensor([[0], [2]]), 2)
