@@ -10,11 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from .dispatch import DispatchHandle, combine, dispatch
+from .ep_buffer import EPBuffer, EPBufferError, EPHandle
 from .experts import GroupedExperts, SharedExperts, experts_forward
 from .comm import PendingWorks
 from .layer import MoE, MoEConfig
 
-__all__ = ["route", "dispatch", "combine", "DispatchHandle", "PendingWorks", "MoE", "MoEConfig",
+__all__ = ["route", "dispatch", "combine", "DispatchHandle", "PendingWorks", "EPBuffer", "EPHandle", "EPBufferError",
+           "MoE", "MoEConfig",
            "GroupedExperts", "SharedExperts", "experts_forward"]
 
 

@@ -1,0 +1,405 @@
+"""``EPBuffer``: device-side expert parallelism, kernels that move the tokens themselves.
+
+    ep = moe.EPBuffer(group, max_tokens=4096, hidden=7168, dtype=torch.bfloat16, num_sms=20)
+    recv_x, recv_idx, recv_weights, handle = ep.dispatch(x, topk_idx, topk_weights, num_experts)
+    y = experts(recv_x, recv_idx, recv_weights)     # [ep.recv_capacity, hidden]
+    out = ep.combine(y, handle)                      # [num_tokens, hidden]
+
+The same meaning as ``moe.dispatch``/``moe.combine``, with fixed shapes: every rank receives
+``recv_capacity = max_tokens * world`` rows, segment ``s`` (rows ``[s * max_tokens, (s + 1) *
+max_tokens)``) holding the tokens rank ``s`` sent, in token order, then padding rows (zero,
+``recv_idx == -1``, zero weights). How many rows each rank received stays on the device in
+the handle. No collective and no host read of a tensor value per exchange: Triton kernels
+write into the peers' symmetric buffers and signal them (``kernels/ep_exchange.py``), a
+persistent grid of ``num_sms`` programs being the SM budget; on CUDA on the communication
+stream. The one collective is the construction.
+
+Exchanges take slots of two rings (dispatch-shaped and combine-shaped, ``num_slots`` each),
+so that up to ``num_slots`` exchanges of each shape can be in flight (``async_op=True``);
+signals carry epochs, so slots are reused without a reset.
+
+Failures: bad input (too many tokens, wrong hidden size, dtype, device, top-k) is decided
+from shapes on the host; the rank that passed it sends an error code instead of rows, and
+every rank raises the same ``ValueError`` naming it. A wait that expires (``timeout_s``)
+raises ``EPBufferError`` naming the ranks whose signals are missing, and whether their
+processes have exited; the buffer is unusable afterwards. On CUDA the kernels report into
+host-mapped status words that the host reads without synchronising, so a failure surfaces
+at the next exchange that finds it; ``DUALPIPE_EXT_CHECKS=1`` synchronises at every wait.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from dualpipe_ext.debug import checks_enabled
+from dualpipe_ext.kernels._common import new_output
+from dualpipe_ext.inflight import InFlight
+from dualpipe_ext.streams import CommScope
+
+from .ep_memory import allocate, pid_alive
+
+__all__ = ["EPBuffer", "EPHandle", "EPBufferError"]
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Error codes a rank sends instead of rows (index + 1), as every rank names them.
+_ERRORS = ("x is not a [num_tokens, hidden] tensor", "more tokens than max_tokens", "wrong hidden size",
+           "wrong dtype", "wrong device", "topk_idx is not a [num_tokens, num_topk] int64 tensor",
+           "topk_weights is not a float32 tensor of topk_idx's shape", "num_topk above max_topk",
+           "num_experts not a positive multiple of the group size", "topk_idx values out of range",
+           "topk_weights not finite", "y is not a [recv_capacity, hidden] tensor", "handle is not from this buffer")
+_DISAGREE = 99  # the ranks passed different num_experts or num_topk
+_SHAPES = ("dispatch", "combine")
+_CPU_WAIT_SLICE_S = 0.5  # a CPU wait checks its peers' processes this often
+
+
+class EPBufferError(RuntimeError):
+    """An exchange of an ``EPBuffer`` could not complete (a peer is missing); names the peer."""
+
+
+@dataclass(frozen=True)
+class EPHandle:
+    """What ``combine`` and the backward exchanges need of one ``dispatch``; tensors stay on the device."""
+
+    pos: torch.Tensor  # [num_tokens, world] int64: row of token t in rank r's segment, -1 if not sent there
+    send_counts: torch.Tensor  # [world] int64: tokens sent to each rank
+    topk_idx: torch.Tensor  # [num_tokens, num_topk] int64: the dispatched global expert ids
+    recv_src: torch.Tensor  # [recv_capacity] int64: source token of each received row, -1 for padding
+    recv_count: torch.Tensor  # [world] int64: rows received from each rank
+    num_experts: int
+    buffer: "EPBuffer"
+
+    @property
+    def num_tokens(self) -> int:
+        return self.pos.shape[0]
+
+    @property
+    def num_topk(self) -> int:
+        return self.topk_idx.shape[1]
+
+
+class _Ring:
+    """Slots of one exchange shape: which slot the next exchange takes, its epoch, what is in flight."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.uses = [0] * num_slots
+        self.next = 0
+        self.in_flight: Deque[int] = deque()  # ordinals of exchanges not received yet
+
+    def begin(self, ordinal: int, shape: str) -> Tuple[int, int]:
+        if len(self.in_flight) >= self.num_slots:
+            raise RuntimeError(f"EPBuffer: {self.num_slots} {shape}-shaped exchanges are already in flight (exchanges "
+                               f"{list(self.in_flight)}); wait on one first, or build the buffer with more num_slots")
+        slot = self.next
+        self.next = (slot + 1) % self.num_slots
+        self.uses[slot] += 1
+        self.in_flight.append(ordinal)
+        return slot, self.uses[slot]
+
+    def end(self, ordinal: int) -> None:
+        self.in_flight.remove(ordinal)
+
+
+class EPBuffer:
+    """Symmetric buffers of one expert-parallel group and the exchanges that use them.
+
+    Args:
+        group: the expert-parallel process group (None: the default group); all on one host.
+        max_tokens: most tokens any rank dispatches in one call.
+        hidden: row width of dispatched tokens and combined outputs.
+        dtype: dtype of the rows.
+        num_sms: programs of every exchange kernel (the SM budget on CUDA; default 20 there, 1 on CPU).
+        max_topk: most experts a token may choose.
+        num_slots: exchanges of each shape that may be in flight at once.
+        timeout_s: how long a wait for a peer lasts before it raises.
+        device: where the buffers live (default: the current CUDA device for an NCCL group, else CPU).
+    """
+
+    def __init__(self, group=None, max_tokens: int = 0, hidden: int = 0, dtype: torch.dtype = torch.bfloat16,
+                 num_sms: Optional[int] = None, *, max_topk: int = 8, num_slots: int = 2, timeout_s: float = 120.0,
+                 device: Optional[torch.device] = None) -> None:
+        for name, value in (("max_tokens", max_tokens), ("hidden", hidden), ("max_topk", max_topk),
+                            ("num_slots", num_slots)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"EPBuffer: {name} must be a positive int, got {value!r}")
+        if dtype not in _FLOATS:
+            raise ValueError(f"EPBuffer: dtype must be one of {_FLOATS}, got {dtype!r}")
+        if num_sms is not None and (not isinstance(num_sms, int) or isinstance(num_sms, bool) or num_sms < 1):
+            raise ValueError(f"EPBuffer: num_sms must be a positive int or None, got {num_sms!r}")
+        if not timeout_s > 0:
+            raise ValueError(f"EPBuffer: timeout_s must be positive, got {timeout_s!r}")
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("EPBuffer needs torch.distributed initialised (its group exchanges buffer handles once)")
+        self.group = group if group is not None else dist.distributed_c10d._get_default_group()
+        self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        if device is None:
+            device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl"
+                      else torch.device("cpu"))
+        self.device = torch.device(device)
+        _check_kernels_available(self.device)
+        from dualpipe_ext.kernels import ep_exchange as kx
+
+        self._kx = kx
+        self.max_tokens, self.hidden, self.dtype, self.max_topk = max_tokens, hidden, dtype, max_topk
+        self.num_slots, self.timeout_s = num_slots, float(timeout_s)
+        self.num_sms = num_sms if num_sms is not None else (20 if self.device.type == "cuda" else 1)
+        self.layout = kx.ExchangeLayout.build(self.world, max_tokens, hidden, max_topk, num_slots,
+                                              torch.empty(0, dtype=dtype).element_size())
+        request = (max_tokens, hidden, str(dtype), self.num_sms, max_topk, num_slots, self.device.type)
+        self._mem = allocate(self.group, self.layout.nbytes, 2 * self.world + 1, self.device, request)
+        self._fused = self.device.type == "cuda"
+        self._rings = (_Ring(num_slots), _Ring(num_slots))
+        self._ordinal = 0
+        self._broken: Optional[str] = None
+        self._has_poll = kx.HAS_POLL  # False: the spin-loop wait of Triton releases without tl.atomic_poll
+
+    # Properties and lifecycle -----------------------------------------------------------
+
+    @property
+    def recv_capacity(self) -> int:
+        """Rows every dispatch delivers (and every combine takes): ``max_tokens * world``."""
+        return self.max_tokens * self.world
+
+    def close(self) -> None:
+        """Release the buffers (and any shared-memory file left); the buffer is unusable afterwards."""
+        if self._mem is not None:
+            self._mem.close()
+            self._mem = None
+        self._broken = self._broken or "it was closed"
+
+    def __enter__(self) -> "EPBuffer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"EPBuffer(rank {self.rank} of {self.world}, max_tokens={self.max_tokens}, hidden={self.hidden}, "
+                f"dtype={self.dtype}, num_sms={self.num_sms}, device={self.device})")
+
+    # Exchanges --------------------------------------------------------------------------
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+                 async_op: bool = False):
+        """Send tokens to the ranks holding their experts (autograd through x and topk_weights).
+
+        Args:
+            x: [num_tokens <= max_tokens, hidden], the buffer's dtype and device.
+            topk_idx: [num_tokens, num_topk <= max_topk] int64 global expert ids, -1 for an unused slot;
+                experts split evenly and contiguously over the group.
+            topk_weights: [num_tokens, num_topk] float32.
+            num_experts: experts over the group, a multiple of its size.
+        Returns:
+            ``(recv_x [recv_capacity, hidden], recv_idx [recv_capacity, num_topk] int64 local expert or -1,
+            recv_weights [recv_capacity, num_topk] float32, handle)``, or with ``async_op`` an ``InFlight``
+            whose ``wait()`` returns them.
+        """
+        from .ep_ops import dispatch_op
+
+        return dispatch_op(self, x, topk_idx, topk_weights, num_experts, async_op)
+
+    def combine(self, y: torch.Tensor, handle: EPHandle, async_op: bool = False):
+        """Send expert outputs back and sum each token's rows (autograd through y).
+
+        ``y``: [recv_capacity, hidden], row i for received row i (padding rows are ignored).
+        Returns [num_tokens, hidden] in the buffer's dtype, or an ``InFlight`` with ``async_op``.
+        """
+        from .ep_ops import combine_op
+
+        return combine_op(self, y, handle, async_op)
+
+    def combine_backward(self, grad_out: torch.Tensor, handle: EPHandle, async_op: bool = False):
+        """Gradient of ``combine``: each token's ``grad_out`` row [num_tokens, hidden] copied to the ranks
+        it was dispatched to. Returns [recv_capacity, hidden] (zero padding rows), or an ``InFlight``."""
+        code, detail = self._check_rows(grad_out, getattr(handle, "num_tokens", -1), "grad_out", handle)
+        kx = self._kx
+        out = new_output((self.recv_capacity, self.hidden), self.dtype, self.device)
+        count = new_output((self.world,), torch.int64, self.device)
+        if code == 0:
+            x, pos, counts = grad_out.contiguous(), handle.pos, handle.send_counts
+        else:
+            x, pos, counts = self._placeholder_rows(), self._placeholder_pos(), count.zero_()
+
+        def put(ch):
+            kx.launch_put_dispatch(ch, x, pos, counts, None, 0, 0, code)
+
+        def recv(ch):
+            kx.launch_recv_dispatch(ch, out, None, count, 0 if code == 0 else -1, 0)
+
+        return self._exchange(kx.DISPATCH, "combine backward", code, detail, put, recv, lambda: out,
+                              (x, pos, counts, out, count), async_op)
+
+    def dispatch_backward(self, grad_recv_x: torch.Tensor, grad_recv_weights: torch.Tensor, handle: EPHandle,
+                          async_op: bool = False):
+        """Gradient of ``dispatch``: [recv_capacity, hidden] row gradients and [recv_capacity, num_topk] weight
+        gradients back to the tokens' owners. Returns ``(grad_x [num_tokens, hidden], grad_topk_weights
+        [num_tokens, num_topk] float32)``, or an ``InFlight``."""
+        code, detail = self._check_rows(grad_recv_x, self.recv_capacity, "grad_recv_x", handle)
+        if code == 0 and (not isinstance(grad_recv_weights, torch.Tensor) or grad_recv_weights.dtype != torch.float32
+                          or tuple(grad_recv_weights.shape) != (self.recv_capacity, handle.num_topk)):
+            code, detail = 7, (f"grad_recv_weights must be [{self.recv_capacity}, {handle.num_topk}] float32, got "
+                               f"{getattr(grad_recv_weights, 'dtype', None)} "
+                               f"{tuple(getattr(grad_recv_weights, 'shape', ()))}")
+        return self._combine_shaped("dispatch backward", grad_recv_x, grad_recv_weights, handle, code, detail,
+                                    async_op)
+
+    # Shared pieces ----------------------------------------------------------------------
+
+    def _combine_shaped(self, what: str, y: torch.Tensor, grad_w: Optional[torch.Tensor], handle: EPHandle,
+                        code: int, detail: Optional[str], async_op: bool, wrap: Optional[Callable] = None):
+        kx = self._kx
+        dev = self.device
+        if code == 0:
+            rows, src, pos, idx = y.contiguous(), handle.recv_src, handle.pos, handle.topk_idx
+            num_experts, num_topk = handle.num_experts, handle.num_topk
+            gw = grad_w.contiguous() if grad_w is not None else None
+        else:  # take part with no rows, so that every rank's slots stay in step
+            rows, pos = self._placeholder_rows(self.recv_capacity), self._placeholder_pos()
+            src = torch.full((self.recv_capacity,), -1, dtype=torch.int64, device=dev)
+            idx, num_experts, num_topk, gw = torch.zeros(0, 1, dtype=torch.int64, device=dev), 0, 0, None
+        out = new_output((pos.shape[0], self.hidden), self.dtype, dev)
+        gw_out = new_output(idx.shape, torch.float32, dev) if gw is not None else None
+        count = new_output((self.world,), torch.int64, dev)
+
+        def put(ch):
+            kx.launch_put_combine(ch, rows, src, gw, num_experts, num_topk, code)
+
+        def recv(ch):
+            kx.launch_recv_combine(ch, out, pos, (idx, gw_out) if gw_out is not None else None, count,
+                                   num_experts if code == 0 else -1, num_topk)
+
+        if wrap is not None:
+            result = lambda: wrap(out)  # noqa: E731
+        else:
+            result = (lambda: (out, gw_out)) if grad_w is not None else (lambda: out)
+        return self._exchange(kx.COMBINE, what, code, detail, put, recv, result,
+                              (rows, gw, src, pos, idx, out, gw_out, count), async_op)
+
+    def _placeholder_rows(self, n: int = 0) -> torch.Tensor:
+        return torch.zeros(n, self.hidden, dtype=self.dtype, device=self.device)
+
+    def _placeholder_pos(self) -> torch.Tensor:
+        return torch.full((0, self.world), -1, dtype=torch.int64, device=self.device)
+
+    def _check_rows(self, t: Any, rows: int, name: str, handle: Any) -> Tuple[int, Optional[str]]:
+        """Host check of a row tensor and a handle (shapes only): (error code, detail)."""
+        if not isinstance(handle, EPHandle) or handle.buffer is not self:
+            return 13, f"the handle must come from this buffer's dispatch, got {type(handle).__name__}"
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != rows:
+            return 12, f"{name} must be [{rows}, {self.hidden}], got {tuple(getattr(t, 'shape', ()))}"
+        if t.shape[1] != self.hidden:
+            return 3, f"{name} has hidden size {t.shape[1]}, the buffer {self.hidden}"
+        if t.dtype != self.dtype:
+            return 4, f"{name} has dtype {t.dtype}, the buffer {self.dtype}"
+        if t.device != self.device:
+            return 5, f"{name} is on {t.device}, the buffer on {self.device}"
+        return 0, None
+
+    def _exchange(self, shape: int, what: str, code: int, detail: Optional[str], put: Callable, recv: Callable,
+                  result: Callable, keep_alive: tuple, async_op: bool):
+        """Run one exchange: the put now, the receive now (CUDA: on the communication stream) or at wait()."""
+        if self._broken is not None:
+            raise EPBufferError(f"EPBuffer (rank {self.rank}) is unusable: {self._broken}; create a new one")
+        if self._fused:  # failures the device reported since the last look, before anything new is queued
+            self._raise_on_status(f"an exchange before {what} (exchange {self._ordinal})", None)
+        ring, ordinal = self._rings[shape], self._ordinal
+        slot, epoch = ring.begin(ordinal, _SHAPES[shape])
+        self._ordinal += 1
+        ch = self._channel(slot, epoch)
+        label = f"{what} (exchange {ordinal}, {_SHAPES[shape]} slot {slot})"
+
+        def finish():
+            if not self._fused:
+                self._cpu_wait(ch, shape, self._kx.DATA, label)
+                recv(ch)
+            elif checks_enabled():
+                torch.cuda.synchronize(self.device)
+            ring.end(ordinal)
+            self._raise_on_status(label, detail)
+            return result()
+
+        if self._fused:
+            scope = CommScope(self.device)
+            with scope:
+                put(ch)
+                recv(ch)
+            pending = InFlight(finish, event=scope.done, device=self.device, keep_alive=keep_alive)
+        else:
+            if epoch > 1:
+                self._cpu_wait(ch, shape, self._kx.ACK, label)
+            put(ch)
+            pending = InFlight(finish)
+        if code != 0:  # the rank that passed bad input completes the exchange, then raises with the others
+            pending.wait()
+            self._raise_on_status(label, detail, force=code)
+        return pending if async_op else pending.wait()
+
+    def _channel(self, slot: int, epoch: int):
+        fused = self._fused
+        wait_s = self.timeout_s if fused else min(self.timeout_s, _CPU_WAIT_SLICE_S)
+        spins = int(self.timeout_s * (2e6 if fused else 2e3))
+        return self._kx.Channel(self._mem.table, self._mem.status_addr, self.layout, self.rank, slot, epoch,
+                                self.num_sms, int(wait_s * 1e9), spins, fused, self._has_poll)
+
+    def _cpu_wait(self, ch, shape: int, kind: int, label: str) -> None:
+        """Wait in slices so that a peer whose process has exited is named at once."""
+        status, world = self._mem.status_np, self.world
+        start = time.monotonic()
+        while True:
+            self._kx.launch_wait(ch, shape, kind)
+            if status[2 * world] == 0:
+                return
+            missing = [p for p in range(world) if status[p]]
+            waited = time.monotonic() - start
+            dead = [p for p in missing if not pid_alive(self._mem.pids[p])]
+            if dead or waited >= self.timeout_s:
+                status[:world] = 0
+                status[2 * world] = 0
+                what = "the data of" if kind == self._kx.DATA else "the peers to finish reading the previous use of"
+                self._fail(f"{label} waited {waited:.1f} s for {what} its slot; " + "; ".join(
+                    f"rank {p} (pid {self._mem.pids[p]}) has exited" if p in dead else
+                    f"rank {p} did not signal (it hangs, or issued a different sequence of exchanges)"
+                    for p in missing))
+            status[:world] = 0
+            status[2 * world] = 0
+
+    def _raise_on_status(self, label: str, detail: Optional[str], force: int = 0) -> None:
+        status, world = self._mem.status_np, self.world
+        if status[2 * world]:
+            missing = [p for p in range(world) if status[p]]
+            status[:world] = 0
+            status[2 * world] = 0
+            self._fail(f"{label} (or an exchange before it) waited {self.timeout_s:g} s; the signals of "
+                       f"rank(s) {missing} did not come (died, hangs, or issued a different sequence of exchanges)")
+        codes = [int(c) for c in status[world:2 * world]]
+        if not any(codes) and not force:
+            return
+        status[world:2 * world] = 0
+        if force and not codes[self.rank]:
+            codes[self.rank] = force
+        bad = [r for r, c in enumerate(codes) if c]
+        names = "; ".join(f"rank {r}: " + ("num_experts or num_topk differ from this rank's" if codes[r] == _DISAGREE
+                                           else _ERRORS[codes[r] - 1]) for r in bad)
+        msg = f"EPBuffer {label}: rank(s) {bad} of the group passed bad input ({names}); the exchange was dropped"
+        if detail is not None:
+            msg += f". On rank {self.rank}: {detail}"
+        raise ValueError(msg)
+
+    def _fail(self, message: str) -> None:
+        self._broken = message
+        raise EPBufferError(f"EPBuffer (rank {self.rank} of {self.world}): {message}")
+
+
+def _check_kernels_available(device: torch.device) -> None:
+    from dualpipe_ext.kernels._common import _interpreting, triton_available
+
+    if not triton_available():
+        raise ImportError("EPBuffer needs Triton: pip install triton (or pip install -e \".[test]\")")
+    if device.type == "cpu" and not _interpreting():
+        raise ValueError("EPBuffer on CPU runs its Triton kernels in the interpreter: set TRITON_INTERPRET=1 before "
+                         "triton is first imported")

@@ -1,0 +1,136 @@
+"""Autograd of ``EPBuffer.dispatch`` and ``EPBuffer.combine``.
+
+The backward of dispatch is a combine-shaped exchange through the same buffers (row and
+weight gradients back to the tokens' owners), the backward of combine a dispatch-shaped
+one (each token's output gradient to the ranks it went to). With ``async_op`` the
+autograd node is created when ``wait()`` returns the results, in the grad mode of the issue.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from dualpipe_ext.debug import checks_enabled
+from dualpipe_ext.kernels._common import new_output
+
+from .ep_buffer import EPBuffer, EPHandle
+
+__all__ = ["dispatch_op", "combine_op"]
+
+
+def _check_dispatch(ep: EPBuffer, x, topk_idx, topk_weights, num_experts) -> Tuple[int, Optional[str]]:
+    """(error code, detail) of this rank's dispatch inputs, decided from shapes (values in debug mode)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        return 1, f"x must be a [num_tokens, {ep.hidden}] tensor, got {tuple(getattr(x, 'shape', ()))}"
+    if x.shape[0] > ep.max_tokens:
+        return 2, f"x has {x.shape[0]} tokens, the buffer holds at most max_tokens={ep.max_tokens}"
+    if x.shape[1] != ep.hidden:
+        return 3, f"x has hidden size {x.shape[1]}, the buffer {ep.hidden}"
+    if x.dtype != ep.dtype:
+        return 4, f"x has dtype {x.dtype}, the buffer {ep.dtype}"
+    if x.device != ep.device:
+        return 5, f"x is on {x.device}, the buffer on {ep.device}"
+    if (not isinstance(topk_idx, torch.Tensor) or topk_idx.dtype != torch.int64 or topk_idx.dim() != 2
+            or topk_idx.shape[0] != x.shape[0] or topk_idx.device != ep.device):
+        return 6, (f"topk_idx must be a [{x.shape[0]}, num_topk] int64 tensor on {ep.device}, got "
+                   f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)} {tuple(getattr(topk_idx, 'shape', ()))}")
+    if (not isinstance(topk_weights, torch.Tensor) or topk_weights.dtype != torch.float32
+            or topk_weights.shape != topk_idx.shape or topk_weights.device != ep.device):
+        return 7, (f"topk_weights must be a float32 tensor of shape {tuple(topk_idx.shape)} on {ep.device}, got "
+                   f"{getattr(topk_weights, 'dtype', type(topk_weights).__name__)} "
+                   f"{tuple(getattr(topk_weights, 'shape', ()))}")
+    if topk_idx.shape[1] > ep.max_topk or topk_idx.shape[1] == 0:
+        return 8, f"num_topk is {topk_idx.shape[1]}, the buffer takes 1 to max_topk={ep.max_topk}"
+    if (not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1
+            or num_experts % ep.world):
+        return 9, f"num_experts must be a positive multiple of the group size {ep.world}, got {num_experts!r}"
+    if checks_enabled() and topk_idx.numel():
+        bad = (topk_idx < -1) | (topk_idx >= num_experts)
+        if bool(bad.any()):
+            return 10, f"topk_idx entries must be -1 or in [0, {num_experts}), found {int(topk_idx[bad][0])}"
+        if not bool(torch.isfinite(topk_weights).all()):
+            return 11, "topk_weights contain NaN or infinity"
+    return 0, None
+
+
+class _Dispatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, topk_weights, results: List[torch.Tensor], handle: EPHandle):
+        ctx.handle = handle
+        return results[0], results[1]
+
+    @staticmethod
+    def backward(ctx, grad_recv_x, grad_recv_w):
+        handle = ctx.handle
+        ep = handle.buffer
+        if grad_recv_x is None:
+            grad_recv_x = torch.zeros(ep.recv_capacity, ep.hidden, dtype=ep.dtype, device=ep.device)
+        if grad_recv_w is None:
+            grad_recv_w = torch.zeros(ep.recv_capacity, handle.num_topk, dtype=torch.float32, device=ep.device)
+        grad_x, grad_w = ep.dispatch_backward(grad_recv_x.contiguous(), grad_recv_w.contiguous(), handle)
+        return grad_x, grad_w, None, None
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, results: List[torch.Tensor], handle: EPHandle):
+        ctx.handle = handle
+        return results[0]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return ctx.handle.buffer.combine_backward(grad_out.contiguous(), ctx.handle), None, None
+
+
+def dispatch_op(ep: EPBuffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+                async_op: bool):
+    """``EPBuffer.dispatch`` (see there)."""
+    kx = ep._kx
+    code, detail = _check_dispatch(ep, x, topk_idx, topk_weights, num_experts)
+    cap = ep.recv_capacity
+    if code == 0:
+        num_topk = topk_idx.shape[1]
+        pos, counts = kx.compact_positions(topk_idx, num_experts, ep.world)
+        rows, idx, weights = x.detach().contiguous(), topk_idx.contiguous(), topk_weights.detach().contiguous()
+    else:
+        num_topk, num_experts = 0, 0
+        pos = ep._placeholder_pos()
+        counts = torch.zeros(ep.world, dtype=torch.int64, device=ep.device)
+        rows = ep._placeholder_rows()
+        idx, weights = pos, torch.zeros(0, 0, device=ep.device)
+    recv_x = new_output((cap, ep.hidden), ep.dtype, ep.device)
+    recv_idx = new_output((cap, max(num_topk, 1)), torch.int64, ep.device)
+    recv_w = new_output((cap, max(num_topk, 1)), torch.float32, ep.device)
+    recv_src = new_output((cap,), torch.int64, ep.device)
+    recv_count = new_output((ep.world,), torch.int64, ep.device)
+    grad_mode = torch.is_grad_enabled()
+
+    def put(ch):
+        kx.launch_put_dispatch(ch, rows, pos, counts, (idx, weights), num_experts, num_topk, code)
+
+    def recv(ch):
+        kx.launch_recv_dispatch(ch, recv_x, (recv_idx, recv_w, recv_src), recv_count,
+                                num_experts if code == 0 else -1, num_topk)
+
+    def result():
+        handle = EPHandle(pos, counts, idx, recv_src, recv_count, num_experts, ep)
+        with torch.set_grad_enabled(grad_mode):
+            out_x, out_w = _Dispatch.apply(x, topk_weights, [recv_x, recv_w], handle)
+        return out_x, recv_idx, out_w, handle
+
+    keep = (rows, pos, counts, idx, weights, recv_x, recv_idx, recv_w, recv_src, recv_count)
+    return ep._exchange(kx.DISPATCH, "dispatch", code, detail, put, recv, result, keep, async_op)
+
+
+def combine_op(ep: EPBuffer, y: torch.Tensor, handle: EPHandle, async_op: bool):
+    """``EPBuffer.combine`` (see there)."""
+    code, detail = ep._check_rows(y, ep.recv_capacity, "y", handle)
+    grad_mode = torch.is_grad_enabled()
+
+    def wrap(out: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(grad_mode):
+            return _Combine.apply(y, [out], handle)
+
+    rows = y.detach() if code == 0 else y
+    return ep._combine_shaped("combine", rows, None, handle, code, detail, async_op, wrap)
