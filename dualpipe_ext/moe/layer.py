@@ -7,8 +7,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from dualpipe_ext.debug import checks_enabled
+
 from .comm import group_rank, group_size
 from .dispatch import combine, dispatch
+from .ep_buffer import EPBuffer
 from .experts import GroupedExperts, SharedExperts, experts_forward, linear
 from .grouped_mm import BACKENDS
 
@@ -58,14 +61,22 @@ class MoE(nn.Module):
     Each rank holds ``num_experts / group size`` consecutive experts (rank r: experts
     ``[r * L, (r + 1) * L)``), a full copy of the router and of the shared experts. Every
     weight gradient can be deferred through ``WeightGradStore``.
+
+    Tokens move through the collective path (``moe.dispatch``/``moe.combine``, any backend,
+    any number of hosts) or, with ``ep=EPBuffer(group, ...)``, through the device-side one:
+    no collective and no host read in forward or backward, the expert side working on the
+    buffer's capacity-sized rows.
     """
 
-    def __init__(self, config: MoEConfig, group=None, *, num_sms: Optional[int] = None, device=None, dtype=None):
+    def __init__(self, config: MoEConfig, group=None, *, num_sms: Optional[int] = None, ep: Optional[EPBuffer] = None,
+                 device=None, dtype=None):
         super().__init__()
         world = group_size(group)
         if config.num_experts % world:
             raise ValueError(f"num_experts ({config.num_experts}) must be divisible by the expert-parallel size ({world})")
-        self.config, self.group, self.num_sms = config, group, num_sms
+        if ep is not None:
+            _check_ep(ep, config, group)
+        self.config, self.group, self.num_sms, self.ep = config, group, num_sms, ep
         self.num_local_experts = config.num_experts // world
         self.first_local_expert = group_rank(group) * self.num_local_experts
         self.gate = nn.Parameter(torch.empty(config.num_experts, config.hidden, device=device, dtype=dtype))
@@ -88,20 +99,47 @@ class MoE(nn.Module):
         c = self.config
         logits = linear(x, self.gate).float()
         bias = self.expert_bias if c.score_func == "sigmoid" or c.bias_update_speed > 0 else None
-        return route(logits, c.topk, c.score_func, c.n_group, c.topk_group, bias, c.routed_scaling_factor)
+        return route(logits, c.topk, c.score_func, c.n_group, c.topk_group, bias, c.routed_scaling_factor,
+                     check_inputs=checks_enabled())
+
+    def count_load(self, topk_idx: torch.Tensor) -> None:
+        """Add this batch's tokens per expert to ``expert_load`` (training with a moving bias only).
+
+        topk_idx: [num_tokens, topk] int64 global expert ids (-1: none). No host read.
+        """
+        if self.training and self.config.bias_update_speed > 0:
+            with torch.no_grad():
+                flat = topk_idx.flatten()
+                self.expert_load.index_add_(0, flat.clamp(min=0), (flat >= 0).to(self.expert_load.dtype))
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, async_op: bool = False):
+        """Tokens to their experts' ranks on this layer's path: ``(recv_x, recv_idx, recv_weights, handle)``
+        (or an in-flight object with ``async_op``)."""
+        if self.ep is not None:
+            return self.ep.dispatch(x, topk_idx, topk_weights, self.config.num_experts, async_op=async_op)
+        return dispatch(x, topk_idx, topk_weights, self.config.num_experts, self.group, async_op=async_op,
+                        num_sms=self.num_sms)
+
+    def experts_forward(self, recv_x: torch.Tensor, recv_idx: torch.Tensor, recv_weights: torch.Tensor) -> torch.Tensor:
+        """This rank's routed experts on the received rows: [num_recv, hidden] in the dtype of recv_x."""
+        return experts_forward(self.experts, recv_x, recv_idx, recv_weights, num_sms=self.num_sms,
+                               capacity=self.ep is not None)
+
+    def combine(self, y: torch.Tensor, handle, async_op: bool = False):
+        """Expert outputs back to their tokens: [num_tokens, hidden] (or an in-flight object)."""
+        if self.ep is not None:
+            return self.ep.combine(y, handle, async_op=async_op)
+        return combine(y, handle, async_op=async_op, num_sms=self.num_sms)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., hidden] -> [..., hidden], same dtype."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         topk_idx, topk_weights = self.route(x)
-        if self.training and self.config.bias_update_speed > 0:
-            with torch.no_grad():
-                self.expert_load += torch.bincount(topk_idx.flatten(), minlength=self.config.num_experts).float()
-        recv_x, recv_idx, recv_weights, handle = dispatch(x, topk_idx, topk_weights, self.config.num_experts,
-                                                          self.group, num_sms=self.num_sms)
-        y = experts_forward(self.experts, recv_x, recv_idx, recv_weights, num_sms=self.num_sms)
-        out = combine(y.to(x.dtype), handle, num_sms=self.num_sms)
+        self.count_load(topk_idx)
+        recv_x, recv_idx, recv_weights, handle = self.dispatch(x, topk_idx, topk_weights)
+        y = self.experts_forward(recv_x, recv_idx, recv_weights)
+        out = self.combine(y.to(x.dtype), handle)
         if self.shared is not None:
             out = out + self.shared(x)
         return out.reshape(shape)
@@ -117,3 +155,20 @@ class MoE(nn.Module):
             torch.distributed.all_reduce(load, group=self.group)
         self.expert_bias += self.config.bias_update_speed * torch.sign(load.mean() - load)
         self.expert_load.zero_()
+
+
+def _check_ep(ep: EPBuffer, config: MoEConfig, group) -> None:
+    """The buffer must serve this layer's group and sizes."""
+    import torch.distributed as dist
+
+    if not isinstance(ep, EPBuffer):
+        raise ValueError(f"MoE(ep=...) takes an EPBuffer, got {type(ep).__name__}")
+    mine = dist.get_process_group_ranks(group if group is not None else dist.distributed_c10d._get_default_group())
+    if dist.get_process_group_ranks(ep.group) != mine:
+        raise ValueError(f"MoE: the EPBuffer serves the ranks {dist.get_process_group_ranks(ep.group)}, the layer's "
+                         f"group is {mine}")
+    if ep.hidden != config.hidden:
+        raise ValueError(f"MoE: the EPBuffer's hidden size is {ep.hidden}, the layer's {config.hidden}")
+    if ep.max_topk < config.topk:
+        raise ValueError(f"MoE: the EPBuffer takes at most {ep.max_topk} experts per token, the layer routes to "
+                         f"{config.topk}")
