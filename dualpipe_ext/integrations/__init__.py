@@ -1,6 +1,6 @@
 """Bridges to other libraries; each loads its library on first use.
 
-    from dualpipe_ext.integrations import replace_moe  # transformers
+    from dualpipe_ext.integrations import replace_moe, pipeline_stages, causal_lm_loss  # transformers
 
 Importing this package imports nothing heavy: ``hf`` (and with it transformers) loads when
 one of its names is first used.
@@ -13,6 +13,9 @@ from typing import Any
 # public name -> module that defines it
 _EXPORTS = {
     "replace_moe": "dualpipe_ext.integrations.hf",
+    "pipeline_stages": "dualpipe_ext.integrations.hf",
+    "causal_lm_loss": "dualpipe_ext.integrations.hf",
+    "CausalLMStage": "dualpipe_ext.integrations.hf",
 }
 
 __all__ = sorted(_EXPORTS) + ["hf"]
