@@ -7,7 +7,13 @@ from typing import Dict, List, Sequence
 import torch
 import torch.distributed as dist
 
-from hf_models import HIDDEN, SEQ, build, output_grad, tokens
+from hf_models import BUILDERS, HIDDEN, SEQ, build, output_grad, tokens
+
+EP_NAMES = list(BUILDERS)
+EP_BATCH_PER_RANK = 2
+# every model under each schedule: DualPipe, DualPipeV and a baseline, 4 chunks on 2 ranks
+PIPELINE_CASES = [dict(name=name, schedule=schedule, chunks=4)
+                  for name in BUILDERS for schedule in ("dualpipe", "dualpipev", "1f1b")]
 
 
 def expert_parallel(rank: int, world: int, names: Sequence[str], batch_per_rank: int) -> Dict[str, Dict]:
@@ -125,3 +131,10 @@ def pipeline(rank: int, world: int, name: str, schedule: str, chunks: int, mb_si
         ids_held = {id(p) for stage in held for p in stage.parameters()}
         held_names.append(_grad_failures(m, ref, ids_held, f"direction fed by rank {feed}", failures))
     return {"failures": failures, "held": held_names}
+
+
+def two_rank_checks(rank: int, world: int, ep_names: Sequence[str], batch_per_rank: int,
+                    pipeline_cases: Sequence[Dict]) -> Dict:
+    """Every multi-process check of the integration tests in one process group (spawning dominates)."""
+    return {"expert_parallel": expert_parallel(rank, world, ep_names, batch_per_rank),
+            "pipelines": pipelines(rank, world, pipeline_cases)}

@@ -8,9 +8,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from dist_harness import run_ranks  # noqa: E402
 from hf_models import BUILDERS, build, tokens  # noqa: E402
-from hf_workers import pipelines  # noqa: E402
 
 NAMES = list(BUILDERS)
 
@@ -91,12 +89,11 @@ def test_not_a_causal_lm():
         pipeline_stages(build("qwen3_moe").model, 2)
 
 
-# one process group runs every case: spawning dominates the cost
-CASES = [dict(name=name, schedule=schedule, chunks=4) for name in NAMES for schedule in ("dualpipe", "dualpipev", "1f1b")]
+def test_schedules_on_two_ranks_match_the_unsplit_model(two_ranks):
+    # DualPipe, DualPipeV and 1F1B over each model (conftest.PIPELINE_CASES, hf_workers.pipeline)
+    from hf_workers import PIPELINE_CASES as CASES
 
-
-def test_schedules_on_two_ranks_match_the_unsplit_model():
-    results = run_ranks(pipelines, 2, CASES, timeout_s=150)
+    results = [r["pipelines"] for r in two_ranks]
     for i, case in enumerate(CASES):
         per_rank = [r[i] for r in results]
         failures = [f"rank {rank}: {f}" for rank, r in enumerate(per_rank) for f in r["failures"]]

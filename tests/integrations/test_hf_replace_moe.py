@@ -10,9 +10,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from dist_harness import run_ranks  # noqa: E402
 from hf_models import BUILDERS, NUM_MOE_BLOCKS, build, moe_layout, output_grad, tokens  # noqa: E402
-from hf_workers import expert_parallel  # noqa: E402
 
 NAMES = list(BUILDERS)
 TOL = dict(rtol=1e-5, atol=1e-6)  # float32: the experts sum in another order
@@ -60,10 +58,13 @@ def test_same_logits_and_gradients(name):
         assert "expert_bias" in dict(swapped[0].named_buffers())
 
 
-def test_expert_parallel_two_ranks():
-    results = run_ranks(expert_parallel, 2, NAMES, 2, timeout_s=120)
+def test_expert_parallel_two_ranks(two_ranks):
+    # each rank fed its slice of one batch, EP over both ranks (hf_workers.expert_parallel)
+    from hf_workers import EP_BATCH_PER_RANK
+
+    results = [r["expert_parallel"] for r in two_ranks]
     for name in NAMES:
-        ref_logits, ref = _reference(name, 4)
+        ref_logits, ref = _reference(name, 2 * EP_BATCH_PER_RANK)
         full, sharded = moe_layout(ref, 2)
         per_rank = [r[name] for r in results]
         assert [r["count"] for r in per_rank] == [NUM_MOE_BLOCKS[name]] * 2
