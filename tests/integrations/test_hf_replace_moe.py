@@ -16,15 +16,25 @@ NAMES = list(BUILDERS)
 TOL = dict(rtol=1e-5, atol=1e-6)  # float32: the experts sum in another order
 
 
-def _check(model_grads, full, sharded, rank=0, world=1, merged=None):
+def _close(got, want, name, scaled=False):
+    """Elementwise within TOL; ``scaled``: within 1e-5 of the largest magnitude (the Triton GEMMs
+    accumulate in tiles, so a gradient's small entries may carry the rounding of its large ones)."""
+    if scaled:
+        err = float((got - want).abs().max()) if want.numel() else 0.0
+        assert err <= 1e-5 * float(want.abs().max()) + 1e-7, f"{name}: max error {err:.3g}"
+    else:
+        torch.testing.assert_close(got, want, **TOL, msg=name)
+
+
+def _check(model_grads, full, sharded, rank=0, world=1, merged=None, scaled=False):
     """Replicated gradients (summed over ranks in ``merged``) and this rank's expert slices."""
     assert set(model_grads) == set(full)
     for name, want in full.items():
         if name in sharded:
             rows = want.shape[0] // world
-            torch.testing.assert_close(model_grads[name], want[rank * rows:(rank + 1) * rows], **TOL, msg=name)
+            _close(model_grads[name], want[rank * rows:(rank + 1) * rows], name, scaled)
         else:
-            torch.testing.assert_close((merged or model_grads)[name], want, **TOL, msg=name)
+            _close((merged or model_grads)[name], want, name, scaled)
 
 
 def _reference(name: str, batch: int):
@@ -34,11 +44,14 @@ def _reference(name: str, batch: int):
     return logits.detach(), ref
 
 
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
 @pytest.mark.parametrize("name", NAMES)
-def test_same_logits_and_gradients(name):
+def test_same_logits_and_gradients(name, kernels, monkeypatch):
     from dualpipe_ext.integrations import replace_moe
     from dualpipe_ext.moe import MoE
 
+    # "triton": every MoE kernel (routing, layout, permute, expand/reduce, grouped GEMM) under the interpreter
+    monkeypatch.setenv("DUALPIPE_EXT_TRITON", "1" if kernels == "triton" else "0")
     model = build(name)
     ref = copy.deepcopy(model)
     assert replace_moe(model) == NUM_MOE_BLOCKS[name]
@@ -51,7 +64,7 @@ def test_same_logits_and_gradients(name):
     (ref_logits * output_grad(3)).sum().backward()
     torch.testing.assert_close(logits, ref_logits, **TOL)
     full, sharded = moe_layout(ref)
-    _check({n: p.grad for n, p in model.named_parameters()}, full, sharded)
+    _check({n: p.grad for n, p in model.named_parameters()}, full, sharded, scaled=kernels == "triton")
     if name == "deepseek_v3":  # the aux-loss-free bias became MoE.expert_bias, a buffer
         bias = ref.model.layers[1].mlp.gate.e_score_correction_bias
         assert torch.equal(swapped[0].expert_bias, bias) and bias.abs().sum() > 0
