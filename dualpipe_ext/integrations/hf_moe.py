@@ -195,7 +195,7 @@ def _check_options(options: Dict[str, Any]) -> None:
         check_num_sms(options["num_sms"])
 
 
-def _check_group(group) -> int:
+def _check_group(group: Optional[dist.ProcessGroup]) -> int:
     """Size of the expert-parallel group (None: the default group, or one process without torch.distributed)."""
     if group is None:
         return group_size(None)
@@ -229,7 +229,7 @@ def _swap_in(model: nn.Module, path: str, block: nn.Module, weights: BlockWeight
     return moe
 
 
-def replace_moe(model: nn.Module, group=None, **options: Any) -> int:
+def replace_moe(model: nn.Module, group: Optional[dist.ProcessGroup] = None, **options: Any) -> int:
     """Swap every MoE block of ``model`` in place for a ``dualpipe_ext.moe.MoE``; return how many.
 
     Each ``MoE`` computes the block's function (forward and backward, to the precision of

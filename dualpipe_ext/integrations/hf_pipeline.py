@@ -9,7 +9,7 @@ mask, no cache: a training step over full sequences).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ class CausalLMStage(nn.Module):
     modules are the model's own (shared, not copied); the stage keeps no global state.
     """
 
-    def __init__(self, config, layers: Sequence[nn.Module], attention_kinds: Sequence[str],
+    def __init__(self, config: Any, layers: Sequence[nn.Module], attention_kinds: Sequence[str],
                  rotary_emb: nn.Module, embed_tokens: Optional[nn.Module] = None, norm: Optional[nn.Module] = None,
                  lm_head: Optional[nn.Module] = None) -> None:
         super().__init__()
