@@ -5,8 +5,9 @@ scores = softmax or sigmoid of the logits (fp32). Experts are chosen by ``scores
 experts form equal contiguous groups; a group scores the sum of its two best biased scores
 when a bias is given, its best score otherwise, and only the ``topk_group`` best groups stay
 eligible. The weights are the unbiased scores of the chosen experts, normalised to sum 1
-for sigmoid, times ``routed_scaling_factor``. Ties go to the lower expert (or group) index,
-in both implementations, so indices compare bitwise.
+when ``norm_topk_prob`` says so (default: for sigmoid, not for softmax), times
+``routed_scaling_factor``. Ties go to the lower expert (or group) index, in both
+implementations, so indices compare bitwise.
 
 Gradients reach the logits through the weights; the Triton backward recomputes the scores.
 """
@@ -29,8 +30,15 @@ __all__ = ["route", "route_reference"]
 SCORE_FUNCS = ("softmax", "sigmoid")
 
 
-def _check(logits, topk, score_func, n_group, topk_group, bias, check_finite):
+def _norm(score_func: str, norm_topk_prob: Optional[bool]) -> bool:
+    """Whether the chosen weights are normalised to sum 1: ``norm_topk_prob``, or (None) for sigmoid only."""
+    return score_func == "sigmoid" if norm_topk_prob is None else norm_topk_prob
+
+
+def _check(logits, topk, score_func, n_group, topk_group, bias, check_finite, norm_topk_prob=None):
     check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
+    if norm_topk_prob is not None and not isinstance(norm_topk_prob, bool):
+        raise ValueError(f"norm_topk_prob must be None, True or False, got {norm_topk_prob!r}")
     num_experts = logits.shape[1]
     if score_func not in SCORE_FUNCS:
         raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
@@ -70,6 +78,7 @@ def route(
     bias: Optional[torch.Tensor] = None,
     routed_scaling_factor: float = 1.0,
     *,
+    norm_topk_prob: Optional[bool] = None,
     check_inputs: bool = True,
     impl: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -82,16 +91,20 @@ def route(
         n_group, topk_group: group-limited routing (n_group=1: off).
         bias: optional [num_experts] float32 added to the scores for choosing only.
         routed_scaling_factor: multiplies the weights.
+        norm_topk_prob: normalise the chosen weights to sum 1 before scaling (None: for
+            sigmoid only, as DeepSeek-V3; True with softmax: Mixtral, Qwen3-MoE).
         check_inputs: check logits for NaN (a device-to-host sync on CUDA).
         impl: "auto" | "triton" | "torch".
     Returns:
         topk_idx [num_tokens, topk] int64 and topk_weights [num_tokens, topk] float32.
     """
-    _check(logits, topk, score_func, n_group, topk_group, bias, check_inputs)
+    _check(logits, topk, score_func, n_group, topk_group, bias, check_inputs, norm_topk_prob)
     if use_triton(impl, logits):
-        args = (topk, score_func, n_group, topk_group, bias, float(routed_scaling_factor))
+        args = (topk, score_func, n_group, topk_group, bias, float(routed_scaling_factor),
+                _norm(score_func, norm_topk_prob))
         return _Route.apply(logits, *args)
-    return route_reference(logits, topk, score_func, n_group, topk_group, bias, routed_scaling_factor)
+    return route_reference(logits, topk, score_func, n_group, topk_group, bias, routed_scaling_factor,
+                           norm_topk_prob=norm_topk_prob)
 
 
 # Triton
@@ -112,7 +125,7 @@ if triton is not None:
 
     @triton.jit
     def _route_fwd_kernel(logits_ptr, bias_ptr, idx_ptr, w_ptr, num_tokens, num_experts, topk, n_group, topk_group,
-                          experts_per_group, scale, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          experts_per_group, scale, SIGMOID: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                           GROUPED: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
                           G_PAD: tl.constexpr):
         t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -151,7 +164,7 @@ if triton is not None:
             out_idx = tl.where(k == j, pick.to(tl.int64)[:, None], out_idx)
             out_w = tl.where(k == j, tl.sum(tl.where(picked, s, 0.0), axis=1)[:, None], out_w)
             cand = tl.where(picked, float("-inf"), cand)
-        if SIGMOID:
+        if NORM:
             total = tl.sum(out_w, axis=1)
             out_w = out_w / tl.where(t < num_tokens, total, 1.0)[:, None]  # padded tokens have zero scores
         out_w = out_w * scale
@@ -161,7 +174,7 @@ if triton is not None:
 
     @triton.jit
     def _route_bwd_kernel(logits_ptr, idx_ptr, grad_w_ptr, grad_logits_ptr, num_tokens, num_experts, topk, scale,
-                          SIGMOID: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
+                          SIGMOID: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
         t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         e = tl.arange(0, E_PAD)
         t_ok = t < num_tokens
@@ -175,15 +188,18 @@ if triton is not None:
             hit = e[None, :] == idx[:, None]
             g = tl.where(hit, gj[:, None], g)
             chosen = chosen | hit
-        if SIGMOID:
+        # gs: gradient of the loss in the raw scores s (zero off the chosen experts)
+        if NORM:
             # w = scale * s_I / sum(s_I)  =>  dL/ds_i = scale * (g_i - sum_j g_j s_j / S) / S
             total = tl.sum(tl.where(chosen, s, 0.0), axis=1)
             total = tl.where(t_ok, total, 1.0)  # padded tokens chose nothing
             mean_g = tl.sum(g * s, axis=1) / total
             gs = tl.where(chosen, scale * (g - mean_g[:, None]) / total[:, None], 0.0)
-            grad = gs * s * (1.0 - s)
         else:
             gs = scale * g
+        if SIGMOID:
+            grad = gs * s * (1.0 - s)
+        else:
             grad = s * (gs - tl.sum(gs * s, axis=1)[:, None])
         mask = t_ok[:, None] & (e < num_experts)[None, :]
         tl.store(grad_logits_ptr + t[:, None] * num_experts + e[None, :],
@@ -197,7 +213,7 @@ def _block_t(num_experts: int) -> int:
 
 class _Route(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, topk, score_func, n_group, topk_group, bias, scale):
+    def forward(ctx, logits, topk, score_func, n_group, topk_group, bias, scale, norm):
         logits = logits.contiguous()
         num_tokens, num_experts = logits.shape
         topk_idx = new_output((num_tokens, topk), torch.int64, logits.device)
@@ -206,12 +222,12 @@ class _Route(torch.autograd.Function):
         if num_tokens:
             _route_fwd_kernel[(triton.cdiv(num_tokens, block_t),)](
                 logits, bias if bias is not None else logits, topk_idx, topk_weights, num_tokens, num_experts, topk,
-                n_group, topk_group, num_experts // n_group, scale, SIGMOID=score_func == "sigmoid",
+                n_group, topk_group, num_experts // n_group, scale, SIGMOID=score_func == "sigmoid", NORM=norm,
                 HAS_BIAS=bias is not None, GROUPED=n_group > 1, BLOCK_T=block_t, E_PAD=next_pow2(num_experts),
                 K_PAD=next_pow2(topk), G_PAD=next_pow2(n_group),
             )
         ctx.save_for_backward(logits, topk_idx)
-        ctx.sigmoid, ctx.scale = score_func == "sigmoid", scale
+        ctx.sigmoid, ctx.norm, ctx.scale = score_func == "sigmoid", norm, scale
         ctx.mark_non_differentiable(topk_idx)
         return topk_idx, topk_weights
 
@@ -224,9 +240,10 @@ class _Route(torch.autograd.Function):
         if num_tokens:
             _route_bwd_kernel[(triton.cdiv(num_tokens, block_t),)](
                 logits, topk_idx, grad_weights.contiguous(), grad_logits, num_tokens, num_experts,
-                topk_idx.shape[1], ctx.scale, SIGMOID=ctx.sigmoid, BLOCK_T=block_t, E_PAD=next_pow2(num_experts),
+                topk_idx.shape[1], ctx.scale, SIGMOID=ctx.sigmoid, NORM=ctx.norm, BLOCK_T=block_t,
+                E_PAD=next_pow2(num_experts),
             )
-        return grad_logits, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None
 
 
 # torch reference
@@ -240,6 +257,8 @@ def route_reference(
     topk_group: int = 1,
     bias: Optional[torch.Tensor] = None,
     routed_scaling_factor: float = 1.0,
+    *,
+    norm_topk_prob: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch definition of ``route`` (no checks); differentiable by torch autograd."""
     num_tokens, num_experts = logits.shape
@@ -248,7 +267,7 @@ def route_reference(
     with torch.no_grad():
         choose = scores if bias is None else scores + bias
         if n_group > 1:
-            grouped = choose.view(num_tokens, n_group, -1)
+            grouped = choose.view(num_tokens, n_group, num_experts // n_group)  # explicit: num_tokens may be 0
             if bias is None:
                 group_score = grouped.amax(dim=-1)
             else:
@@ -259,6 +278,6 @@ def route_reference(
             choose = choose.masked_fill(~keep.repeat_interleave(num_experts // n_group, dim=1), float("-inf"))
         topk_idx = choose.sort(dim=-1, descending=True, stable=True).indices[:, :topk]
     weights = scores.gather(1, topk_idx)
-    if score_func == "sigmoid":
+    if _norm(score_func, norm_topk_prob):
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return topk_idx, weights * routed_scaling_factor

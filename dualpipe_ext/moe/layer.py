@@ -30,6 +30,9 @@ class MoEConfig:
     topk_group: int = 1  # groups a token may choose from (<= n_group)
     score_func: str = "softmax"  # "softmax" or "sigmoid"
     routed_scaling_factor: float = 1.0  # multiplies the routing weights
+    # normalise the chosen weights to sum 1 (before the scaling); None: for sigmoid only (DeepSeek-V3);
+    # True with softmax: Mixtral and Qwen3-MoE (softmax over all experts, top-k, renormalised)
+    norm_topk_prob: Optional[bool] = None
     num_shared_experts: int = 0  # shared experts (one dense MLP num_shared_experts * moe_intermediate wide)
     bias_update_speed: float = 0.0  # step of the aux-loss-free bias per update_bias() call (0: bias frozen)
     gemm_backend: str = "auto"  # grouped GEMM path: "auto", "torch", "cutlass", "triton", "loop"
@@ -49,6 +52,8 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.topk ({self.topk}) exceeds the experts of topk_group ({self.topk_group}) groups")
         if self.score_func not in ("softmax", "sigmoid"):
             raise ValueError(f"MoEConfig.score_func must be 'softmax' or 'sigmoid', got {self.score_func!r}")
+        if self.norm_topk_prob is not None and not isinstance(self.norm_topk_prob, bool):
+            raise ValueError(f"MoEConfig.norm_topk_prob must be None, True or False, got {self.norm_topk_prob!r}")
         if self.num_shared_experts < 0:
             raise ValueError(f"MoEConfig.num_shared_experts must be >= 0, got {self.num_shared_experts}")
         if self.gemm_backend not in BACKENDS:
@@ -93,14 +98,18 @@ class MoE(nn.Module):
                                         device=device, dtype=dtype)
 
     def route(self, x: torch.Tensor):
-        """Router of ``x`` [num_tokens, hidden]: (topk_idx [num_tokens, topk] int64, topk_weights float32)."""
+        """Router of ``x`` [num_tokens, hidden]: (topk_idx [num_tokens, topk] int64, topk_weights float32).
+
+        The logits are computed in the dtype of ``gate``, so a router kept in float32 beside
+        bfloat16 experts (as DeepSeek-V3 checkpoints keep it) sees up-cast tokens.
+        """
         from dualpipe_ext.kernels.routing import route
 
         c = self.config
-        logits = linear(x, self.gate).float()
+        logits = linear(x.to(self.gate.dtype), self.gate).float()
         bias = self.expert_bias if c.score_func == "sigmoid" or c.bias_update_speed > 0 else None
         return route(logits, c.topk, c.score_func, c.n_group, c.topk_group, bias, c.routed_scaling_factor,
-                     check_inputs=checks_enabled())
+                     norm_topk_prob=c.norm_topk_prob, check_inputs=checks_enabled())
 
     def count_load(self, topk_idx: torch.Tensor) -> None:
         """Add this batch's tokens per expert to ``expert_load`` (training with a moving bias only).

@@ -143,3 +143,58 @@ def test_route_rejects_nan():
     logits[2, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         route(logits, 2)
+
+
+NORM_CASES = [
+    # num_tokens, num_experts, topk, n_group, topk_group, score_func, with_bias
+    (97, 8, 2, 1, 1, "softmax", False),  # Mixtral, Qwen3-MoE: softmax over all experts, top-k, renormalise
+    (123, 12, 3, 3, 2, "softmax", False),
+    (97, 16, 4, 4, 2, "sigmoid", True),  # DeepSeek-V3 with norm_topk_prob off
+    (65, 6, 1, 1, 1, "sigmoid", False),
+]
+
+
+@pytest.mark.parametrize("norm_topk_prob", [None, True, False])
+@pytest.mark.parametrize("num_tokens,num_experts,topk,n_group,topk_group,score_func,with_bias", NORM_CASES)
+def test_route_norm_topk_prob(num_tokens, num_experts, topk, n_group, topk_group, score_func, with_bias,
+                              norm_topk_prob):
+    logits = grid_logits(num_tokens, num_experts).requires_grad_()
+    bias = grid_bias(num_experts) if with_bias else None
+    args = (topk, score_func, n_group, topk_group, bias, 2.5)
+    grad = torch.randn(num_tokens, topk)
+    with poison_outputs():
+        idx, weights = route(logits, *args, norm_topk_prob=norm_topk_prob)
+        (got,) = torch.autograd.grad(weights, logits, grad)
+    ref_idx, ref_weights = route_reference(logits, *args, norm_topk_prob=norm_topk_prob)
+    (want,) = torch.autograd.grad(ref_weights, logits, grad)
+    assert torch.equal(idx, ref_idx)
+    assert torch.allclose(weights, ref_weights, rtol=2e-6, atol=1e-7)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    normalised = score_func == "sigmoid" if norm_topk_prob is None else norm_topk_prob
+    sums = weights.detach().sum(1)
+    assert torch.allclose(sums, torch.full((num_tokens,), 2.5), rtol=1e-5) == normalised
+    # the chosen experts do not depend on the normalisation
+    assert torch.equal(idx, route_reference(logits, *args)[0])
+
+
+def test_softmax_renormalised_is_softmax_over_the_chosen_experts():
+    logits = grid_logits(50, 8)
+    idx, weights = route(logits, 3, "softmax", norm_topk_prob=True)
+    assert torch.allclose(weights, logits.gather(1, idx).softmax(dim=-1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("score_func,with_bias", [("sigmoid", True), ("softmax", False)])
+def test_route_no_tokens_grouped(impl, score_func, with_bias):
+    # a rank without tokens is ordinary in expert parallelism
+    logits = torch.zeros(0, 16, requires_grad=True)
+    bias = grid_bias(16) if with_bias else None
+    idx, weights = route(logits, 4, score_func, 4, 2, bias, 2.5, impl=impl)
+    assert idx.shape == weights.shape == (0, 4) and idx.dtype == torch.int64
+    (grad,) = torch.autograd.grad(weights.sum(), logits)
+    assert grad.shape == (0, 16)
+
+
+def test_route_bad_norm_topk_prob():
+    with pytest.raises(ValueError, match="norm_topk_prob"):
+        route(torch.randn(4, 8), 2, norm_topk_prob=1)

@@ -106,3 +106,5 @@ def test_single_process_errors_and_config_checks():
         moe.MoEConfig(hidden=8, moe_intermediate=4, num_experts=6, topk=2, n_group=4, topk_group=1)
     with pytest.raises(ValueError, match="score_func"):
         moe.MoEConfig(hidden=8, moe_intermediate=4, num_experts=4, topk=2, score_func="relu")
+    with pytest.raises(ValueError, match="norm_topk_prob"):
+        moe.MoEConfig(hidden=8, moe_intermediate=4, num_experts=4, topk=2, norm_topk_prob="yes")
