@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .dispatch import DispatchHandle, combine, dispatch
+from .dispatch import DispatchHandle, combine, combine_backward, dispatch, dispatch_backward
 from .ep_buffer import EPBuffer, EPBufferError, EPHandle
 from .experts import GroupedExperts, SharedExperts, experts_forward
-from .comm import PendingWorks
 from .layer import MoE, MoEConfig
 
-__all__ = ["route", "dispatch", "combine", "DispatchHandle", "PendingWorks", "EPBuffer", "EPHandle", "EPBufferError",
+__all__ = ["route", "dispatch", "combine", "combine_backward", "dispatch_backward", "DispatchHandle", "EPBuffer",
+           "EPHandle", "EPBufferError",
            "MoE", "MoEConfig",
            "GroupedExperts", "SharedExperts", "experts_forward"]
 

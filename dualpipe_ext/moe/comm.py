@@ -8,13 +8,13 @@ function here works locally without communication.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["group_size", "group_rank", "exchange_control", "gather_rows", "all_to_all", "all_to_all_routes",
-           "PendingWorks"]
+           "all_to_all_async"]
 
 
 def _active(group) -> bool:
@@ -74,34 +74,6 @@ def gather_rows(row: torch.Tensor, group=None, device: torch.device = torch.devi
     table[rank] = row.to(table.device)
     dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
     return table.cpu()
-
-
-class PendingWorks:
-    """Outstanding async collectives plus a finisher that produces the results after they end.
-
-    ``wait()`` waits for every collective, then returns ``finish()``'s result (once; later
-    calls return the same result). Results are not exposed before ``wait()``.
-    """
-
-    def __init__(self, works: Sequence, finish) -> None:
-        self._works = [w for w in works if w is not None]
-        self._finish = finish
-        self._done = False
-        self._result = None
-
-    def is_completed(self) -> bool:
-        """True when every collective has finished (``wait()`` then does not block on them)."""
-        return all(w.is_completed() for w in self._works)
-
-    def wait(self):
-        if not self._done:
-            for w in self._works:
-                w.wait()
-            self._works = []
-            self._result = self._finish()
-            self._finish = None
-            self._done = True
-        return self._result
 
 
 def _a2a(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group, async_op: bool):
@@ -205,3 +177,16 @@ def all_to_all_routes(
     recv_weights = _RoutesAllToAll.apply(weights, idx, out_splits, in_splits, group, pending, sink)
     k = idx.shape[1]
     return lambda: (sink[0][:, :k].to(torch.int64), recv_weights.contiguous())
+
+
+def all_to_all_async(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int], group,
+                     works: List) -> Callable[[], torch.Tensor]:
+    """Issue one uneven all-to-all of ``x`` rows (no autograd); its work goes to ``works``.
+
+    Returns a getter of the received rows (on ``x``'s device), valid once the works end.
+    """
+    if not _active(group):
+        return lambda: x
+    out, work = _a2a(x, list(out_splits), list(in_splits), group, async_op=True)
+    works.append(work)
+    return lambda: out.to(x.device)

@@ -14,7 +14,8 @@ indices with the weights bit-cast beside them in one int32 buffer. Combine: one 
 all_reduce of a [world_size, 3 + 2 * world_size] int64 table (error codes, hidden size, dtype
 and every rank's row counts, so that every rank checks that all the handles come from the
 same dispatch), then one payload all-to-all. With ``async_op`` only the control exchange is
-synchronous. Backward: two all-to-alls for dispatch (row and weight gradients), one for combine.
+synchronous. Backward: two all-to-alls for dispatch (row and weight gradients), one for combine;
+``combine_backward`` and ``dispatch_backward`` issue them asynchronously for the overlap engine.
 
 These two stay ``torch.autograd.Function``s rather than ``torch.library.custom_op``s: their
 output shapes depend on the data (how many rows each rank receives is known only after the
@@ -29,9 +30,12 @@ from typing import Any, List, Optional, Tuple, Union
 
 import torch
 
-from .comm import PendingWorks, all_to_all, all_to_all_routes, exchange_control, gather_rows, group_rank, group_size
+from dualpipe_ext.inflight import InFlight
 
-__all__ = ["DispatchHandle", "dispatch", "combine"]
+from .comm import (all_to_all, all_to_all_async, all_to_all_routes, exchange_control, gather_rows, group_rank,
+                   group_size)
+
+__all__ = ["DispatchHandle", "dispatch", "combine", "combine_backward", "dispatch_backward"]
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -45,6 +49,7 @@ class DispatchHandle:
     num_recv_per_rank: Tuple[int, ...]  # rows this rank received from each rank (received rows are in this order)
     num_experts: int  # experts over the whole group
     group: Any  # process group (None: default group)
+    topk_idx: Optional[torch.Tensor] = None  # [num_tokens, num_topk] int64 as dispatched (for the weights' gradient)
 
     @property
     def num_tokens(self) -> int:
@@ -150,7 +155,7 @@ def dispatch(
     async_op: bool = False,
     *,
     num_sms: Optional[int] = None,
-) -> Union[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchHandle], PendingWorks]:
+) -> Union[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchHandle], InFlight]:
     """Send tokens to the ranks holding their experts.
 
     Args:
@@ -191,7 +196,7 @@ def dispatch(
     send_x = permute(x, layout.send_pos, total_send, num_sms=num_sms)
     send_idx, send_weights = _pack_expert_slots(topk_idx, topk_weights, layout.send_pos, total_send, num_experts // world)
 
-    handle = DispatchHandle(layout.send_pos, tuple(num_send), tuple(num_recv), num_experts, group)
+    handle = DispatchHandle(layout.send_pos, tuple(num_send), tuple(num_recv), num_experts, group, topk_idx)
     pending: Optional[list] = [] if async_op else None
     recv_x = all_to_all(send_x, num_recv, num_send, group, pending)
     recv_routes = all_to_all_routes(send_idx, send_weights, num_recv, num_send, group, pending)
@@ -201,7 +206,7 @@ def dispatch(
         return recv_x, recv_idx, recv_weights, handle
 
     if async_op:
-        return PendingWorks(pending, finish)
+        return InFlight(finish, works=pending)
     return finish()
 
 
@@ -211,7 +216,7 @@ def combine(
     async_op: bool = False,
     *,
     num_sms: Optional[int] = None,
-) -> Union[torch.Tensor, PendingWorks]:
+) -> Union[torch.Tensor, InFlight]:
     """Send expert outputs back and sum, for every original token, its rows from all ranks.
 
     Args:
@@ -261,5 +266,60 @@ def combine(
         return combine_rows(rows, handle.send_pos, None, num_sms=num_sms)
 
     if async_op:
-        return PendingWorks(pending, finish)
+        return InFlight(finish, works=pending)
     return finish()
+
+
+def combine_backward(grad_out: torch.Tensor, handle: DispatchHandle, async_op: bool = False, *,
+                     num_sms: Optional[int] = None):
+    """Gradient of ``combine``: ``grad_out`` [num_tokens, hidden] -> [num_recv, hidden] row gradients.
+
+    Each token's gradient is copied to every rank it was dispatched to (a dispatch-shaped
+    all-to-all). With ``async_op`` an ``InFlight`` whose ``wait()`` returns the rows.
+    """
+    from dualpipe_ext.kernels.permute import permute
+
+    send = permute(grad_out, handle.send_pos, sum(handle.num_send_per_rank), num_sms=num_sms)
+    works: list = []
+    rows = all_to_all_async(send, handle.num_recv_per_rank, handle.num_send_per_rank, handle.group, works)
+    pending = InFlight(rows, works=works)
+    return pending if async_op else pending.wait()
+
+
+def dispatch_backward(grad_recv_x: torch.Tensor, grad_recv_weights: torch.Tensor, handle: DispatchHandle,
+                      topk_idx: torch.Tensor, async_op: bool = False, *, num_sms: Optional[int] = None):
+    """Gradient of ``dispatch`` w.r.t. its token rows and routing weights.
+
+    grad_recv_x: [num_recv, hidden]; grad_recv_weights: [num_recv, num_topk] float32;
+    topk_idx: [num_tokens, num_topk] int64 as dispatched. Returns ``(grad_x [num_tokens, hidden],
+    grad_topk_weights [num_tokens, num_topk] float32)``: each token's row gradients summed over
+    the ranks it went to (a combine-shaped all-to-all), and each weight's gradient from the
+    rank holding its expert. With ``async_op`` an ``InFlight`` whose ``wait()`` returns them.
+    """
+    from dualpipe_ext.kernels.combine import combine as combine_rows
+
+    works: list = []
+    rows = all_to_all_async(grad_recv_x, handle.num_send_per_rank, handle.num_recv_per_rank, handle.group, works)
+    wrows = all_to_all_async(grad_recv_weights.contiguous(), handle.num_send_per_rank, handle.num_recv_per_rank,
+                             handle.group, works)
+
+    def finish():
+        grad_x = combine_rows(rows(), handle.send_pos, None, num_sms=num_sms)
+        return grad_x, _weights_grad(wrows(), handle, topk_idx)
+
+    pending = InFlight(finish, works=works)
+    return pending if async_op else pending.wait()
+
+
+def _weights_grad(grad_send_w: torch.Tensor, handle: DispatchHandle, topk_idx: torch.Tensor) -> torch.Tensor:
+    """Scatter send-row weight gradients back to ``[num_tokens, num_topk]``: slot k of token t
+    takes the value from the row that went to the rank holding expert ``topk_idx[t, k]``."""
+    world = handle.send_pos.shape[1]
+    owner = torch.where(topk_idx >= 0, topk_idx // (handle.num_experts // world), torch.zeros_like(topk_idx))
+    rows = handle.send_pos.gather(1, owner)  # [num_tokens, num_topk]
+    valid = (topk_idx >= 0) & (rows >= 0)
+    if grad_send_w.shape[0] == 0:
+        return torch.zeros(topk_idx.shape, dtype=grad_send_w.dtype, device=topk_idx.device)
+    slots = torch.arange(topk_idx.shape[1], device=rows.device).expand_as(rows)
+    picked = grad_send_w[rows.clamp_min(0), slots]
+    return torch.where(valid, picked, torch.zeros((), dtype=grad_send_w.dtype))

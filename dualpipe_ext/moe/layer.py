@@ -10,7 +10,7 @@ from torch import nn
 from dualpipe_ext.debug import checks_enabled
 
 from .comm import group_rank, group_size
-from .dispatch import combine, dispatch
+from .dispatch import combine, combine_backward, dispatch, dispatch_backward
 from .ep_buffer import EPBuffer
 from .experts import GroupedExperts, SharedExperts, experts_forward, linear
 from .grouped_mm import BACKENDS
@@ -139,6 +139,21 @@ class MoE(nn.Module):
         if self.ep is not None:
             return self.ep.combine(y, handle, async_op=async_op)
         return combine(y, handle, async_op=async_op, num_sms=self.num_sms)
+
+    def combine_backward(self, grad_out: torch.Tensor, handle, async_op: bool = False):
+        """Gradient of ``combine`` [num_tokens, hidden] -> the received rows' gradients (or an InFlight)."""
+        if self.ep is not None:
+            return self.ep.combine_backward(grad_out, handle, async_op=async_op)
+        return combine_backward(grad_out, handle, async_op=async_op, num_sms=self.num_sms)
+
+    def dispatch_backward(self, grad_recv_x: torch.Tensor, grad_recv_weights: torch.Tensor, handle,
+                          async_op: bool = False):
+        """Gradient of ``dispatch``: ``(grad_x [num_tokens, hidden], grad_topk_weights [num_tokens, topk])``
+        (or an InFlight)."""
+        if self.ep is not None:
+            return self.ep.dispatch_backward(grad_recv_x, grad_recv_weights, handle, async_op=async_op)
+        return dispatch_backward(grad_recv_x, grad_recv_weights, handle, handle.topk_idx, async_op=async_op,
+                                 num_sms=self.num_sms)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., hidden] -> [..., hidden], same dtype."""

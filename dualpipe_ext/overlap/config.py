@@ -1,12 +1,13 @@
 """Configuration of the component-split MoE block and of the overlap engine."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
+from dualpipe_ext import _C
 from dualpipe_ext.moe.layer import MoEConfig
 
-__all__ = ["BlockConfig", "OverlapConfig"]
+__all__ = ["BlockConfig", "OverlapConfig", "ComponentCosts"]
 
 
 @dataclass(frozen=True)
@@ -28,13 +29,43 @@ class BlockConfig:
 
 
 @dataclass(frozen=True)
-class OverlapConfig:
-    """Tuning knobs of the overlap engine; none changes the results."""
+class ComponentCosts:
+    """Relative costs the component plan is made with: computation per pass (B and W cost the
+    F figure) and the duration of one exchange. Only the order of the steps depends on them."""
 
-    # SM budget of the communication-side kernels (dispatch packing, combine reduction,
-    # expand/reduce) on CUDA, so that GEMMs keep the rest (DeepSeek-V3: 20 of 132). Passed
-    # as ``num_sms`` to those kernels; ignored on CPU. None: unbounded.
+    attn: float = 1.0
+    mlp: float = 1.0
+    shared: float = 0.5
+    prologue: float = 1.0
+    epilogue: float = 1.0
+    comm: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("attn", "mlp", "shared", "prologue", "epilogue", "comm"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
+                raise ValueError(f"ComponentCosts.{name} must be a finite number >= 0, got {value!r}")
+
+    def to_core(self) -> "_C.PlanCosts":
+        return _C.PlanCosts(self.attn, self.mlp, self.shared, self.prologue, self.epilogue, self.comm)
+
+
+@dataclass(frozen=True)
+class OverlapConfig:
+    """Tuning knobs of the overlap engine; none changes the results, except ``two_batch``, which
+    changes how weight-gradient sums are rounded (halves accumulate one after the other)."""
+
+    # SMs of the communication: the grid of the exchange kernels (an EPBuffer's num_sms must
+    # match), and what the compute kernels leave free during an overlapped step (cuBLAS
+    # carveout, the grouped GEMMs' grids). DeepSeek-V3: 20 of 132. None: no partition.
     num_comm_sms: Optional[int] = None
+    # Split a chunk that runs alone (no partner in a forward+backward pair) into two halves of
+    # its batch whose exchanges run under each other's computation.
+    two_batch: bool = False
+    # Costs the component plan is made with (the same on every rank of an expert group).
+    costs: ComponentCosts = field(default_factory=ComponentCosts)
+    # Exchanges of each shape in flight at once (an EPBuffer needs num_slots >= this).
+    max_in_flight: int = 2
     # Testing and benchmarking: every all-to-all of the block completes no earlier than
     # this many seconds after it was issued (a slow interconnect on loopback gloo).
     inject_latency_s: float = 0.0
@@ -44,3 +75,11 @@ class OverlapConfig:
             raise ValueError(f"OverlapConfig.num_comm_sms must be None or a positive int, got {self.num_comm_sms!r}")
         if not (self.inject_latency_s >= 0):
             raise ValueError(f"OverlapConfig.inject_latency_s must be >= 0, got {self.inject_latency_s}")
+        if not isinstance(self.costs, ComponentCosts):
+            raise ValueError(f"OverlapConfig.costs must be a ComponentCosts, got {type(self.costs).__name__}")
+        if not isinstance(self.max_in_flight, int) or self.max_in_flight < 1:
+            raise ValueError(f"OverlapConfig.max_in_flight must be a positive int, got {self.max_in_flight!r}")
+
+    @property
+    def plan_costs(self) -> "_C.PlanCosts":
+        return self.costs.to_core()

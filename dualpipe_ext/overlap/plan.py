@@ -1,43 +1,93 @@
-"""The component plan of an overlapped forward+backward pair, from the C++ core.
+"""The component plan of overlapped runs, from the C++ core.
 
-    >>> print(format_plan(component_plan(1)))
+    >>> print(format_plan(component_plan(1)))     # a forward and a backward run of one layer
     issue combine.B0 under attn.F0
     attn.F0
     ...
 
-Steps are ``_C.OverlapStep`` objects: ``kind`` (COMPUTE, ISSUE, WAIT), ``component``
-(ATTN, MLP, DISPATCH, COMBINE), ``pass_`` (F, B, W), ``layer`` and, for issues, ``under``:
-the indices of the compute steps that run while the communication is in flight.
+A plan interleaves runs (``_C.RunSpec``: a forward or backward chunk of a stage, its layers,
+prologue, epilogue and shared experts). Steps are ``_C.OverlapStep`` objects: ``kind``
+(COMPUTE, ISSUE, WAIT), ``component`` (ATTN, SHARED, MLP, DISPATCH, COMBINE, PROLOGUE,
+EPILOGUE), ``pass_`` (F, B, W), ``run``, ``layer`` and, for issues, ``under``: the indices of
+the compute steps that run while the exchange is in flight.
 """
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 from dualpipe_ext import _C
 
-__all__ = ["component_plan", "validate_plan", "format_plan"]
+__all__ = ["component_plan", "sequential_plan", "deepseek_plan", "validate_plan", "format_plan", "exposed_comm",
+           "pair_runs"]
+
+Runs = Union[int, Sequence["_C.RunSpec"]]
 
 
-@lru_cache(maxsize=64)
-def _plan(num_layers: int) -> Tuple["_C.OverlapStep", ...]:
-    steps = _C.overlap_plan(num_layers)
-    errors = _C.validate_overlap_plan(steps, num_layers)
+def pair_runs(num_layers: int) -> List["_C.RunSpec"]:
+    """A forward run and a backward run of ``num_layers`` layers: a DualPipe pair of plain stages."""
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    return [_C.RunSpec(False, num_layers), _C.RunSpec(True, num_layers)]
+
+
+def _specs(runs: Runs) -> List["_C.RunSpec"]:
+    return pair_runs(runs) if isinstance(runs, int) else list(runs)
+
+
+def _key(specs: Sequence["_C.RunSpec"]) -> Tuple:
+    return tuple((s.backward, s.num_layers, s.prologue, s.epilogue, s.shared) for s in specs)
+
+
+def _core_costs(costs) -> "_C.PlanCosts":
+    if costs is None:
+        return _C.PlanCosts()
+    return costs if isinstance(costs, _C.PlanCosts) else costs.to_core()
+
+
+@lru_cache(maxsize=256)
+def _plan(key: Tuple, costs: Tuple, max_in_flight: int) -> Tuple["_C.OverlapStep", ...]:
+    specs = [_C.RunSpec(*k) for k in key]
+    steps = _C.overlap_plan(specs, _C.PlanCosts(*costs), max_in_flight)
+    errors = _C.validate_overlap_plan(steps, specs, max_in_flight)
     if errors:  # the generator and the checker disagree: a bug in the core
-        raise RuntimeError("overlap plan for %d layers is unsound: %s" % (num_layers, "; ".join(errors)))
+        raise RuntimeError("overlap plan for %s is unsound: %s" % (specs, "; ".join(errors)))
     return tuple(steps)
 
 
-def component_plan(num_layers: int) -> List["_C.OverlapStep"]:
-    """The checked step list for a pair of stages of ``num_layers`` MoE layers each."""
-    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
-        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-    return list(_plan(num_layers))
+def component_plan(runs: Runs, costs=None, max_in_flight: int = 2) -> List["_C.OverlapStep"]:
+    """The checked, interleaved step list of ``runs`` (an int: a forward+backward pair of that many layers).
+
+    ``costs``: an ``overlap.ComponentCosts`` (or ``_C.PlanCosts``); ``max_in_flight``: exchanges
+    of each shape in flight at once.
+    """
+    c = _core_costs(costs)
+    key = (c.attn, c.mlp, c.shared, c.prologue, c.epilogue, c.comm)
+    return list(_plan(_key(_specs(runs)), key, int(max_in_flight)))
 
 
-def validate_plan(steps: Sequence["_C.OverlapStep"], num_layers: int) -> List[str]:
+def sequential_plan(runs: Runs) -> List["_C.OverlapStep"]:
+    """Each run's components one after another, every exchange waited for at once."""
+    out: List["_C.OverlapStep"] = []
+    for i, spec in enumerate(_specs(runs)):
+        for s in _plan(_key([spec]), (1.0, 1.0, 0.5, 1.0, 1.0, 1.0), 0):
+            out.append(_C.OverlapStep(s.kind, s.component, s.pass_, s.layer, [], i))
+    return out
+
+
+def deepseek_plan(num_layers: int) -> List["_C.OverlapStep"]:
+    """DeepSeek-V3's published per-layer order for a forward+backward pair of ``num_layers`` layers."""
+    return list(_C.deepseek_plan(num_layers))
+
+
+def validate_plan(steps: Sequence["_C.OverlapStep"], runs: Runs, max_in_flight: int = 0) -> List[str]:
     """Every dependency or pairing rule ``steps`` breaks, in words (empty: sound)."""
-    return list(_C.validate_overlap_plan(list(steps), num_layers))
+    return list(_C.validate_overlap_plan(list(steps), _specs(runs), max_in_flight))
+
+
+def exposed_comm(steps: Sequence["_C.OverlapStep"], runs: Runs, costs=None) -> float:
+    """Time the computation waits for exchanges under the plan's cost model."""
+    return _C.exposed_comm(list(steps), _specs(runs), _core_costs(costs))
 
 
 def format_plan(steps: Sequence["_C.OverlapStep"]) -> str:

@@ -138,15 +138,16 @@ def pipeline_and_latency(rank: int, world: int, layers: int, chunks: int, latenc
     pair_ms = {name: sorted((e[3] - e[2]) / 1e6 for e in _pair_events(p)) for name, p in
                (("plain", plain), ("overlapped", over))}
     spans = [e for e in over.timeline.events if e[1] == "span"]
-    failures += _check_in_flight(spans, _pair_events(over), layers, latency_s)
+    stage = over.module[0]
+    failures += _check_in_flight(spans, _pair_events(over), [stage.run_spec(False), stage.run_spec(True)], latency_s)
     return {"failures": failures, "pair_ms": pair_ms}
 
 
-def _check_in_flight(spans, pairs, layers: int, latency_s: float) -> List[str]:
+def _check_in_flight(spans, pairs, runs, latency_s: float) -> List[str]:
     """Within every pair: each issued exchange stayed in flight (issue end .. wait end, at least
     the injected latency long) across the computation the plan pairs with it."""
     failures: List[str] = []
-    plan_text = format_plan(component_plan(layers)).splitlines()
+    plan_text = format_plan(component_plan(runs)).splitlines()
     partners = {line.split(" under ")[0]: line.split(" under ")[1].split(", ") for line in plan_text if " under " in line}
     for pname, _, pstart, pend, *_ in pairs:
         inside = [s for s in spans if pstart <= s[2] and s[3] <= pend]
