@@ -1,14 +1,20 @@
-"""CPU benchmark of the overlap engine: one forward+backward pair, overlapped vs sequential.
+"""How much communication the overlap engine hides, on CPU with injected latency.
 
-Two gloo processes on 127.0.0.1 (one torch thread each), expert parallelism over both, a
-pair of stages of ``--layers`` component-split MoE blocks. Every all-to-all of the block is
-made to take at least the injected latency (``OverlapConfig.inject_latency_s``), a stand-in
-for a real interconnect. Sequential: forward of chunk 0, then backward of chunk 1 through the
-same components, each exchange waited at once; overlapped: the engine's component plan.
-A pair's time is the slowest rank's (ranks start each pair after a barrier); medians and
-p20-p80 over ``--pairs`` timed pairs after 2 warm-up pairs, the two modes alternating.
+Two gloo processes on 127.0.0.1 (one torch thread each), expert parallelism over both,
+component-split MoE stages of ``--layers`` layers. Every exchange is made to take at least
+the injected latency (``OverlapConfig.inject_latency_s``), a stand-in for a slow
+interconnect. The latency is set from D/C, the ratio of the pair's total communication to
+its computation: latency per exchange = D/C x (sequential pair time without latency) /
+(exchanges per pair).
 
-    python bench/bench_overlap.py [--latency-ms 0 5 20] [--layers 2] [--pairs 15]
+1. One forward+backward pair: sequential (``MoEStage``: every exchange waited at once) and
+   overlapped (``OverlappedMoEStage``), alternating; hidden fraction = (sequential -
+   overlapped) / (sequential - sequential without latency), medians.
+2. A whole DualPipe step (PP=2, EP over the same two ranks) at D/C=1: the communication left
+   exposed (step time with latency - without) with plain stages, with the engine, and with
+   the engine plus two-batch overlap of the chunks that run alone.
+
+    python bench/bench_overlap.py [--ratios 0.25 0.5 1 2] [--layers 2] [--pairs 9] [--quick]
 """
 from __future__ import annotations
 
@@ -24,35 +30,71 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import median, quantile, spawn_ranks, table  # noqa: E402
 
 
-def _pair_times(rank, args, latency_s, ep):
+def _config(args):
+    from dualpipe_ext.moe import MoEConfig
+    from dualpipe_ext.overlap import BlockConfig
+
+    return BlockConfig(MoEConfig(hidden=args.hidden, moe_intermediate=args.hidden * 2, num_experts=8, topk=2,
+                                 num_shared_experts=1), num_heads=4)
+
+
+def _timed(fn, group) -> float:
     import torch.distributed as dist
 
-    from dualpipe_ext.moe import MoEConfig
-    from dualpipe_ext.overlap import BlockConfig, OverlapConfig, OverlappedMoEStage
+    dist.barrier(group)
+    t0 = time.perf_counter()
+    fn()
+    dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    dist.all_reduce(dt, op=dist.ReduceOp.MAX, group=group)
+    return dt.item() * 1e3
 
-    cfg = BlockConfig(MoEConfig(hidden=args.hidden, moe_intermediate=args.hidden * 2, num_experts=8, topk=2,
-                                num_shared_experts=1), num_heads=4)
+
+def _pair_times(rank, args, latency_s, group, pairs):
+    from dualpipe_ext.overlap import MoEStage, OverlapConfig, OverlappedMoEStage
+
     over = OverlapConfig(inject_latency_s=latency_s)
-    torch.manual_seed(rank)
-    st0, st1 = (OverlappedMoEStage(cfg, args.layers, ep, over) for _ in range(2))
+    stages = {}
+    for name, cls in (("sequential", MoEStage), ("overlapped", OverlappedMoEStage)):
+        torch.manual_seed(rank)
+        stages[name] = [cls(_config(args), args.layers, group, over) for _ in range(2)]
     x = torch.randn(args.batch, args.seq, args.hidden)
     times = {"sequential": [], "overlapped": []}
-    for i in range(2 + args.pairs):
-        for mode in ("sequential", "overlapped"):
+    for i in range(1 + pairs):
+        for name in (("sequential", "overlapped") if i % 2 else ("overlapped", "sequential")):
+            st0, st1 = stages[name]
             out1 = st1(x.clone().requires_grad_())
             grad = torch.ones_like(out1)
-            dist.barrier()
-            t0 = time.perf_counter()
-            if mode == "sequential":
-                st0(x)
-                torch.autograd.backward(out1, grad)
-            else:
-                OverlappedMoEStage.overlapped_forward_backward(st0, [x], None, [], st1, None, [out1], [grad])
-            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-            if i >= 2:
-                times[mode].append(dt.item() * 1e3)
-    return times
+
+            def pair():
+                if name == "sequential":
+                    st0(x)
+                    torch.autograd.backward(out1, grad)
+                else:
+                    OverlappedMoEStage.overlapped_forward_backward(st0, [x], None, [], st1, None, [out1], [grad])
+
+            dt = _timed(pair, group)
+            if i >= 1:
+                times[name].append(dt)
+    return times, stages["overlapped"][0].run_spec(False)
+
+
+def _step_time(rank, args, latency_s, group, variant, steps):
+    from dualpipe_ext import DualPipe, RuntimeConfig, set_p2p_tensor_dtype, set_p2p_tensor_shapes
+    from dualpipe_ext.overlap import MoEStage, OverlapConfig, OverlappedMoEStage
+
+    set_p2p_tensor_shapes([(args.batch, args.seq, args.hidden)])
+    set_p2p_tensor_dtype(torch.float32)
+    cls = MoEStage if variant == "plain stages" else OverlappedMoEStage
+    cfg = OverlapConfig(inject_latency_s=latency_s, two_batch=variant.endswith("two-batch"))
+    torch.manual_seed(rank)
+    pipe = DualPipe([cls(_config(args), args.layers, group, cfg) for _ in range(2)],
+                    config=RuntimeConfig(comm_timeout_s=600))
+    x = torch.randn(args.batch * args.chunks // 2, args.seq, args.hidden)
+
+    def step():
+        pipe.step(x, num_chunks=args.chunks, criterion=lambda o, t: (o - t).pow(2).mean(), labels=[x])
+
+    return median([_timed(step, group) for _ in range(1 + steps)][1:])
 
 
 def _worker(rank, world, port, args, queue):
@@ -60,38 +102,71 @@ def _worker(rank, world, port, args, queue):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
+    from dualpipe_ext import _C
+    from dualpipe_ext.overlap import component_plan
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    ep = dist.new_group(list(range(world)))
-    rows = []
-    for ms in args.latency_ms:
-        t = _pair_times(rank, args, ms / 1e3, ep)
-        rows.append((ms, t))
+                            timeout=timedelta(seconds=600))
+    group = dist.new_group(list(range(world)))
+    base, spec = _pair_times(rank, args, 0.0, group, args.pairs)
+    seq0 = median(base["sequential"])
+    runs = [spec, _C.RunSpec(True, spec.num_layers, spec.prologue, spec.epilogue, spec.shared)]
+    exchanges = sum(1 for s in component_plan(runs) if s.kind == _C.StepKind.ISSUE)
+    rows = [(0.0, 0.0, base)]
+    for ratio in args.ratios:
+        latency = ratio * seq0 / exchanges / 1e3
+        rows.append((ratio, latency, _pair_times(rank, args, latency, group, args.pairs)[0]))
+    steps = []
+    if not args.no_step:
+        step_latency = seq0 / exchanges / 1e3  # D/C = 1 for the pair
+        for variant in ("plain stages", "engine", "engine + two-batch"):
+            t0 = _step_time(rank, args, 0.0, group, variant, args.steps)
+            t1 = _step_time(rank, args, step_latency, group, variant, args.steps)
+            steps.append((variant, t0, t1))
     if rank == 0:
-        queue.put(rows)
+        queue.put(dict(rows=rows, seq0=seq0, exchanges=exchanges, steps=steps))
     dist.destroy_process_group()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--latency-ms", type=float, nargs="+", default=[0, 5, 20])
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0], help="D/C values")
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--pairs", type=int, default=15)
+    p.add_argument("--pairs", type=int, default=9, help="timed pairs per mode and D/C")
+    p.add_argument("--steps", type=int, default=3, help="timed DualPipe steps per variant")
+    p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--timeout-s", type=float, default=600)
+    p.add_argument("--no-step", action="store_true", help="skip the DualPipe step")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (a few minutes)")
+    p.add_argument("--timeout-s", type=float, default=1800)
     args = p.parse_args()
-    rows = spawn_ranks(_worker, 2, args, timeout_s=args.timeout_s)
-    out = []
-    for ms, t in rows:
+    if args.quick:
+        args.pairs, args.steps = 5, 2
+    r = spawn_ranks(_worker, 2, args, timeout_s=args.timeout_s)
+    seq0 = r["seq0"]
+    out, hidden_at = [], {}
+    for ratio, latency, t in r["rows"]:
         s, o = median(t["sequential"]), median(t["overlapped"])
-        out.append([f"{ms:g}", 4 * args.layers, f"{s:.1f} ({quantile(t['sequential'], .2):.1f}-{quantile(t['sequential'], .8):.1f})",
-                    f"{o:.1f} ({quantile(t['overlapped'], .2):.1f}-{quantile(t['overlapped'], .8):.1f})", f"{o / s:.2f}"])
-    print(f"2 gloo ranks, {args.layers} layers, tokens/rank {args.batch}x{args.seq}, hidden {args.hidden}, fp32, "
-          f"{args.pairs} pairs")
-    print(table(["injected latency ms", "delayed exchanges per pair", "sequential ms (p20-p80)", "overlapped ms (p20-p80)",
-                 "overlapped / sequential"], out))
+        hidden = (s - o) / (s - seq0) if ratio > 0 else float("nan")
+        hidden_at[ratio] = hidden
+        out.append([f"{ratio:g}", f"{latency * 1e3:.2f}",
+                    f"{s:.1f} ({quantile(t['sequential'], .2):.1f}-{quantile(t['sequential'], .8):.1f})",
+                    f"{o:.1f} ({quantile(t['overlapped'], .2):.1f}-{quantile(t['overlapped'], .8):.1f})",
+                    f"{o / s:.2f}", "-" if ratio == 0 else f"{hidden * 100:.0f} %"])
+    print(f"2 gloo ranks, EP over both, {args.layers} layers, tokens/rank {args.batch}x{args.seq}, hidden "
+          f"{args.hidden}, fp32, {r['exchanges']} exchanges per pair, {len(r['rows'][0][2]['sequential'])} pairs per "
+          f"mode, torch {torch.__version__}")
+    print(table(["D/C", "latency ms", "sequential ms (p20-p80)", "overlapped ms (p20-p80)", "overlapped / sequential",
+                 "hidden"], out))
+    if r["steps"]:
+        print(f"\nDualPipe step, PP=2 x EP=2 over the same ranks, {args.chunks} chunks, D/C=1 per pair "
+              f"(latency {seq0 / r['exchanges']:.2f} ms per exchange), medians of {args.steps} steps")
+        rows = [[v, f"{t0:.0f}", f"{t1:.0f}", f"{t1 - t0:.0f}"] for v, t0, t1 in r["steps"]]
+        print(table(["stages", "step ms, no latency", "step ms, latency", "exposed ms"], rows))
+    if 1.0 in hidden_at:
+        print(f"hidden at D/C=1: {hidden_at[1.0] * 100:.0f} %")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ exchanges). ``wait()`` returns the result:
 - CUDA kernels on the communication stream: makes the current stream wait for the event
   recorded after them, without blocking the host;
 - a finisher (``finish``): run once after the above, e.g. the receiving kernel of an
-  ``EPBuffer`` exchange on CPU, or the reduction after an all-to-all.
+  ``EPBuffer`` exchange on CPU, or the reduction after an all-to-all;
+- stages (``advance``): an exchange whose payload needs the counts of a first, small
+  exchange issues the payload at ``progress()`` (or at ``wait()`` at the latest).
 
 Tensors the operation reads or writes on another stream are kept alive (``keep_alive``)
 until ``wait()``, after which the current stream is ordered after the operation. As a
@@ -22,7 +24,7 @@ context manager the block runs while the operation is in flight and the exit wai
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,11 +36,14 @@ __all__ = ["InFlight"]
 class InFlight:
     """An operation in flight; ``wait()`` gives its result (once computed, the same object again)."""
 
-    __slots__ = ("_works", "_event", "_device", "_finish", "_keep", "_ready_ns", "_done", "_result", "issued_ns")
+    __slots__ = ("_works", "_event", "_device", "_finish", "_keep", "_ready_ns", "_done", "_result", "issued_ns",
+                 "_advance")
 
     def __init__(self, finish: Optional[Callable[[], Any]] = None, *, works: Sequence[Any] = (),
                  event: Any = None, device: Optional[torch.device] = None, keep_alive: Sequence[Any] = (),
-                 delay_s: float = 0.0, result: Any = None) -> None:
+                 delay_s: float = 0.0, result: Any = None,
+                 advance: Optional[Callable[[], Tuple[Sequence[Any], Callable[[], Any]]]] = None) -> None:
+        self._advance = advance
         self._works = [w for w in works if w is not None]
         self._event, self._device = event, device
         self._finish = finish
@@ -59,10 +64,24 @@ class InFlight:
         self._ready_ns = self.issued_ns + int(delay_s * 1e9)
         return self
 
+    def progress(self) -> None:
+        """Start the next stage of a staged operation (``advance``: after its first works, e.g. a
+        count exchange, it issues the payload); a no-op otherwise. Callers that interleave several
+        operations call it at the same points on every rank, so collectives keep their order."""
+        if self._advance is None:
+            return
+        for w in self._works:
+            w.wait()
+        advance, self._advance = self._advance, None
+        works, self._finish = advance()
+        self._works = [w for w in works if w is not None]
+
     def is_completed(self) -> bool:
         """True when ``wait()`` would not wait for the transfer (the finisher may still run)."""
         if self._done:
             return True
+        if self._advance is not None:
+            return False
         if any(not w.is_completed() for w in self._works):
             return False
         if self._event is not None and not stream_ops(self._device).is_done(self._event):
@@ -72,6 +91,7 @@ class InFlight:
     def wait(self) -> Any:
         if self._done:
             return self._result
+        self.progress()
         for w in self._works:
             w.wait()
         if self._event is not None:

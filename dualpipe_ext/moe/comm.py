@@ -13,8 +13,8 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["group_size", "group_rank", "exchange_control", "gather_rows", "all_to_all", "all_to_all_routes",
-           "all_to_all_async"]
+__all__ = ["group_size", "group_rank", "exchange_control", "exchange_control_async", "gather_rows",
+           "gather_rows_async", "all_to_all", "all_to_all_routes", "all_to_all_async"]
 
 
 def _active(group) -> bool:
@@ -53,13 +53,34 @@ def exchange_control(rows: torch.Tensor, group=None) -> torch.Tensor:
     sent here. A rank that sends the same value to every peer in some column lets every rank
     see that column of every rank, so all of them can reach the same verdict about it.
     """
+    get, work = exchange_control_async(rows, group)
+    if work is not None:
+        work.wait()
+    return get()
+
+
+def exchange_control_async(rows: torch.Tensor, group=None):
+    """``exchange_control`` issued asynchronously: returns (getter of the [world_size, k] CPU table, work)."""
     if not _active(group):
-        return rows.to(device="cpu", dtype=torch.int64).clone()
+        table = rows.to(device="cpu", dtype=torch.int64).clone()
+        return (lambda: table), None
     device = _comm_device(group, rows.device)
     send = rows.to(device=device, dtype=torch.int64).contiguous()
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    return recv.cpu()
+    work = dist.all_to_all_single(recv, send, group=group, async_op=True)
+    return (lambda: recv.cpu()), work
+
+
+def gather_rows_async(row: torch.Tensor, group=None, device: torch.device = torch.device("cpu")):
+    """``gather_rows`` issued asynchronously: returns (getter of the [world_size, k] CPU table, work)."""
+    if not _active(group):
+        table = row.to(device="cpu", dtype=torch.int64).reshape(1, -1).clone()
+        return (lambda: table), None
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    table = torch.zeros(world, row.numel(), dtype=torch.int64, device=_comm_device(group, device))
+    table[rank] = row.to(table.device)
+    work = dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    return (lambda: table.cpu()), work
 
 
 def gather_rows(row: torch.Tensor, group=None, device: torch.device = torch.device("cpu")) -> torch.Tensor:
@@ -67,13 +88,10 @@ def gather_rows(row: torch.Tensor, group=None, device: torch.device = torch.devi
 
     One all_reduce (sum) of a [world_size, k] table in which each rank fills its own row.
     """
-    if not _active(group):
-        return row.to(device="cpu", dtype=torch.int64).reshape(1, -1).clone()
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    table = torch.zeros(world, row.numel(), dtype=torch.int64, device=_comm_device(group, device))
-    table[rank] = row.to(table.device)
-    dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
-    return table.cpu()
+    get, work = gather_rows_async(row, group, device)
+    if work is not None:
+        work.wait()
+    return get()
 
 
 def _a2a(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group, async_op: bool):

@@ -13,9 +13,11 @@ before any payload moves), then two payload all-to-alls: the token rows, and the
 indices with the weights bit-cast beside them in one int32 buffer. Combine: one control
 all_reduce of a [world_size, 3 + 2 * world_size] int64 table (error codes, hidden size, dtype
 and every rank's row counts, so that every rank checks that all the handles come from the
-same dispatch), then one payload all-to-all. With ``async_op`` only the control exchange is
-synchronous. Backward: two all-to-alls for dispatch (row and weight gradients), one for combine;
-``combine_backward`` and ``dispatch_backward`` issue them asynchronously for the overlap engine.
+same dispatch), then one payload all-to-all. Every exchange is issued asynchronously; the
+payload follows its control exchange at ``InFlight.progress()`` (the overlap engine calls it
+after the next computation, at the same point on every rank) or at ``wait()``. Backward: two
+all-to-alls for dispatch (row and weight gradients), one for combine; ``combine_backward`` and
+``dispatch_backward`` issue them asynchronously for the overlap engine.
 
 These two stay ``torch.autograd.Function``s rather than ``torch.library.custom_op``s: their
 output shapes depend on the data (how many rows each rank receives is known only after the
@@ -32,8 +34,8 @@ import torch
 
 from dualpipe_ext.inflight import InFlight
 
-from .comm import (all_to_all, all_to_all_async, all_to_all_routes, exchange_control, gather_rows, group_rank,
-                   group_size)
+from .comm import (all_to_all, all_to_all_async, all_to_all_routes, exchange_control_async, gather_rows_async,
+                   group_rank, group_size)
 
 __all__ = ["DispatchHandle", "dispatch", "combine", "combine_backward", "dispatch_backward"]
 
@@ -184,30 +186,36 @@ def dispatch(
         layout = dispatch_layout(topk_idx, num_experts, world, check_indices=False)
         control[:, 0] = layout.num_tokens_per_rank.cpu()
         control[:, 2:] = torch.tensor([x.shape[1], _FLOATS.index(x.dtype), topk_idx.shape[1], num_experts])
-    received = exchange_control(control, group)  # row s: what rank s told this rank
-    _raise_on_errors("dispatch", received[:, 1].tolist(), _DISPATCH_ERRORS, rank, detail)
-    _raise_on_disagreement("dispatch", received[:, 2:], _DISPATCH_CONTROL[2:])
+    get_received, control_work = exchange_control_async(control, group)
+    grad_mode = torch.is_grad_enabled()
 
-    from dualpipe_ext.kernels.permute import permute
+    def advance():  # the counts have arrived: check, pack and send the payload
+        received = get_received()  # row s: what rank s told this rank
+        _raise_on_errors("dispatch", received[:, 1].tolist(), _DISPATCH_ERRORS, rank, detail)
+        _raise_on_disagreement("dispatch", received[:, 2:], _DISPATCH_CONTROL[2:])
 
-    num_send = control[:, 0].tolist()
-    num_recv = received[:, 0].tolist()
-    total_send = sum(num_send)
-    send_x = permute(x, layout.send_pos, total_send, num_sms=num_sms)
-    send_idx, send_weights = _pack_expert_slots(topk_idx, topk_weights, layout.send_pos, total_send, num_experts // world)
+        from dualpipe_ext.kernels.permute import permute
 
-    handle = DispatchHandle(layout.send_pos, tuple(num_send), tuple(num_recv), num_experts, group, topk_idx)
-    pending: Optional[list] = [] if async_op else None
-    recv_x = all_to_all(send_x, num_recv, num_send, group, pending)
-    recv_routes = all_to_all_routes(send_idx, send_weights, num_recv, num_send, group, pending)
+        num_send = control[:, 0].tolist()
+        num_recv = received[:, 0].tolist()
+        total_send = sum(num_send)
+        with torch.set_grad_enabled(grad_mode):
+            send_x = permute(x, layout.send_pos, total_send, num_sms=num_sms)
+            send_idx, send_weights = _pack_expert_slots(topk_idx, topk_weights, layout.send_pos, total_send,
+                                                        num_experts // world)
+            handle = DispatchHandle(layout.send_pos, tuple(num_send), tuple(num_recv), num_experts, group, topk_idx)
+            works: list = []
+            recv_x = all_to_all(send_x, num_recv, num_send, group, works)
+            recv_routes = all_to_all_routes(send_idx, send_weights, num_recv, num_send, group, works)
 
-    def finish():
-        recv_idx, recv_weights = recv_routes()
-        return recv_x, recv_idx, recv_weights, handle
+        def finish():
+            recv_idx, recv_weights = recv_routes()
+            return recv_x, recv_idx, recv_weights, handle
 
-    if async_op:
-        return InFlight(finish, works=pending)
-    return finish()
+        return works, finish
+
+    pending = InFlight(works=[control_work], advance=advance)
+    return pending if async_op else pending.wait()
 
 
 def combine(
@@ -248,26 +256,35 @@ def combine(
     elif code == 0:
         code, detail = 1, f"handle is for {len(handle.num_recv_per_rank)} ranks, the group has {world}"
         row[0] = code
-    table = gather_rows(row, group, y.device if isinstance(y, torch.Tensor) else torch.device("cpu"))
-    _raise_on_errors("combine", table[:, 0].tolist(), _COMBINE_ERRORS, rank, detail)
-    _raise_on_disagreement("combine", table[:, 1:3], ("hidden", "dtype"))
-    sends, expects = table[:, 3:3 + world], table[:, 3 + world:]
-    if not torch.equal(sends, expects.t()):
-        s, r = (sends != expects.t()).nonzero()[0].tolist()
-        raise ValueError(f"combine: the handles of the ranks come from different dispatches: rank {s} would send "
-                         f"{int(sends[s, r])} rows to rank {r}, which expects {int(expects[r, s])}; nothing was exchanged")
+    get_table, control_work = gather_rows_async(row, group, y.device if isinstance(y, torch.Tensor)
+                                                else torch.device("cpu"))
+    grad_mode = torch.is_grad_enabled()
 
-    from dualpipe_ext.kernels.combine import combine as combine_rows
+    def advance():  # every rank's handle and rows have been compared: send the payload
+        table = get_table()
+        _raise_on_errors("combine", table[:, 0].tolist(), _COMBINE_ERRORS, rank, detail)
+        _raise_on_disagreement("combine", table[:, 1:3], ("hidden", "dtype"))
+        sends, expects = table[:, 3:3 + world], table[:, 3 + world:]
+        if not torch.equal(sends, expects.t()):
+            s, r = (sends != expects.t()).nonzero()[0].tolist()
+            raise ValueError(f"combine: the handles of the ranks come from different dispatches: rank {s} would send "
+                             f"{int(sends[s, r])} rows to rank {r}, which expects {int(expects[r, s])}; nothing was "
+                             f"exchanged")
 
-    pending: Optional[list] = [] if async_op else None
-    rows = all_to_all(y, list(handle.num_send_per_rank), list(handle.num_recv_per_rank), group, pending)
+        from dualpipe_ext.kernels.combine import combine as combine_rows
 
-    def finish() -> torch.Tensor:
-        return combine_rows(rows, handle.send_pos, None, num_sms=num_sms)
+        works: list = []
+        with torch.set_grad_enabled(grad_mode):
+            rows = all_to_all(y, list(handle.num_send_per_rank), list(handle.num_recv_per_rank), group, works)
 
-    if async_op:
-        return InFlight(finish, works=pending)
-    return finish()
+        def finish() -> torch.Tensor:
+            with torch.set_grad_enabled(grad_mode):
+                return combine_rows(rows, handle.send_pos, None, num_sms=num_sms)
+
+        return works, finish
+
+    pending = InFlight(works=[control_work], advance=advance)
+    return pending if async_op else pending.wait()
 
 
 def combine_backward(grad_out: torch.Tensor, handle: DispatchHandle, async_op: bool = False, *,

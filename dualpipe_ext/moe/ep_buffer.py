@@ -152,6 +152,9 @@ class EPBuffer:
                                               torch.empty(0, dtype=dtype).element_size())
         request = (max_tokens, hidden, str(dtype), self.num_sms, max_topk, num_slots, self.device.type)
         self._mem = allocate(self.group, self.layout.nbytes, 2 * self.world + 1, self.device, request)
+        # CUDA: put and receive launched together on the communication stream, the waits inside the
+        # kernels; CPU: the receive launched at wait(), after a wait launch (the interpreter runs a
+        # launch's programs one after another). Tests set it on CPU too, to run the CUDA kernels' waits.
         self._fused = self.device.type == "cuda"
         self._rings = (_Ring(num_slots), _Ring(num_slots))
         self._ordinal = 0
@@ -317,7 +320,7 @@ class EPBuffer:
             if not self._fused:
                 self._cpu_wait(ch, shape, self._kx.DATA, label)
                 recv(ch)
-            elif checks_enabled():
+            elif checks_enabled() and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             ring.end(ordinal)
             self._raise_on_status(label, detail)

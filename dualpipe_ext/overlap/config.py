@@ -59,8 +59,8 @@ class OverlapConfig:
     # match), and what the compute kernels leave free during an overlapped step (cuBLAS
     # carveout, the grouped GEMMs' grids). DeepSeek-V3: 20 of 132. None: no partition.
     num_comm_sms: Optional[int] = None
-    # Split a chunk that runs alone (no partner in a forward+backward pair) into two halves of
-    # its batch whose exchanges run under each other's computation.
+    # Split every chunk into two halves of its batch, whose exchanges run under each other's
+    # computation: a chunk with no partner (warm-up, cool-down, PP=1) then overlaps with itself.
     two_batch: bool = False
     # Costs the component plan is made with (the same on every rank of an expert group).
     costs: ComponentCosts = field(default_factory=ComponentCosts)

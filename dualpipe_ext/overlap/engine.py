@@ -22,7 +22,7 @@ from dualpipe_ext.runtime.timeline import span
 from dualpipe_ext.utils import run_backward
 
 from .plan import component_plan, sequential_plan
-from .runs import BackwardRun, ForwardRun
+from .runs import BackwardRun, ForwardRun, split_halves
 
 __all__ = ["execute", "overlapped_forward_backward"]
 
@@ -72,11 +72,18 @@ def execute(runs: Sequence[Run], interleave: bool, config) -> None:
     else:
         steps = sequential_plan(specs)
     record = span  # local name: one lookup per step
+    staged: List = []  # exchanges issued since the last computation
     for step in steps:
         run = runs[step.run]
         table = _BACKWARD if isinstance(run, BackwardRun) else _FORWARD
         with record(str(step)):
-            table[(step.kind, step.component, step.pass_)](run, step.layer)
+            result = table[(step.kind, step.component, step.pass_)](run, step.layer)
+        if step.kind == _ISSUE:
+            staged.append(result)
+        elif step.kind == _COMPUTE and staged:
+            for pending in staged:  # a payload that waited for its counts goes out now, on every rank alike
+                pending.progress()
+            staged.clear()
     for run in runs:
         if isinstance(run, ForwardRun) and run.stage.epilogue is None:
             run.finish_layers()
@@ -113,12 +120,14 @@ def overlapped_forward_backward(module0, inputs0: Sequence[torch.Tensor], criter
         raise ValueError(f"component stages take one input tensor, got {len(inputs0)}")
     with span("capture output grad"):
         chunk1, grad1 = _capture_output_grad(module1, loss1, outputs1, output_grads1)
-    module0.check_input(inputs0[0])
-    fwd = ForwardRun(module0, inputs0[0])
+    x0 = inputs0[0]
+    module0.check_input(x0)
+    split = module0.splits(x0)
+    fwds = [ForwardRun(module0, h) for h in (split_halves(x0) if split else (x0,))]
     bwds = module1.backward_runs(chunk1, grad1)
     with module0.sm_partition():
-        execute([fwd] + bwds, interleave=True, config=module0.overlap)
+        execute(fwds + bwds, interleave=True, config=module0.overlap)
     module1.finish_backward(chunk1, bwds)
-    out0 = module0.finish_forward([fwd], inputs0[0], split=False)
+    out0 = module0.finish_forward(fwds, x0, split)
     loss0 = criterion0(out0, *labels0) if criterion0 is not None else None
     return out0, loss0

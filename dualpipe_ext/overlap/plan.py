@@ -67,11 +67,18 @@ def component_plan(runs: Runs, costs=None, max_in_flight: int = 2) -> List["_C.O
 
 
 def sequential_plan(runs: Runs) -> List["_C.OverlapStep"]:
-    """Each run's components one after another, every exchange waited for at once."""
+    """Each run's components one after another, every exchange waited for as soon as it is issued."""
     out: List["_C.OverlapStep"] = []
     for i, spec in enumerate(_specs(runs)):
-        for s in _plan(_key([spec]), (1.0, 1.0, 0.5, 1.0, 1.0, 1.0), 0):
+        steps = _plan(_key([spec]), (1.0, 1.0, 0.5, 1.0, 1.0, 1.0), 0)
+        waits = {(s.component, s.pass_, s.layer): s for s in steps if s.kind == _C.StepKind.WAIT}
+        for s in steps:
+            if s.kind == _C.StepKind.WAIT:
+                continue
             out.append(_C.OverlapStep(s.kind, s.component, s.pass_, s.layer, [], i))
+            if s.kind == _C.StepKind.ISSUE:
+                w = waits[(s.component, s.pass_, s.layer)]
+                out.append(_C.OverlapStep(w.kind, w.component, w.pass_, w.layer, [], i))
     return out
 
 

@@ -109,6 +109,7 @@ class ForwardRun:
         st, moe = self.layers[l], self.stage.layers[l].moe
         with torch.no_grad():
             st.pending = moe.dispatch(st.u.detach(), st.idx, st.w.detach(), async_op=True).with_delay(self.delay)
+        return st.pending
 
     def dispatch_wait(self, l: int) -> None:
         st = self.layers[l]
@@ -124,6 +125,7 @@ class ForwardRun:
         st, moe = self.layers[l], self.stage.layers[l].moe
         with torch.no_grad():
             st.pending = moe.combine(st.e.detach().to(st.u.dtype), st.handle, async_op=True).with_delay(self.delay)
+        return st.pending
 
     def combine_wait(self, l: int) -> None:
         st = self.layers[l]
@@ -181,6 +183,7 @@ class BackwardRun:
         with torch.no_grad():
             st.pending = moe.combine_backward(g.reshape(-1, g.shape[-1]).to(st.u.dtype), st.handle,
                                               async_op=True).with_delay(self.delay)
+        return st.pending
 
     def combine_wait(self, l: int) -> None:
         st = self.layers[l]
@@ -206,6 +209,7 @@ class BackwardRun:
         with torch.no_grad():
             st.pending = moe.dispatch_backward(grad_x, grad_w, st.handle, async_op=True).with_delay(self.delay)
         st.recv_x = st.recv_w = None
+        return st.pending
 
     def dispatch_wait(self, l: int) -> None:
         st = self.layers[l]

@@ -3,8 +3,9 @@
 
 ``ComponentStage`` runs every chunk's components one after another; ``OverlappedStage``
 interleaves them by the component plan: the forward and backward chunks of a DualPipe pair
-through ``overlapped_forward_backward``, and, with ``OverlapConfig(two_batch=True)``, the
-two halves of a chunk that runs alone (warm-up, cool-down, baseline schedules). A chunk's
+through ``overlapped_forward_backward``, and, with ``OverlapConfig(two_batch=True)``, the two
+halves every chunk is then split into, so that a chunk that runs alone (warm-up, cool-down,
+baseline schedules) overlaps with itself. A chunk's
 forward returns an output whose backward (through autograd, as the runtime runs it) runs
 the components' backward. ``MoEStage`` and ``OverlappedMoEStage`` are those stages built of
 the project's :class:`~dualpipe_ext.overlap.block.MoEBlock`.
@@ -100,14 +101,15 @@ class ComponentStage(nn.Module):
         device = next(self.parameters()).device
         return sm_partition(device, self.overlap.num_comm_sms)
 
-    def _split(self, x: torch.Tensor) -> bool:
+    def splits(self, x: torch.Tensor) -> bool:
+        """Whether a chunk of input ``x`` runs as two halves of its batch (``two_batch``, batch >= 2)."""
         return self.overlap.two_batch and x.shape[0] >= 2
 
     # forward and backward of a chunk that runs alone ----------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        split = self._split(x)
+        split = self.splits(x)
         runs = [ForwardRun(self, h) for h in (split_halves(x) if split else (x,))]
         with self.sm_partition() if split and self.interleave else contextlib.nullcontext():
             execute(runs, interleave=self.interleave, config=self.overlap)

@@ -18,7 +18,7 @@ def _all_problems(world, routing, seed=0):
     return [problem(r, world, routing, EXPERTS, TOPK, HIDDEN, MAX_TOKENS, seed) for r in range(world)]
 
 
-def _exchange_worker(rank, world, routings, num_sms):
+def _exchange_worker(rank, world, routings, num_sms, fused=False):
     import torch.distributed as dist
 
     from dualpipe_ext import moe
@@ -27,6 +27,7 @@ def _exchange_worker(rank, world, routings, num_sms):
 
     ep = moe.EPBuffer(None, max_tokens=MAX_TOKENS, hidden=HIDDEN, dtype=torch.float32, num_sms=num_sms, max_topk=4,
                       timeout_s=30)
+    ep._fused = fused  # True: the CUDA way, put and receive at once with the waits inside the kernels
     report = []
     for seed, routing in enumerate(routings):
         problems = _all_problems(world, routing, seed)
@@ -75,6 +76,15 @@ def _exchange_worker(rank, world, routings, num_sms):
 ])
 def test_exchanges_match_references_and_collective_path(world, routings, num_sms):
     results = run_ranks(_exchange_worker, world, routings, num_sms, timeout_s=240)
+    _check_exchange_reports(results)
+
+
+def test_exchanges_with_the_waits_inside_the_kernels():
+    # the kernels as CUDA runs them: put and receive launched together, every wait inside a kernel
+    _check_exchange_reports(run_ranks(_exchange_worker, 2, ("random", "holes"), 2, True, timeout_s=240))
+
+
+def _check_exchange_reports(results):
     for rank, report in enumerate(results):
         for routing, same, grads_close in report:
             assert all(same.values()), (rank, routing, {k: v for k, v in same.items() if not v})
