@@ -4,7 +4,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "analysis/simulate.h"
+#include "analysis/grid.h"
 
 namespace dpx {
 
