@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Deque, List, Sequence
+from contextlib import contextmanager
+from typing import Callable, Deque, Iterator, List, Sequence
 
 import torch
 
@@ -31,8 +32,13 @@ class WeightGradStore:
 
     While ``enabled`` is set, layers that support splitting their backward call
     :meth:`put` with a closure computing their weight gradients instead of running it.
-    The runtime calls :meth:`flush` after an input-only backward (one batch per backward)
-    and :meth:`pop` for each ``W`` action, which runs the oldest batch (first in, first out).
+    The runtime collects the closures of each input-only backward (:meth:`collect`), queues
+    them as one batch, and runs the oldest batch for each ``W`` action (:meth:`pop`, first
+    in, first out).
+
+    The class-level API of deepseek-ai/DualPipe (``enabled``, ``cache``, ``funcs_queue``,
+    ``put``, ``flush``, ``pop``, ``clear``) works as there; :meth:`collect` is the way to
+    change ``enabled`` and ``cache`` for a while without losing what they held.
     """
 
     enabled: bool = False
@@ -42,6 +48,26 @@ class WeightGradStore:
     @classmethod
     def put(cls, func: Callable[[], None]) -> None:
         cls.cache.append(func)
+
+    @classmethod
+    @contextmanager
+    def collect(cls) -> Iterator[List[Callable[[], None]]]:
+        """Within the block, :meth:`put` is on and lands in a fresh list, the one yielded.
+
+        ``enabled`` and ``cache`` are restored on exit, so blocks nest and an outer batch
+        being collected is left as it was::
+
+            with WeightGradStore.collect() as funcs:
+                run_backward(outputs, grads)   # layers put their weight-gradient closures
+            WeightGradStore.funcs_queue.append(funcs)
+        """
+        enabled, cache = cls.enabled, cls.cache
+        funcs: List[Callable[[], None]] = []
+        cls.enabled, cls.cache = True, funcs
+        try:
+            yield funcs
+        finally:
+            cls.enabled, cls.cache = enabled, cache
 
     @classmethod
     def flush(cls) -> None:
