@@ -18,6 +18,9 @@ EXPECTED = {
     "stage_raises": ("PipelineError", "[rank 2] pipeline rank 2: action 2 'F1.0': RuntimeError: stage exploded"),
     "ok_after": (None, ""),
     "not_permutation": ("ValueError", "rank_mapping must be a permutation of 0..3"),
+    "invalid_plan": ("ValueError", "invalid dualpipe plan (4 ranks, 8 chunks): "),
+    "plan_ranks": ("ValueError", "the plan is for 2 pipeline ranks, the process group has 4"),
+    "plan_chunks": ("ValueError", "this pipeline runs the plan it was given, of 8 micro-batches"),
     "odd_ranks": ("ValueError", "DualPipe needs an even number of ranks"),
 }
 
