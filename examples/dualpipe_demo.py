@@ -109,7 +109,7 @@ def run_schedule(schedule: str, rank: int, world: int, chunks: int, steps: int, 
             for (name, p), q in zip(mine.named_parameters(), ref.parameters()):
                 d = grad_cos_diff(p.grad, q.grad)
                 if not d < 1e-12:
-                    failures.append(f"step {step}: module{i}.{name} gradient 1 - cos = {d:.3g}")
+                    failures.append(f"step {step}: module{i}.{name} gradient difference 1 - 2xy/(x²+y²) = {d:.3g}")
     out = {"failures": failures, "step_s": times}
     if record:
         out["record"] = pipe.timeline.to_dict()

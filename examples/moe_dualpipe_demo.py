@@ -171,7 +171,7 @@ def run(rank: int, args) -> dict:
                 bitwise_grads += int(torch.equal(p.grad, q.grad))
                 d = grad_cos_diff(p.grad, q.grad)
                 if not d < 1e-12:
-                    failures.append(f"{name}.grad: 1 - cos = {d:.3g}")
+                    failures.append(f"{name}.grad: 1 - 2xy/(x²+y²) = {d:.3g}")
             if over.executor.num_overlapped_calls == 0:
                 failures.append("no forward+backward pair ran through the overlap engine")
         t1 = time.perf_counter()

@@ -28,7 +28,7 @@ def _compare_grads(local, ref, what: str, failures: List[str]) -> None:
             continue
         d = grad_cos_diff(p.grad, q.grad)
         if not d < 1e-12:
-            failures.append(f"{what}.{name}: 1 - cos = {d:.3g}")
+            failures.append(f"{what}.{name}: grad_cos_diff (1 - 2xy/(x²+y²)) = {d:.3g}")
 
 
 def _expect_equal(a, b, what: str, failures: List[str]) -> None:
