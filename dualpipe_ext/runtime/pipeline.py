@@ -255,47 +255,57 @@ class _Pipeline(nn.Module):
         return loss, out
 
 
-class DualPipe(_Pipeline):
+class _TwoModulePipeline(_Pipeline):
+    """A pipeline whose ranks hold two stage modules each, ``(module0, module1)``.
+
+    ``schedule``: the class's own by default, another two-module schedule by name, or a
+    :class:`~dualpipe_ext.schedules.Plan`. ``p2p_shapes``/``p2p_dtype``: this pipeline's
+    message declaration (else the module-level ``set_p2p_tensor_shapes``/``set_p2p_tensor_dtype``
+    default). ``rank_mapping[i]`` is the pipeline rank of process-group rank ``i``.
+    """
+
+    default_schedule = ""
+
+    def __init__(self, modules: Tuple[nn.Module, nn.Module], batch_dim: int = 0,
+                 process_group: Optional[dist.ProcessGroup] = None, rank_mapping: Optional[List[int]] = None,
+                 config: Optional[RuntimeConfig] = None, *, schedule: Optional[Schedule] = None,
+                 p2p_shapes: Optional[Sequence[Sequence[int]]] = None, p2p_dtype: Optional[torch.dtype] = None
+                 ) -> None:
+        if len(modules) != 2:
+            raise ValueError(f"{type(self).__name__} needs two modules per rank (module0, module1), got {len(modules)}")
+        schedule = self.default_schedule if schedule is None else schedule
+        self._check_group_size(schedule, (process_group or dist.distributed_c10d._get_default_group()).size())
+        super().__init__(schedule, modules, batch_dim, process_group, rank_mapping, config, p2p_shapes, p2p_dtype)
+
+    def _check_group_size(self, schedule: Schedule, size: int) -> None:
+        """Refuse a process group that ``schedule`` cannot run on, before anything is set up."""
+
+
+class DualPipe(_TwoModulePipeline):
     """DualPipe: bidirectional pipeline, two stage modules per rank, an even number of ranks.
 
     ``modules = (module0, module1)``: module0 is stage ``r`` of the forward-direction
     pipeline, module1 stage ``R-1-r`` of the reverse one. Rank 0 and rank R-1 each feed one
     half of the batch; the loss and outputs on rank R-1 belong to rank 0's inputs and
-    vice versa. ``rank_mapping[i]`` is the pipeline rank of process-group rank ``i``.
-    ``schedule``: another two-module schedule by name, or a :class:`~dualpipe_ext.schedules.Plan`.
-    ``p2p_shapes``/``p2p_dtype``: this pipeline's message declaration (else the module-level
-    ``set_p2p_tensor_shapes``/``set_p2p_tensor_dtype`` default).
+    vice versa. Arguments as for every two-module pipeline (see ``_TwoModulePipeline``).
     """
 
-    def __init__(self, modules: Tuple[nn.Module, nn.Module], batch_dim: int = 0,
-                 process_group: Optional[dist.ProcessGroup] = None, rank_mapping: Optional[List[int]] = None,
-                 config: Optional[RuntimeConfig] = None, *, schedule: Schedule = "dualpipe",
-                 p2p_shapes: Optional[Sequence[Sequence[int]]] = None, p2p_dtype: Optional[torch.dtype] = None
-                 ) -> None:
-        if len(modules) != 2:
-            raise ValueError(f"DualPipe needs two modules per rank (module0, module1), got {len(modules)}")
-        size = (process_group or dist.distributed_c10d._get_default_group()).size()
+    default_schedule = "dualpipe"
+
+    def _check_group_size(self, schedule: Schedule, size: int) -> None:
         if schedule == "dualpipe" and size % 2 != 0:
             raise ValueError(f"DualPipe needs an even number of ranks (2, 4, 6, ...), the process group has {size}; "
                              f"DualPipeV runs on any number of ranks")
-        super().__init__(schedule, modules, batch_dim, process_group, rank_mapping, config, p2p_shapes, p2p_dtype)
 
 
-class DualPipeV(_Pipeline):
+class DualPipeV(_TwoModulePipeline):
     """DualPipeV: one V-shaped pipeline of 2R stages; rank r holds stages r and 2R-1-r.
 
-    Rank 0 feeds the whole batch and gets the loss and outputs. ``schedule``, ``p2p_shapes``
-    and ``p2p_dtype`` as for :class:`DualPipe`.
+    Rank 0 feeds the whole batch and gets the loss and outputs. Arguments as for every
+    two-module pipeline (see ``_TwoModulePipeline``).
     """
 
-    def __init__(self, modules: Tuple[nn.Module, nn.Module], batch_dim: int = 0,
-                 process_group: Optional[dist.ProcessGroup] = None, rank_mapping: Optional[List[int]] = None,
-                 config: Optional[RuntimeConfig] = None, *, schedule: Schedule = "dualpipev",
-                 p2p_shapes: Optional[Sequence[Sequence[int]]] = None, p2p_dtype: Optional[torch.dtype] = None
-                 ) -> None:
-        if len(modules) != 2:
-            raise ValueError(f"DualPipeV needs two modules per rank (module0, module1), got {len(modules)}")
-        super().__init__(schedule, modules, batch_dim, process_group, rank_mapping, config, p2p_shapes, p2p_dtype)
+    default_schedule = "dualpipev"
 
 
 class PipelineSchedule(_Pipeline):

@@ -208,21 +208,16 @@ def bad_inputs(rank: int, world: int, hidden: int = 8, mb_size: int = 2) -> Dict
     out["no_criterion"] = _outcome(lambda: step(crit=None) if rank == R - 1 else step())
     out["no_labels"] = _outcome(lambda: step(labels=[] if rank == 0 else None))
 
-    def wrong_output_shape():
-        stages[0].mode = "shape" if rank == 1 else None
-        try:
-            step()
-        finally:
-            stages[0].mode = None
-    out["output_shape"] = _outcome(wrong_output_shape)
-
-    def stage_raises():
-        stages[1].mode = "raise" if rank == 2 else None
-        try:
-            step()
-        finally:
-            stages[1].mode = None
-    out["stage_raises"] = _outcome(stage_raises)
+    def misbehaving(stage, mode: str, on_rank: int):
+        def run():
+            stage.mode = mode if rank == on_rank else None
+            try:
+                step()
+            finally:
+                stage.mode = None
+        return run
+    out["output_shape"] = _outcome(misbehaving(stages[0], "shape", 1))
+    out["stage_raises"] = _outcome(misbehaving(stages[1], "raise", 2))
     out["ok_after"] = _outcome(step)
 
     out["not_permutation"] = _outcome(lambda: DualPipe(stages, rank_mapping=[0, 1, 1, 3][:R], config=CFG))

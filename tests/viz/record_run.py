@@ -52,11 +52,9 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("out_dir")
     p.add_argument("--schedule", default="dualpipe", choices=["dualpipe", "dualpipev"])
-    p.add_argument("--ranks", type=int, default=4)
-    p.add_argument("--chunks", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=2)
+    sizes = {"ranks": 4, "chunks": 8, "hidden": 64, "batch": 64, "steps": 2}  # record()'s defaults
+    for name, default in sizes.items():
+        p.add_argument(f"--{name}", type=int, default=default)
     a = p.parse_args()
-    print("\n".join(record(a.out_dir, a.schedule, a.ranks, a.chunks, a.hidden, a.batch, a.steps)))
+    print("\n".join(record(a.out_dir, a.schedule, **{name: getattr(a, name) for name in sizes})))
     sys.exit(0)
