@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Dict, List
 
 import torch
@@ -45,11 +46,12 @@ def equivalence_cases(rank: int, world: int, cases: List[Dict]) -> List[Dict]:
 
 def equivalence(rank: int, world: int, schedule: str, chunks: int, num_tensors: int = 1, overlap: bool = False,
                 hidden: int = 8, mb_size: int = 2, record: bool = False, rank_mapping=None, given_plan: bool = False,
-                own_p2p: bool = False) -> Dict:
+                own_p2p: bool = False, eager_comm: bool = True) -> Dict:
     """One training step and one forward-only step against the sequential reference.
 
     ``given_plan``: the pipeline gets the schedule's Plan instead of its name. ``own_p2p``: the
     pipeline gets its message shapes and dtype itself; the process-wide default is left wrong.
+    ``eager_comm=False``: the plan's batches go to ``batch_isend_irecv`` as planned (the NCCL path).
     """
     if rank_mapping is not None:
         rank = rank_mapping[rank]  # from here on: the pipeline rank
@@ -64,7 +66,7 @@ def equivalence(rank: int, world: int, schedule: str, chunks: int, num_tensors: 
         set_p2p_tensor_dtype(dtype)
         kw = {}
     R = world
-    cfg = CFG_RECORD if record else CFG
+    cfg = dataclasses.replace(CFG_RECORD if record else CFG, eager_comm=eager_comm)
     if given_plan:
         kw["schedule"] = get_plan(schedule, R, chunks)
     failures: List[str] = []
