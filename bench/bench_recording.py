@@ -17,14 +17,13 @@ import argparse
 import copy
 import importlib.util
 import os
-import socket
 import sys
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from dualpipe_ext.launch import run_ranks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -46,13 +45,10 @@ def _order(blocks: int):
     return [on for b in range(blocks) for on in BLOCKS[b % 2]]
 
 
-def _worker(rank, world, port, schedule, chunks, hidden, tokens, warmup, blocks, queue):
+def _worker(rank, world, schedule, chunks, hidden, tokens, warmup, blocks):
     from dualpipe_ext import DualPipe, DualPipeV, RuntimeConfig, set_p2p_tensor_dtype, set_p2p_tensor_shapes
 
     demo = _demo()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
     torch.manual_seed(0)
     n = 2 * world  # DualPipe: forward stages then reverse stages; DualPipeV: the V's stages
     full = [demo.Block(hidden).to(demo.DTYPE) for _ in range(n)]
@@ -81,9 +77,7 @@ def _worker(rank, world, port, schedule, chunks, hidden, tokens, warmup, blocks,
         events.append(len(pipe.timeline.events) - before)
         if len(pipe.timeline.events) > 100_000:
             pipe.timeline.clear()
-    queue.put((rank, times[warmup:], events[warmup:]))
-    dist.barrier()
-    dist.destroy_process_group()
+    return times[warmup:], events[warmup:]
 
 
 def _event_cost_ns(n: int = 200_000) -> float:
@@ -112,24 +106,7 @@ def _bootstrap_ci(xs, n: int = 2000, seed: int = 0):
 
 
 def measure(schedule, ranks, chunks, hidden, tokens, warmup, blocks, timeout):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, ranks, port, schedule, chunks, hidden, tokens, warmup, blocks,
-                                               queue), daemon=True) for r in range(ranks)]
-    for p in procs:
-        p.start()
-    got = {}
-    deadline = time.monotonic() + timeout
-    while len(got) < ranks:
-        rank, times, events = queue.get(timeout=max(1.0, deadline - time.monotonic()))
-        got[rank] = (times, events)
-    for p in procs:
-        p.join(timeout=10)
-        if p.is_alive():
-            p.kill()
+    got = run_ranks(_worker, ranks, schedule, chunks, hidden, tokens, warmup, blocks, timeout_s=timeout)
     steps = len(got[0][0])
     step_ms = [max(got[r][0][i] for r in range(ranks)) * 1e3 for i in range(steps)]
     on_flags = _order(blocks)

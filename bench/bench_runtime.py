@@ -15,15 +15,16 @@ import copy
 import os
 import sys
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dualpipe_ext.launch import run_ranks
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import median, quantile, spawn_ranks, table  # noqa: E402
+from harness import median, quantile, table  # noqa: E402
 
 SIZES = {
     # name: (hidden, tokens per micro-batch)
@@ -48,11 +49,7 @@ def mse(out, target):
     return F.mse_loss(out, target)
 
 
-def _worker(rank, world, port, args, queue):
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
+def _worker(rank, world, args):
     from torch.distributed.pipelining import PipelineStage, ScheduleDualPipeV
 
     from dualpipe_ext import DualPipeV, RuntimeConfig, set_p2p_tensor_dtype, set_p2p_tensor_shapes
@@ -127,10 +124,7 @@ def _worker(rank, world, port, args, queue):
                 if it >= args.warmup:
                     times[name].append(dt.item())
         results[size] = times
-    if rank == 0:
-        queue.put(results)
-    dist.barrier()
-    dist.destroy_process_group()
+    return results
 
 
 def main():
@@ -142,7 +136,7 @@ def main():
     p.add_argument("--sizes", default="tiny,realistic")
     p.add_argument("--baselines", action="store_true", help="also time 1F1B: PipelineSchedule vs Schedule1F1B")
     args = p.parse_args()
-    results = spawn_ranks(_worker, args.ranks, args)
+    results = run_ranks(_worker, args.ranks, args, timeout_s=1800)[0]
     rows = []
     for size, times in results.items():
         hidden, tokens = SIZES[size]

@@ -1,4 +1,5 @@
-"""Small shared timing helpers for the benchmarks: medians, quantiles, tables."""
+"""Small shared helpers for the benchmarks: medians, quantiles, tables, and ``spawn_ranks`` for the
+scripts whose workers set up their own process group (the others call ``dualpipe_ext.launch.run_ranks``)."""
 from __future__ import annotations
 
 import statistics
@@ -25,28 +26,31 @@ def table(headers: List[str], rows: List[List[object]]) -> str:
     return "\n".join(out)
 
 
+class _FirstReport:
+    """Stands in for the queue of a ``spawn_ranks`` worker: keeps the first object put on it."""
+
+    def __init__(self) -> None:
+        self.items: List[object] = []
+
+    def put(self, item: object) -> None:
+        self.items.append(item)
+
+
+def _run_worker(rank: int, world: int, worker, args):
+    import os
+
+    report = _FirstReport()
+    worker(rank, world, int(os.environ["MASTER_PORT"]), args, report)
+    return report.items[:1]
+
+
 def spawn_ranks(worker, world: int, args, timeout_s: float = 1800.0):
-    """Run ``worker(rank, world, port, args, queue)`` on ``world`` spawned processes.
+    """Run ``worker(rank, world, port, args, queue)`` on ``world`` processes (``dualpipe_ext.launch``).
 
-    Returns the first object a rank puts on ``queue`` (rank 0 reports the results);
-    processes still alive after it are killed.
+    For scripts whose worker sets up its own process group on ``port`` and reports through
+    ``queue.put``: returns the first object a rank put (rank 0 reports the results).
     """
-    import socket
+    from dualpipe_ext.launch import run_ranks
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, world, port, args, queue), daemon=True) for r in range(world)]
-    for proc in procs:
-        proc.start()
-    try:
-        return queue.get(timeout=timeout_s)
-    finally:
-        for proc in procs:
-            proc.join(timeout=60)
-            if proc.is_alive():
-                proc.kill()
+    reports = run_ranks(_run_worker, world, worker, args, timeout_s=timeout_s, init=False)
+    return next(items[0] for items in reports if items)

@@ -38,17 +38,8 @@ def _positive(text: str) -> int:
 
 def _costs(text: Optional[str]):
     from dualpipe_ext.schedules import Costs
-    from dualpipe_ext.viz.table import parse_costs
 
-    return Costs() if text is None else parse_costs(text)
-
-
-def _simulated_timeline(plan, sim) -> list:
-    """Per rank (token, start, end), whichever form the simulator gives its timeline in."""
-    out = []
-    for r, row in enumerate(sim.timeline):
-        out.append([(str(plan.actions[r][t]) if isinstance(t, int) else str(t), s, e) for t, s, e in row])
-    return out
+    return Costs() if text is None else Costs.parse(text)
 
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
@@ -64,14 +55,14 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     title = (f"{args.name}: {args.ranks} ranks, {args.chunks} micro-batches; "
              f"F={costs.F:g} B={costs.B:g} W={costs.W:g} F&B={costs.FB:g} P2P={costs.P2P:g}; "
              f"makespan {sim.makespan:.4g}")
-    drawing = draw_timeline(_simulated_timeline(plan, sim), args.out, schedule=args.name, title=title)
+    drawing = draw_timeline(sim.timeline, args.out, schedule=args.name, title=title)
     cells = sum(len(row) for row in drawing.rows)
     print(f"wrote {args.out}: {len(drawing.rows)} ranks, {cells} compute actions, makespan {sim.makespan:.4g}")
     return 0
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from dualpipe_ext.viz.table import compare, format_table, pick_best
+    from dualpipe_ext.schedules.compare import compare, format_table, pick_best
 
     if args.memory is not None and not args.best:
         raise ValueError("--memory applies to --best: add --best to pick a schedule within that memory")
@@ -111,7 +102,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         drawing = draw_run(run, args.svg)
         print(f"wrote {args.svg}: {sum(len(row) for row in drawing.rows)} compute actions, step {run.step}")
     if args.predict:
-        from dualpipe_ext.viz.predict import format_prediction, predict
+        from dualpipe_ext.schedules.predict import format_prediction, predict
 
         # Every recorded step but the first (warm-up), unless --step picks one.
         num_steps = min(len(r["steps"]) for r in records)
@@ -122,12 +113,14 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from dualpipe_ext.schedules import schedule_names
+
     p = _Parser(prog=PROG, description="Draw, compare and trace pipeline schedules.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
     costs_help = "costs F,B,W,FB,P2P of forward, full backward, weight backward, overlapped pair, transfer (default 1,2,1,3,0)"
 
     s = sub.add_parser("schedule", help="draw a schedule's timeline (SVG, PNG or PDF)")
-    s.add_argument("name", help="schedule name, e.g. dualpipe, dualpipev, 1f1b, zb1p, gpipe")
+    s.add_argument("name", help="schedule name: " + ", ".join(schedule_names()))
     s.add_argument("--ranks", type=_positive, required=True, help="pipeline ranks (devices)")
     s.add_argument("--chunks", type=_positive, required=True, help="micro-batches per step")
     s.add_argument("--out", required=True, help="output file: .svg, .png or .pdf")

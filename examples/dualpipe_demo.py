@@ -25,8 +25,6 @@ import os
 import statistics
 import sys
 import time
-import traceback
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -34,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dualpipe_ext import DualPipe, DualPipeV, RuntimeConfig, set_p2p_tensor_dtype, set_p2p_tensor_shapes
-from launch import launch  # examples/launch.py
+from dualpipe_ext.launch import LaunchError, run_ranks
 from dualpipe_ext.runtime.reference import grad_cos_diff, sequential_step
 from dualpipe_ext.viz.render import FORMATS
 
@@ -111,32 +109,24 @@ def run_schedule(schedule: str, rank: int, world: int, chunks: int, steps: int, 
             for (name, p), q in zip(mine.named_parameters(), ref.parameters()):
                 d = grad_cos_diff(p.grad, q.grad)
                 if not d < 1e-12:
-                    failures.append(f"step {step}: module{i}.{name} gradient 1 - cos = {d:.3g}")
+                    failures.append(f"step {step}: module{i}.{name} gradient difference 1 - 2xy/(x²+y²) = {d:.3g}")
     out = {"failures": failures, "step_s": times}
     if record:
         out["record"] = pipe.timeline.to_dict()
     return out
 
 
-def worker(rank: int, world: int, port: int, args, queue) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=60))
-        schedules = ["dualpipe", "dualpipev"] if args.schedule == "both" else [args.schedule]
-        out = {}
-        for s in schedules:
-            if s == "dualpipe" and world % 2:
-                out[s] = {"skipped": f"DualPipe needs an even number of ranks, got {world}"}
-                continue
-            out[s] = run_schedule(s, rank, world, args.chunks, args.steps, args.hidden, args.tokens,
-                                  record=bool(args.timeline or args.record))
-        queue.put((rank, out))
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - reported by the parent
-        queue.put((rank, {"error": traceback.format_exc()}))
+def worker(rank: int, world: int, args) -> dict:
+    """One rank: every requested schedule, by name."""
+    schedules = ["dualpipe", "dualpipev"] if args.schedule == "both" else [args.schedule]
+    out = {}
+    for s in schedules:
+        if s == "dualpipe" and world % 2:
+            out[s] = {"skipped": f"DualPipe needs an even number of ranks, got {world}"}
+            continue
+        out[s] = run_schedule(s, rank, world, args.chunks, args.steps, args.hidden, args.tokens,
+                              record=bool(args.timeline or args.record))
+    return out
 
 
 def main() -> int:
@@ -157,18 +147,12 @@ def main() -> int:
         p.error(f"--timeline {args.timeline!r}: expected a file name ending in one of {', '.join(FORMATS)}")
     if args.hidden <= 0 or args.tokens <= 0:
         p.error("--hidden and --tokens must be positive")
-    results, missing = launch(worker, args.ranks, lambda r, port, queue: (r, args.ranks, port, args, queue),
-                              args.timeout)
-    if missing:
-        print(f"FAIL: ranks {missing} did not finish within {args.timeout:g} s")
+    try:
+        results = run_ranks(worker, args.ranks, args, timeout_s=args.timeout)
+    except LaunchError as e:
+        print(f"FAIL: {e}")
         return 1
     ok = True
-    for r, out in sorted(results.items()):
-        if "error" in out:
-            print(f"FAIL: rank {r} raised:\n{out['error']}")
-            ok = False
-    if not ok:
-        return 1
     for s in results[0]:
         if "skipped" in results[0][s]:
             print(f"{s}: skipped ({results[0][s]['skipped']})")

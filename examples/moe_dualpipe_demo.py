@@ -34,12 +34,9 @@ local gradient must satisfy 1 - cos < 1e-12 (float64), or the script exits non-z
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
-import traceback
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -47,7 +44,7 @@ import torch.distributed as dist
 from dualpipe_ext import DualPipe, RuntimeConfig, set_p2p_tensor_dtype, set_p2p_tensor_shapes
 from dualpipe_ext.moe import MoEConfig
 from dualpipe_ext.overlap import BlockConfig, MoEStage, OverlappedMoEStage
-from launch import launch  # examples/launch.py
+from dualpipe_ext.launch import LaunchError, run_ranks
 from dualpipe_ext.runtime.reference import grad_cos_diff
 
 PP, EP = 2, 2
@@ -174,7 +171,7 @@ def run(rank: int, args) -> dict:
                 bitwise_grads += int(torch.equal(p.grad, q.grad))
                 d = grad_cos_diff(p.grad, q.grad)
                 if not d < 1e-12:
-                    failures.append(f"{name}.grad: 1 - cos = {d:.3g}")
+                    failures.append(f"{name}.grad: 1 - 2xy/(x²+y²) = {d:.3g}")
             if over.executor.num_overlapped_calls == 0:
                 failures.append("no forward+backward pair ran through the overlap engine")
         t1 = time.perf_counter()
@@ -190,17 +187,8 @@ def run(rank: int, args) -> dict:
             "bitwise_grads": bitwise_grads, "grads": n_grads}
 
 
-def worker(rank: int, port: int, args, queue) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                                timeout=timedelta(seconds=60))
-        queue.put((rank, run(rank, args)))
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - reported by the parent
-        queue.put((rank, {"error": traceback.format_exc()}))
+def worker(rank: int, world: int, args) -> dict:
+    return run(rank, args)
 
 
 def main() -> int:
@@ -219,14 +207,10 @@ def main() -> int:
     if args.chunks < 2 * PP or args.chunks % 2:
         p.error(f"--chunks must be even and at least {2 * PP}")
     t_start = time.perf_counter()
-    results, missing = launch(worker, WORLD, lambda r, port, queue: (r, port, args, queue), args.timeout)
-    if missing:
-        print(f"FAIL: ranks {missing} did not finish within {args.timeout:g} s")
-        return 1
-    errors = [(r, out["error"]) for r, out in sorted(results.items()) if "error" in out]
-    for r, err in errors:
-        print(f"FAIL: rank {r} raised:\n{err}")
-    if errors:
+    try:
+        results = run_ranks(worker, WORLD, args, timeout_s=args.timeout)
+    except LaunchError as e:
+        print(f"FAIL: {e}")
         return 1
 
     r0 = results[0]

@@ -4,7 +4,7 @@ import os
 # module imports a kernel file: Triton kernels then run on CPU tensors.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Shared test helpers (dist_harness) import from this folder in every test directory.
+# Shared test helpers (dist_harness, timeline_helpers) import from this folder in every test directory.
 import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

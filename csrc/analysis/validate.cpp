@@ -4,7 +4,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "analysis/simulate.h"
+#include "analysis/grid.h"
 
 namespace dpx {
 
@@ -97,49 +97,60 @@ void check_dataflow(const Plan& plan, bool forward_only) {
     int queued_w = 0;
     std::vector<int> bz_steps;
 
-    auto check_forward = [&](int m, int c, Cell cell) {
+    // A computation and its input: forward data come from the previous stage, output
+    // gradients from the next one, by a completed receive or a hand-off on this rank.
+    auto check_input = [&](bool fwd, int m, int c, Cell cell) {
       ModuleState& s = st[r][m];
       const StageInfo& info = plan.stages[r][m];
-      const std::string tok = "F" + mb_name(m, c);
-      if (s.fwd[c] >= 0)
-        fail(plan, "exactly once", tok + " runs twice on rank " + S(r) + " (steps " + S(s.fwd[c]) + " and " +
-                                       S(cell.step) + ")", {Cell{r, s.fwd[c]}, cell});
-      if (info.prev_rank < 0) return;
-      if (info.prev_rank == r) {
-        if (st[r][info.prev_module].fwd[c] < 0)
-          fail(plan, "dependency", describe(plan, cell) + " runs before F" + mb_name(info.prev_module, c) +
-                                       ", which hands it its input on the same rank", {cell});
-        return;
-      }
-      if (s.recv_f[c] < 0)
-        fail(plan, "dependency", describe(plan, cell) + " runs without its input: no recvF" + mb_name(m, c) + "<" +
-                                     S(info.prev_rank) + " before it", {cell});
-      if (!s.ready_f[c])
-        fail(plan, "dependency", describe(plan, cell) + " runs before a wait completes its receive at step " +
-                                     S(s.recv_f[c]), {Cell{r, s.recv_f[c]}, cell});
-    };
-    auto check_backward = [&](int m, int c, Cell cell) {
-      ModuleState& s = st[r][m];
-      const StageInfo& info = plan.stages[r][m];
-      const std::string tok = "B" + mb_name(m, c);
-      if (s.bwd[c] >= 0)
-        fail(plan, "exactly once", tok + " runs twice on rank " + S(r) + " (steps " + S(s.bwd[c]) + " and " +
-                                       S(cell.step) + ")", {Cell{r, s.bwd[c]}, cell});
-      if (s.fwd[c] < 0)
+      const std::string kind = fwd ? "F" : "B";
+      const int done = (fwd ? s.fwd : s.bwd)[c];
+      if (done >= 0)
+        fail(plan, "exactly once", kind + mb_name(m, c) + " runs twice on rank " + S(r) + " (steps " + S(done) +
+                                       " and " + S(cell.step) + ")", {Cell{r, done}, cell});
+      if (!fwd && s.fwd[c] < 0)
         fail(plan, "dependency", describe(plan, cell) + " runs before its forward F" + mb_name(m, c), {cell});
-      if (info.next_rank < 0) return;
-      if (info.next_rank == r) {
-        if (st[r][info.next_module].bwd[c] < 0)
-          fail(plan, "dependency", describe(plan, cell) + " runs before B" + mb_name(info.next_module, c) +
-                                       ", which hands it its output gradient on the same rank", {cell});
+      const int peer = fwd ? info.prev_rank : info.next_rank;
+      const int peer_module = fwd ? info.prev_module : info.next_module;
+      const std::string input = fwd ? "input" : "output gradient";
+      if (peer < 0) return;
+      if (peer == r) {
+        if ((fwd ? st[r][peer_module].fwd : st[r][peer_module].bwd)[c] < 0)
+          fail(plan, "dependency", describe(plan, cell) + " runs before " + kind + mb_name(peer_module, c) +
+                                       ", which hands it its " + input + " on the same rank", {cell});
         return;
       }
-      if (s.recv_b[c] < 0)
-        fail(plan, "dependency", describe(plan, cell) + " runs without its output gradient: no recvB" + mb_name(m, c) +
-                                     "<" + S(info.next_rank) + " before it", {cell});
-      if (!s.ready_b[c])
+      const int recv = (fwd ? s.recv_f : s.recv_b)[c];
+      if (recv < 0)
+        fail(plan, "dependency", describe(plan, cell) + " runs without its " + input + ": no recv" + kind +
+                                     mb_name(m, c) + "<" + S(peer) + " before it", {cell});
+      if (!(fwd ? s.ready_f : s.ready_b)[c])
         fail(plan, "dependency", describe(plan, cell) + " runs before a wait completes its receive at step " +
-                                     S(s.recv_b[c]), {Cell{r, s.recv_b[c]}, cell});
+                                     S(recv), {Cell{r, recv}, cell});
+    };
+    // A send or receive: its peer follows the stage table, a send's data exist, each happens once.
+    auto check_comm = [&](const Action& a, Cell cell) {
+      const bool send = a.type == ActionType::kSendForward || a.type == ActionType::kSendBackward;
+      const bool fwd = a.type == ActionType::kRecvForward || a.type == ActionType::kSendForward;
+      const StageInfo& info = plan.stages[r][a.module];
+      // Forward data go from the previous stage to the next; gradients the other way.
+      const int expect = fwd != send ? info.prev_rank : info.next_rank;
+      if (expect != a.peer || expect == r) {
+        const std::string what = send ? (fwd ? " sends its outputs " : " sends its input gradients ")
+                                      : (fwd ? " gets its inputs " : " gets its output gradients ");
+        const std::string where = expect < 0   ? std::string(send ? "nowhere" : "from nowhere") + " (end of the pipeline)"
+                                  : expect == r ? std::string("locally, without communication")
+                                                : (send ? "to rank " : "from rank ") + S(expect);
+        fail(plan, "peer", describe(plan, cell) + ": module " + S(a.module) + " on rank " + S(r) + what + where, {cell});
+      }
+      ModuleState& s = st[r][a.module];
+      if (send && (fwd ? s.fwd : s.bwd)[a.mb] < 0)
+        fail(plan, "dependency", describe(plan, cell) + " sends data that does not exist yet: " + (fwd ? "F" : "B") +
+                                     mb_name(a.module, a.mb) + " has not run", {cell});
+      int& at = (send ? (fwd ? s.send_f : s.send_b) : (fwd ? s.recv_f : s.recv_b))[a.mb];
+      if (at >= 0)
+        fail(plan, "exactly once", describe(plan, cell) + (send ? " sends" : " receives") + " again (first at step " +
+                                       S(at) + ")", {Cell{r, at}, cell});
+      at = cell.step;
     };
 
     for (int i = 0; i < static_cast<int>(acts.size()); ++i) {
@@ -150,19 +161,19 @@ void check_dataflow(const Plan& plan, bool forward_only) {
         fail(plan, "forward only", describe(plan, cell) + " in a plan without backward computation", {cell});
       switch (a.type) {
         case ActionType::kForward:
-          check_forward(a.module, a.mb, cell);
+          check_input(true, a.module, a.mb, cell);
           st[r][a.module].fwd[a.mb] = i;
           break;
         case ActionType::kBackward:
         case ActionType::kBackwardInput:
-          check_backward(a.module, a.mb, cell);
+          check_input(false, a.module, a.mb, cell);
           st[r][a.module].bwd[a.mb] = i;
           if (a.type == ActionType::kBackwardInput) ++queued_w, bz_steps.push_back(i);
           break;
         case ActionType::kForwardBackward:
           // The halves run concurrently: neither may depend on the other.
-          check_backward(a.module2, a.mb2, cell);
-          check_forward(a.module, a.mb, cell);
+          check_input(false, a.module2, a.mb2, cell);
+          check_input(true, a.module, a.mb, cell);
           st[r][a.module].fwd[a.mb] = i;
           st[r][a.module2].bwd[a.mb2] = i;
           break;
@@ -173,43 +184,12 @@ void check_dataflow(const Plan& plan, bool forward_only) {
           --queued_w;
           break;
         case ActionType::kRecvForward:
-        case ActionType::kRecvBackward: {
-          const bool fwd = a.type == ActionType::kRecvForward;
-          const StageInfo& info = plan.stages[r][a.module];
-          const int expect = fwd ? info.prev_rank : info.next_rank;
-          if (expect != a.peer || expect == r)
-            fail(plan, "peer", describe(plan, cell) + ": module " + S(a.module) + " on rank " + S(r) + " gets its " +
-                                   (fwd ? "inputs " : "output gradients ") +
-                                   (expect < 0 ? std::string("from nowhere (end of the pipeline)")
-                                    : expect == r ? std::string("locally, without communication")
-                                                  : "from rank " + S(expect)), {cell});
-          int& at = fwd ? st[r][a.module].recv_f[a.mb] : st[r][a.module].recv_b[a.mb];
-          if (at >= 0) fail(plan, "exactly once", describe(plan, cell) + " receives again (first at step " + S(at) + ")", {Cell{r, at}, cell});
-          at = i;
-          pending.push_back(i);
-          break;
-        }
+        case ActionType::kRecvBackward:
         case ActionType::kSendForward:
-        case ActionType::kSendBackward: {
-          const bool fwd = a.type == ActionType::kSendForward;
-          const StageInfo& info = plan.stages[r][a.module];
-          const int expect = fwd ? info.next_rank : info.prev_rank;
-          if (expect != a.peer || expect == r)
-            fail(plan, "peer", describe(plan, cell) + ": module " + S(a.module) + " on rank " + S(r) + " sends its " +
-                                   (fwd ? "outputs " : "input gradients ") +
-                                   (expect < 0 ? std::string("nowhere (end of the pipeline)")
-                                    : expect == r ? std::string("locally, without communication")
-                                                  : "to rank " + S(expect)), {cell});
-          const ModuleState& s = st[r][a.module];
-          if ((fwd ? s.fwd : s.bwd)[a.mb] < 0)
-            fail(plan, "dependency", describe(plan, cell) + " sends data that does not exist yet: " +
-                                         (fwd ? "F" : "B") + mb_name(a.module, a.mb) + " has not run", {cell});
-          int& at = fwd ? st[r][a.module].send_f[a.mb] : st[r][a.module].send_b[a.mb];
-          if (at >= 0) fail(plan, "exactly once", describe(plan, cell) + " sends again (first at step " + S(at) + ")", {Cell{r, at}, cell});
-          at = i;
+        case ActionType::kSendBackward:
+          check_comm(a, cell);
           pending.push_back(i);
           break;
-        }
         case ActionType::kWait:
           for (int p : pending) {
             const Action& q = acts[p];

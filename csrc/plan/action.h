@@ -55,9 +55,6 @@ struct Plan {
   int mbs_per_module = 0;                       // micro-batches each module sees
   std::vector<std::vector<StageInfo>> stages;   // [rank][module]
   std::vector<std::vector<Action>> actions;     // [rank]
-
-  bool is_first_stage(int rank, int module) const { return stages[rank][module].prev_rank < 0; }
-  bool is_last_stage(int rank, int module) const { return stages[rank][module].next_rank < 0; }
 };
 
 // Text form. Compute actions print as the trace tokens of shared/spec/schedule-trace.md;

@@ -1,6 +1,10 @@
 """Public pipeline classes: DualPipe, DualPipeV (drop-ins for deepseek-ai/DualPipe) and
 PipelineSchedule (the single-stage baselines), all run by the same executor.
 
+Each runs a registered schedule by name, or a plan of the user's own (``schedule=plan``),
+which the C++ validator checks when the pipeline is built: an unsound plan is refused with
+the validator's message, on every rank alike, before any communication.
+
 A step: check the arguments on every rank and agree on the verdict (one small
 all_reduce), split the batch into micro-batches on the ranks that hold first stages,
 walk this rank's plan, agree on success, then return ``(loss, outputs)`` on the ranks
@@ -8,6 +12,7 @@ that hold last stages and ``(None, None)`` elsewhere.
 """
 from __future__ import annotations
 
+import zlib
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -16,14 +21,29 @@ import torch.nn as nn
 
 from dualpipe_ext import comm
 from dualpipe_ext.runtime.agreement import INPUT, NONE, STEP, PipelineError, agree
+from dualpipe_ext.runtime.compiled import CompiledPlan
 from dualpipe_ext.runtime.config import RuntimeConfig
-from dualpipe_ext.runtime.executor import CompiledPlan, Executor
+from dualpipe_ext.runtime.executor import Executor
 from dualpipe_ext.runtime.timeline import Recorder
-from dualpipe_ext.schedules import get_plan
+from dualpipe_ext.runtime.transport import LinkConfig
+from dualpipe_ext.schedules import Plan, get_plan, schedule_info, schedule_names, validate
 
 __all__ = ["DualPipe", "DualPipeV", "PipelineSchedule"]
 
 Outputs = Optional[Union[torch.Tensor, Tuple[torch.Tensor, ...]]]
+Schedule = Union[str, Plan]
+
+
+def _schedules_with(num_modules: int) -> Tuple[str, ...]:
+    """Registered schedules whose ranks hold ``num_modules`` stage modules each."""
+    return tuple(n for n in schedule_names() if schedule_info(n).modules_per_rank == num_modules)
+
+
+def _fingerprint(plan: Plan) -> int:
+    """A checksum of a plan's actions and stage table, for the ranks to agree on."""
+    text = "|".join(" ".join(str(a) for a in row) for row in plan.actions)
+    text += "|" + repr(plan.stages) + f"|{plan.chunks}|{plan.mbs_per_module}"
+    return zlib.crc32(text.encode())
 
 
 def _device_of(modules: Sequence[nn.Module]) -> torch.device:
@@ -34,13 +54,13 @@ def _device_of(modules: Sequence[nn.Module]) -> torch.device:
 
 
 class _Pipeline(nn.Module):
-    """Shared machinery; subclasses fix the schedule and the number of local modules."""
+    """Shared machinery; subclasses fix the default schedule and the number of local modules."""
 
-    def __init__(self, schedule: str, modules: Sequence[nn.Module], batch_dim: int,
+    def __init__(self, schedule: Schedule, modules: Sequence[nn.Module], batch_dim: int,
                  process_group: Optional[dist.ProcessGroup], rank_mapping: Optional[List[int]],
-                 config: Optional[RuntimeConfig]) -> None:
+                 config: Optional[RuntimeConfig], p2p_shapes: Optional[Sequence[Sequence[int]]],
+                 p2p_dtype: Optional[torch.dtype]) -> None:
         super().__init__()
-        self.schedule = schedule
         self.module = nn.ModuleList(modules)
         self.batch_dim = batch_dim
         self.config = config or RuntimeConfig()
@@ -59,18 +79,63 @@ class _Pipeline(nn.Module):
         self.rank = rank_mapping[group_rank]
         self._to_group = inverse
         self._to_global = [dist.get_global_rank(self.group, g) for g in inverse]
+        self._p2p_shapes = None if p2p_shapes is None else comm.parse_shapes(p2p_shapes, "p2p_shapes")
+        self._p2p_dtype = None if p2p_dtype is None else comm.check_dtype(p2p_dtype, "p2p_dtype")
+        self._compiled: Dict[Tuple[int, bool], CompiledPlan] = {}
+        self.given_plan: Optional[Plan] = None  # a plan of the user's own, or None for a schedule name
+        self._agreed: Tuple[Tuple[str, int], ...] = ()  # values every rank's step must share
+        if isinstance(schedule, Plan):
+            self._adopt(schedule, len(modules))
+        else:
+            self._check_schedule(schedule, len(modules))
+            self.schedule = schedule
         self.device = _device_of(modules)
         self.timeline = Recorder(self.config.record)
         self.timeline.rank = self.rank
         self.timeline.global_rank = dist.get_rank()
         eager = self.config.eager_comm and dist.get_backend(self.group) == "gloo"
-        self.executor = Executor(modules, self.group, self.rank, self.device, self.config.comm_timeout_s,
-                                 self.timeline, eager,
-                                 1 << 30 if self.config.recv_lookahead is None else self.config.recv_lookahead)
+        lookahead = 1 << 30 if self.config.recv_lookahead is None else self.config.recv_lookahead
+        link = LinkConfig(self.group, self.rank, self.device, self.config.comm_timeout_s, eager, lookahead)
+        self.executor = Executor(modules, link, self.timeline)
         self.overlapped_forward_backward = self.executor.overlapped
-        self._compiled: Dict[Tuple[int, bool], CompiledPlan] = {}
+
+    def _check_schedule(self, name: str, num_modules: int) -> None:
+        valid = _schedules_with(num_modules)
+        if name not in valid:
+            raise ValueError(f"{type(self).__name__} holds {num_modules} stage module(s) per rank and runs one of "
+                             f"{', '.join(valid)} (or a Plan), got {name!r}")
+
+    def _adopt(self, plan: Plan, num_modules: int) -> None:
+        """Take a user's plan: sound (the C++ validator), of this group's size and module count."""
+        validate(plan)
+        validate(plan.forward_only())
+        if plan.ranks != self.num_ranks:
+            raise ValueError(f"the plan is for {plan.ranks} pipeline ranks, the process group has {self.num_ranks}")
+        if plan.num_modules != num_modules:
+            raise ValueError(f"the plan gives each rank {plan.num_modules} stage module(s); {type(self).__name__} "
+                             f"holds {num_modules}")
+        self.given_plan = plan
+        self.schedule = plan.schedule
+        for forward_only in (False, True):
+            p = plan.forward_only() if forward_only else plan
+            self._compiled[(plan.chunks, forward_only)] = CompiledPlan(p, self.rank, self._to_global, self._to_group)
+        self._agreed = (("the plan (checksum)", _fingerprint(plan)),)
+
+    def set_p2p_tensor_shapes(self, shapes: Sequence[Sequence[int]]) -> None:
+        """This pipeline's message shapes (one per tensor), instead of the process-wide default."""
+        self._p2p_shapes = comm.parse_shapes(shapes)
+
+    def set_p2p_tensor_dtype(self, dtype: torch.dtype) -> None:
+        """This pipeline's message dtype, instead of the process-wide default."""
+        self._p2p_dtype = comm.check_dtype(dtype)
 
     def _plan(self, num_chunks: int, forward_only: bool) -> CompiledPlan:
+        if self.given_plan is not None:
+            chunks = self.given_plan.chunks
+            if num_chunks not in (0, chunks):
+                raise ValueError(f"this pipeline runs the plan it was given, of {chunks} micro-batches: pass "
+                                 f"num_chunks={chunks} (or 0)")
+            return self._compiled[(chunks, forward_only)]
         key = (num_chunks, forward_only)
         cp = self._compiled.get(key)
         if cp is None:
@@ -83,9 +148,6 @@ class _Pipeline(nn.Module):
 
     def _check(self, cp: CompiledPlan, inputs, criterion, labels, forward_only: bool) -> Optional[str]:
         """What is wrong with this rank's arguments, or None."""
-        missing = comm.missing_declaration()
-        if missing:
-            return missing
         mbs = cp.mbs_per_module
         feeds_first = any(cp.is_first)
         if feeds_first:
@@ -154,16 +216,17 @@ class _Pipeline(nn.Module):
         if not isinstance(labels, (list, tuple)):
             labels = [labels]
         cp, kind, message = None, NONE, None
+        p2p = comm.resolve(self._p2p_shapes, self._p2p_dtype)  # a P2PSpec, or what is not declared
         try:
             cp = self._plan(int(num_chunks), forward_only)
         except ValueError as e:
             kind, message = INPUT, f"num_chunks={num_chunks}: {e}"
         if cp is not None:
-            message = self._check(cp, inputs, criterion, labels, forward_only)
+            message = p2p if isinstance(p2p, str) else self._check(cp, inputs, criterion, labels, forward_only)
             kind = INPUT if message else NONE
         if cfg.check_errors:
-            agree(self.group, self.device, self.rank, kind, message,
-                  values=(("num_chunks", int(num_chunks)), ("torch.is_grad_enabled()", int(not forward_only))),
+            values = (("num_chunks", int(num_chunks)), ("torch.is_grad_enabled()", int(not forward_only)))
+            agree(self.group, self.device, self.rank, kind, message, values=values + self._agreed,
                   timeout_s=cfg.comm_timeout_s, what="step arguments")
         elif message:
             raise ValueError(message)
@@ -171,7 +234,8 @@ class _Pipeline(nn.Module):
         mbs = cp.mbs_per_module
         feeds = {m: self._split(inputs, mbs) for m in range(cp.num_modules) if cp.is_first[m]}
         loss_labels = {m: self._split(labels, mbs) for m in range(cp.num_modules) if cp.is_last[m]}
-        error, losses, outputs = self.executor.run(cp, feeds, loss_labels, criterion, return_outputs, forward_only)
+        error, losses, outputs = self.executor.run(cp, p2p, feeds, loss_labels, criterion, return_outputs,
+                                                   forward_only)
         if error is not None:
             error = f"pipeline rank {self.rank}: {error}"
         if cfg.check_errors:
@@ -191,53 +255,70 @@ class _Pipeline(nn.Module):
         return loss, out
 
 
-class DualPipe(_Pipeline):
+class _TwoModulePipeline(_Pipeline):
+    """A pipeline whose ranks hold two stage modules each, ``(module0, module1)``.
+
+    ``schedule``: the class's own by default, another two-module schedule by name, or a
+    :class:`~dualpipe_ext.schedules.Plan`. ``p2p_shapes``/``p2p_dtype``: this pipeline's
+    message declaration (else the module-level ``set_p2p_tensor_shapes``/``set_p2p_tensor_dtype``
+    default). ``rank_mapping[i]`` is the pipeline rank of process-group rank ``i``.
+    """
+
+    default_schedule = ""
+
+    def __init__(self, modules: Tuple[nn.Module, nn.Module], batch_dim: int = 0,
+                 process_group: Optional[dist.ProcessGroup] = None, rank_mapping: Optional[List[int]] = None,
+                 config: Optional[RuntimeConfig] = None, *, schedule: Optional[Schedule] = None,
+                 p2p_shapes: Optional[Sequence[Sequence[int]]] = None, p2p_dtype: Optional[torch.dtype] = None
+                 ) -> None:
+        if len(modules) != 2:
+            raise ValueError(f"{type(self).__name__} needs two modules per rank (module0, module1), got {len(modules)}")
+        schedule = self.default_schedule if schedule is None else schedule
+        self._check_group_size(schedule, (process_group or dist.distributed_c10d._get_default_group()).size())
+        super().__init__(schedule, modules, batch_dim, process_group, rank_mapping, config, p2p_shapes, p2p_dtype)
+
+    def _check_group_size(self, schedule: Schedule, size: int) -> None:
+        """Refuse a process group that ``schedule`` cannot run on, before anything is set up."""
+
+
+class DualPipe(_TwoModulePipeline):
     """DualPipe: bidirectional pipeline, two stage modules per rank, an even number of ranks.
 
     ``modules = (module0, module1)``: module0 is stage ``r`` of the forward-direction
     pipeline, module1 stage ``R-1-r`` of the reverse one. Rank 0 and rank R-1 each feed one
     half of the batch; the loss and outputs on rank R-1 belong to rank 0's inputs and
-    vice versa. ``rank_mapping[i]`` is the pipeline rank of process-group rank ``i``.
+    vice versa. Arguments as for every two-module pipeline (see ``_TwoModulePipeline``).
     """
 
-    def __init__(self, modules: Tuple[nn.Module, nn.Module], batch_dim: int = 0,
-                 process_group: Optional[dist.ProcessGroup] = None, rank_mapping: Optional[List[int]] = None,
-                 config: Optional[RuntimeConfig] = None) -> None:
-        if len(modules) != 2:
-            raise ValueError(f"DualPipe needs two modules per rank (module0, module1), got {len(modules)}")
-        size = (process_group or dist.distributed_c10d._get_default_group()).size()
-        if size % 2 != 0:
+    default_schedule = "dualpipe"
+
+    def _check_group_size(self, schedule: Schedule, size: int) -> None:
+        if schedule == "dualpipe" and size % 2 != 0:
             raise ValueError(f"DualPipe needs an even number of ranks (2, 4, 6, ...), the process group has {size}; "
                              f"DualPipeV runs on any number of ranks")
-        super().__init__("dualpipe", modules, batch_dim, process_group, rank_mapping, config)
 
 
-class DualPipeV(_Pipeline):
+class DualPipeV(_TwoModulePipeline):
     """DualPipeV: one V-shaped pipeline of 2R stages; rank r holds stages r and 2R-1-r.
 
-    Rank 0 feeds the whole batch and gets the loss and outputs.
+    Rank 0 feeds the whole batch and gets the loss and outputs. Arguments as for every
+    two-module pipeline (see ``_TwoModulePipeline``).
     """
 
-    def __init__(self, modules: Tuple[nn.Module, nn.Module], batch_dim: int = 0,
-                 process_group: Optional[dist.ProcessGroup] = None, rank_mapping: Optional[List[int]] = None,
-                 config: Optional[RuntimeConfig] = None) -> None:
-        if len(modules) != 2:
-            raise ValueError(f"DualPipeV needs two modules per rank (module0, module1), got {len(modules)}")
-        super().__init__("dualpipev", modules, batch_dim, process_group, rank_mapping, config)
+    default_schedule = "dualpipev"
 
 
 class PipelineSchedule(_Pipeline):
-    """A single-direction pipeline with one stage module per rank: ``"1f1b"``, ``"gpipe"`` or ``"zb1p"``.
+    """A single-direction pipeline with one stage module per rank: a schedule of the registry with
+    one module per rank (``"1f1b"``, ``"zb1p"``, ``"gpipe"``), or a one-module Plan.
 
     Rank 0 feeds the batch; the last rank computes the loss and gets the outputs.
     """
 
-    BASELINES = ("1f1b", "gpipe", "zb1p")
+    BASELINES = _schedules_with(1)
 
-    def __init__(self, module: nn.Module, schedule: str = "1f1b", batch_dim: int = 0,
+    def __init__(self, module: nn.Module, schedule: Schedule = "1f1b", batch_dim: int = 0,
                  process_group: Optional[dist.ProcessGroup] = None, rank_mapping: Optional[List[int]] = None,
-                 config: Optional[RuntimeConfig] = None) -> None:
-        if schedule not in self.BASELINES:
-            raise ValueError(f"PipelineSchedule runs one of {self.BASELINES}, got {schedule!r}; use DualPipe or "
-                             f"DualPipeV for the two-module schedules")
-        super().__init__(schedule, [module], batch_dim, process_group, rank_mapping, config)
+                 config: Optional[RuntimeConfig] = None, *, p2p_shapes: Optional[Sequence[Sequence[int]]] = None,
+                 p2p_dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__(schedule, [module], batch_dim, process_group, rank_mapping, config, p2p_shapes, p2p_dtype)

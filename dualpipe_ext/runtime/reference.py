@@ -42,7 +42,12 @@ def sequential_step(stages: Sequence[nn.Module], inputs: Sequence[torch.Tensor],
 
 
 def grad_cos_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    """``1 - cos(x, y)`` computed in float64; 0 for identical tensors (including both zero)."""
+    """``1 - 2 x.y / (|x|² + |y|²)`` in float64, deepseek-ai/DualPipe's gradient metric (``cal_diff``).
+
+    That is ``|x - y|² / (|x|² + |y|²)``: 0 exactly when ``x == y`` (both zero included),
+    equal to ``1 - cos(x, y)`` when ``|x| == |y|``, and unlike ``1 - cos`` it also grows when
+    the two differ only in scale.
+    """
     x, y = x.detach().double().flatten(), y.detach().double().flatten()
     denom = float((x * x).sum() + (y * y).sum())
     if denom == 0.0:

@@ -1,10 +1,10 @@
 """Per-rank recording of what a pipeline step did and when.
 
-A :class:`Recorder` collects events while ``enabled``; the executor adds one event per
-action it runs, and code inside an action can add finer spans with
-``with dualpipe_ext.runtime.timeline.span("dispatch"):`` (records into the recorder of
-the step that is running, if recording is on; costs one attribute check otherwise) or
-``with recorder.span("dispatch"):``. Timestamps come from ``time.perf_counter_ns()`` of
+A :class:`Recorder` collects events while ``enabled``; the executor runs each recorded
+step inside ``with recorder.step(...)``, adds one event per action, and code inside an
+action can add finer spans with ``with dualpipe_ext.runtime.timeline.span("dispatch"):``
+(records into the recorder of the step that is running, if recording is on; costs one
+list check otherwise) or ``with recorder.span("dispatch"):``. Timestamps come from ``time.perf_counter_ns()`` of
 the recording process, so events of one rank compare with each other; across ranks,
 align them with the ``clock_offset_ns`` fields if set, or by the step boundaries.
 
@@ -46,7 +46,10 @@ __all__ = ["Recorder", "span", "current"]
 
 _now = time.perf_counter_ns
 
-_current: Optional["Recorder"] = None  # the recorder of the step that is running
+# Recorders of the steps running in this process, innermost last. Only Recorder.step
+# changes it. A list rather than a context variable: spans are also opened by code that
+# autograd runs on its own threads (a CUDA backward), which a context variable would miss.
+_running: List["Recorder"] = []
 
 # Internal event tuple: (name, cat, start_ns, end_ns, step, index).
 Event = Tuple[str, str, int, int, int, int]
@@ -82,6 +85,17 @@ class Recorder:
     def end_step(self) -> None:
         if self._step >= 0:
             self.steps[self._step] = (self.steps[self._step][0], _now())
+
+    @contextmanager
+    def step(self, schedule: str, ranks: int, chunks: int) -> Iterator["Recorder"]:
+        """Record one step: its bounds, and the spans that :func:`span` opens meanwhile."""
+        self.begin_step(schedule, ranks, chunks)
+        _running.append(self)
+        try:
+            yield self
+        finally:
+            _running.remove(self)
+            self.end_step()
 
     def add(self, name: str, cat: str, start_ns: int, end_ns: int, index: int = -1) -> None:
         self.events.append((name, cat, start_ns, end_ns, self._step, index))
@@ -130,16 +144,15 @@ class Recorder:
 
 
 def current() -> Optional[Recorder]:
-    """The enabled recorder of the pipeline step running in this process, or None."""
-    return _current
+    """The recorder of the innermost recorded step running in this process, or None."""
+    return _running[-1] if _running else None
 
 
 @contextmanager
 def span(name: str) -> Iterator[None]:
     """Record a span named ``name`` inside the running step's current action, if recording is on."""
-    rec = _current
-    if rec is None:
+    if not _running:
         yield
         return
-    with rec.span(name):
+    with _running[-1].span(name):
         yield

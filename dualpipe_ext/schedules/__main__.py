@@ -8,10 +8,12 @@ from typing import List, Optional
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from dualpipe_ext.schedules import get_plan, schedule_names
+    from dualpipe_ext.schedules import get_plan, schedule_info, schedule_names
 
     names = schedule_names()
-    parser = argparse.ArgumentParser(prog="python -m dualpipe_ext.schedules", description=__doc__)
+    listing = "\n".join(f"  {n:10} {schedule_info(n).summary}" for n in names)
+    parser = argparse.ArgumentParser(prog="python -m dualpipe_ext.schedules", description=__doc__,
+                                     epilog="schedules:\n" + listing, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", help="one of: " + ", ".join(names))
     parser.add_argument("--ranks", type=int, required=True, help="pipeline ranks")
     parser.add_argument("--chunks", type=int, required=True, help="micro-batches per step")

@@ -37,12 +37,16 @@ from dualpipe_ext import _C
 __all__ = ["Costs", "Simulation", "closed_form_bubble", "simulate", "validate"]
 
 
+_COST_FIELDS = ("F", "B", "W", "FB", "P2P", "overhead")
+
+
 @dataclass(frozen=True)
 class Costs:
     """Durations of the actions of a plan, in any one time unit.
 
     The defaults model a backward that costs twice a forward, half of it weight gradients,
-    and an overlapped pair that saves nothing (``FB = F + B``).
+    and an overlapped pair that saves nothing (``FB = F + B``). The values are checked by
+    the C++ core's own check (finite, non-negative, ``W <= B``), the one the simulator runs.
     """
 
     F: float = 1.0  # forward chunk
@@ -53,16 +57,34 @@ class Costs:
     overhead: float = 0.0  # added before each compute action of a rank but its first (runtime bookkeeping)
 
     def __post_init__(self) -> None:
-        for name in ("F", "B", "W", "FB", "P2P", "overhead"):
+        for name in _COST_FIELDS:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-                raise ValueError(f"Costs.{name} must be a finite non-negative number, got {value!r}")
-        if self.W > self.B:
-            raise ValueError(f"Costs.W ({self.W:g}) is part of the full backward and cannot exceed Costs.B ({self.B:g})")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"Costs.{name} must be a number, got {value!r}")
+        self._c()  # raises ValueError naming the cost that is out of range
+
+    @classmethod
+    def parse(cls, text: str) -> "Costs":
+        """``"F,B,W,FB,P2P"`` (five numbers, as the command line takes them) -> ``Costs``.
+
+        Raises ``ValueError`` saying what is expected, or which cost is out of range.
+        """
+        fields = _COST_FIELDS[:5]
+        expected = f"--costs {text!r}: expected five comma-separated numbers F,B,W,FB,P2P, e.g. 1,2,1,3,0"
+        parts = text.split(",")
+        if len(parts) != len(fields):
+            raise ValueError(expected)
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError(expected) from None
+        try:
+            return cls(**dict(zip(fields, values)))
+        except ValueError as e:
+            raise ValueError(f"--costs {text!r}: {e}") from None
 
     def _c(self) -> "_C.Costs":
-        return _C.Costs(F=float(self.F), B=float(self.B), W=float(self.W), FB=float(self.FB), P2P=float(self.P2P),
-                        overhead=float(self.overhead))
+        return _C.Costs(**{name: float(getattr(self, name)) for name in _COST_FIELDS})
 
 
 @dataclass(frozen=True)
@@ -81,16 +103,9 @@ def validate(plan: "_C.Plan") -> None:
     _C.validate(plan)
 
 
-def _edges(name: str, values: Optional[Sequence[float]], ranks: int) -> List[float]:
-    if values is None:
-        return []
-    values = list(values)
-    if len(values) != ranks:
-        raise ValueError(f"{name} needs one value per rank ({ranks}), got {len(values)}")
-    for r, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
-            raise ValueError(f"{name}[{r}] must be a finite non-negative number, got {v!r}")
-    return [float(v) for v in values]
+def _floats(values: Optional[Sequence[float]]) -> List[float]:
+    """Per-rank edges for the C++ simulator, which checks their number and range."""
+    return [] if values is None else [float(v) for v in values]
 
 
 def simulate(plan: "_C.Plan", costs: Costs = Costs(), *, eager_comm: bool = False,
@@ -103,8 +118,7 @@ def simulate(plan: "_C.Plan", costs: Costs = Costs(), *, eager_comm: bool = Fals
     """
     if not isinstance(costs, Costs):
         raise TypeError(f"costs must be dualpipe_ext.schedules.Costs, got {type(costs).__name__}")
-    res = _C.simulate(plan, costs._c(), eager_comm=bool(eager_comm), start=_edges("start", start, plan.ranks),
-                      tail=_edges("tail", tail, plan.ranks))
+    res = _C.simulate(plan, costs._c(), eager_comm=bool(eager_comm), start=_floats(start), tail=_floats(tail))
     tokens = plan.trace()  # compute actions in program order, as the timeline lists them
     timeline = [
         [(tok, start, end) for tok, (_, start, end) in zip(tokens[r], row)] for r, row in enumerate(res.timeline)
@@ -121,22 +135,11 @@ def simulate(plan: "_C.Plan", costs: Costs = Costs(), *, eager_comm: bool = Fals
 def closed_form_bubble(name: str, ranks: int, costs: Costs = Costs()) -> float:
     """The DualPipe README's bubble formula for schedule ``name`` on ``ranks`` pipeline ranks.
 
-    ``PP`` is the number of pipeline stages: ``ranks`` for GPipe, 1F1B, ZB1P and DualPipe,
-    ``2 * ranks`` for DualPipeV. GPipe: (PP-1)(F+B); 1F1B: (PP-1)(F+B); ZB1P:
-    (PP-1)(F+B-2W); DualPipe and DualPipeV: (PP/2-1)(F&B+B-3W). The simulator reproduces
-    these with ``P2P = 0`` (see tests/schedules/test_bubbles.py for the exact conditions).
+    ``PP`` is the number of stages of one pipeline: ``ranks`` for GPipe, 1F1B, ZB1P and
+    DualPipe, ``2 * ranks`` for DualPipeV. GPipe: (PP-1)(F+B); 1F1B: (PP-1)(F+B); ZB1P:
+    (PP-1)(F+B-2W); DualPipe and DualPipeV: (PP/2-1)(F&B+B-3W). The formulas live in the C++
+    schedule registry beside the generators; the simulator reproduces them with ``P2P = 0``
+    (see tests/schedules/test_bubbles.py for the exact conditions).
     """
-    if ranks < 1:
-        raise ValueError(f"ranks must be at least 1, got {ranks}")
-    c = costs
-    if name in ("gpipe", "1f1b"):
-        return (ranks - 1) * (c.F + c.B)
-    if name == "zb1p":
-        return (ranks - 1) * (c.F + c.B - 2 * c.W)
-    if name == "dualpipe":
-        if ranks % 2:
-            raise ValueError(f"dualpipe needs an even number of ranks, got {ranks}")
-        return (ranks / 2 - 1) * (c.FB + c.B - 3 * c.W)
-    if name == "dualpipev":
-        return (ranks - 1) * (c.FB + c.B - 3 * c.W)
-    raise ValueError(f"no closed-form bubble for schedule {name!r}: expected gpipe, 1f1b, zb1p, dualpipe or dualpipev")
+    return _C.closed_form_bubble(name, int(ranks), F=float(costs.F), B=float(costs.B), W=float(costs.W),
+                                 FB=float(costs.FB))

@@ -1,4 +1,7 @@
-"""Pictures and traces of pipeline schedules: timeline drawing, Chrome-trace export, run prediction.
+"""Pictures and traces of pipeline schedules: timeline drawing, run records, Chrome-trace export.
+
+The analysis behind them (comparison table, prediction of a recorded step) lives in
+:mod:`dualpipe_ext.schedules`.
 
 Nothing here imports matplotlib until a picture is written.
 """

@@ -10,7 +10,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
-from dualpipe_ext.viz.tokens import Part, parse_token
+from dualpipe_ext.schedules.registry import schedule_info, schedule_names
+from dualpipe_ext.schedules.tokens import Part, compute_parts
 
 __all__ = ["Box", "Cell", "Drawing", "Timeline", "layout", "COLOURS"]
 
@@ -31,8 +32,6 @@ COLOURS: Dict[Tuple[str, int], str] = {
 }
 _DARK = {COLOURS[("F", 1)], COLOURS[("B", 1)], COLOURS[("Bz", 1)], COLOURS[("W", 1)]}
 _KIND_NAMES = {"F": "Forward", "B": "Backward", "Bz": "Backward for input", "W": "Backward for weights"}
-# What module 1 means, by schedule.
-_MODULE1_NAMES = {"dualpipe": "reverse direction", "dualpipev": "second leg of the V"}
 PAIR_LEGEND = "Overlapped forward & backward"
 
 # Geometry, in inches and points. A shortest action gets _MIN_CELL_IN so that its
@@ -105,31 +104,36 @@ def _check(timeline: Timeline) -> List[List[Tuple[str, float, float]]]:
                 raise ValueError(f"rank {r}: expected (token, start, end) entries, got {item!r}") from None
             if end < start:
                 raise ValueError(f"rank {r}: action {token!r} ends ({end}) before it starts ({start})")
+            if any(p is not None and p.module > 1 for p in compute_parts(token)):
+                raise ValueError(f"rank {r}: action {token!r} names a module above 1; a rank draws modules 0 and 1")
             clean.append((token, start, end))
         clean.sort(key=lambda e: (e[1], e[2]))
         rows.append(clean)
     return rows
 
 
-def _pair_splits(rows: List[List[Tuple[str, float, float]]]) -> Dict[str, float]:
-    """Fraction of an overlapped pair given to its forward, by the pair's backward kind ("B" or "Bz").
+def _pair_split(rows: List[List[Tuple[str, float, float]]]) -> float:
+    """Fraction of an overlapped pair drawn as its forward.
 
-    Mean lone forward over mean lone forward plus mean lone backward of that kind (the
-    other backward kind if that one never runs alone; half when neither does).
+    Mean lone forward over mean lone forward plus mean lone full backward (input-only
+    backwards where no full one runs alone; half when there is neither).
     """
     durs: Dict[str, List[float]] = {"F": [], "B": [], "Bz": []}
     for row in rows:
         for token, s, e in row:
-            part, second = parse_token(token)
+            part, second = compute_parts(token)
             if second is None and part.kind in durs:
                 durs[part.kind].append(e - s)
     mean = {k: sum(v) / len(v) for k, v in durs.items() if v}
-    out = {}
-    for kind, other in (("B", "Bz"), ("Bz", "B")):
-        b = mean.get(kind, mean.get(other))
-        f = mean.get("F")
-        out[kind] = 0.5 if f is None or b is None or f + b <= 0 else min(0.8, max(0.2, f / (f + b)))
-    return out
+    f, b = mean.get("F"), mean.get("B", mean.get("Bz"))
+    return 0.5 if f is None or b is None or f + b <= 0 else min(0.8, max(0.2, f / (f + b)))
+
+
+def _module1_name(schedule: Optional[str]) -> str:
+    """What local module 1 is in the legend: the registry's word for it, else "module 1"."""
+    if schedule in schedule_names():
+        return schedule_info(schedule).module1 or "module 1"
+    return "module 1"
 
 
 def layout(
@@ -140,8 +144,9 @@ def layout(
 ) -> Drawing:
     """Describe the picture of ``timeline`` (per rank: (token, start, end)).
 
-    ``schedule`` names what module 1 is in the legend ("dualpipe": reverse direction,
-    "dualpipev": second leg of the V). Times are shifted so the earliest start is 0.
+    ``schedule`` names what module 1 is in the legend (the registry's ``module1``: DualPipe's
+    reverse direction, DualPipeV's second leg of the V). Times are shifted so the earliest
+    start is 0.
     """
     rows = _check(timeline)
     starts = [s for row in rows for _, s, _ in row]
@@ -161,7 +166,7 @@ def layout(
     height = len(rows) * _ROW_IN + _TOP_IN + _BOTTOM_IN
     pt_per_unit = axes_w * 72.0 / makespan
     row_pt = _ROW_IN * 72.0
-    splits = _pair_splits(rows)
+    split = _pair_split(rows)
 
     def cell(part: Part, start: float, end: float) -> Cell:
         colour = COLOURS[(part.kind, max(part.module, 0))]
@@ -179,9 +184,9 @@ def layout(
         pending: Deque[Part] = deque()  # backward-for-input parts whose W has not run yet
         boxes = []
         for token, s, e in row:
-            first, second = parse_token(token)
+            first, second = compute_parts(token)
             if second is not None:
-                mid = s + (e - s) * splits[second.kind]
+                mid = s + (e - s) * split
                 cells: Tuple[Cell, ...] = (cell(first, s, mid), cell(second, mid, e))
                 parts = (first, second)
             else:
@@ -197,7 +202,7 @@ def layout(
     used = {(c.kind, max(c.module, 0)) for row in out_rows for b in row for c in b.cells}
     has_pair = any(len(b.cells) == 2 for row in out_rows for b in row)
     legend: List[Tuple[str, Tuple[str, ...]]] = []
-    other = _MODULE1_NAMES.get(schedule or "", "module 1")
+    other = _module1_name(schedule)
     two_modules = any(m == 1 for _, m in used)
     for kind in ("F", "B", "Bz", "W"):
         for module in (0, 1):

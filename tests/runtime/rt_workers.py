@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Dict, List
 
 import torch
 
 from dualpipe_ext import DualPipe, DualPipeV, PipelineSchedule, RuntimeConfig, set_p2p_tensor_dtype, set_p2p_tensor_shapes
 from dualpipe_ext.runtime.reference import grad_cos_diff, sequential_step
+from dualpipe_ext.schedules import get_plan
 
 from rt_models import OverlapStage, Stage, criterion, make_stages
 
@@ -27,7 +29,7 @@ def _compare_grads(local, ref, what: str, failures: List[str]) -> None:
             continue
         d = grad_cos_diff(p.grad, q.grad)
         if not d < 1e-12:
-            failures.append(f"{what}.{name}: 1 - cos = {d:.3g}")
+            failures.append(f"{what}.{name}: grad_cos_diff (1 - 2xy/(x²+y²)) = {d:.3g}")
 
 
 def _expect_equal(a, b, what: str, failures: List[str]) -> None:
@@ -43,15 +45,30 @@ def equivalence_cases(rank: int, world: int, cases: List[Dict]) -> List[Dict]:
 
 
 def equivalence(rank: int, world: int, schedule: str, chunks: int, num_tensors: int = 1, overlap: bool = False,
-                hidden: int = 8, mb_size: int = 2, record: bool = False, rank_mapping=None) -> Dict:
-    """One training step and one forward-only step against the sequential reference."""
+                hidden: int = 8, mb_size: int = 2, record: bool = False, rank_mapping=None, given_plan: bool = False,
+                own_p2p: bool = False, eager_comm: bool = True) -> Dict:
+    """One training step and one forward-only step against the sequential reference.
+
+    ``given_plan``: the pipeline gets the schedule's Plan instead of its name. ``own_p2p``: the
+    pipeline gets its message shapes and dtype itself; the process-wide default is left wrong.
+    ``eager_comm=False``: the plan's batches go to ``batch_isend_irecv`` as planned (the NCCL path).
+    """
     if rank_mapping is not None:
         rank = rank_mapping[rank]  # from here on: the pipeline rank
     cls = OverlapStage if overlap else Stage
-    set_p2p_tensor_shapes([(mb_size, hidden)] * num_tensors)
-    set_p2p_tensor_dtype(torch.float32)
+    shapes, dtype = [(mb_size, hidden)] * num_tensors, torch.float32
+    if own_p2p:
+        set_p2p_tensor_shapes([(mb_size + 1, hidden)])
+        set_p2p_tensor_dtype(torch.float16)
+        kw = dict(p2p_shapes=shapes, p2p_dtype=dtype)
+    else:
+        set_p2p_tensor_shapes(shapes)
+        set_p2p_tensor_dtype(dtype)
+        kw = {}
     R = world
-    cfg = CFG_RECORD if record else CFG
+    cfg = dataclasses.replace(CFG_RECORD if record else CFG, eager_comm=eager_comm)
+    if given_plan:
+        kw["schedule"] = get_plan(schedule, R, chunks)
     failures: List[str] = []
     # Pipelines: (reference stages, inputs, labels, number of micro-batches, feeding rank, loss rank).
     if schedule == "dualpipe":
@@ -60,19 +77,19 @@ def equivalence(rank: int, world: int, schedule: str, chunks: int, num_tensors: 
         local = [copy.deepcopy(fwd[rank]), copy.deepcopy(rev[R - 1 - rank])]
         refs = [(fwd, 0, R - 1), (rev, R - 1, 0)]
         mbs = chunks // 2
-        pipe = DualPipe(local, rank_mapping=rank_mapping, config=cfg)
+        pipe = DualPipe(local, rank_mapping=rank_mapping, config=cfg, **kw)
     elif schedule == "dualpipev":
         full = make_stages(2 * R, hidden, num_tensors, seed=1, cls=cls)
         local = [copy.deepcopy(full[rank]), copy.deepcopy(full[2 * R - 1 - rank])]
         refs = [(full, 0, 0)]
         mbs = chunks
-        pipe = DualPipeV(local, rank_mapping=rank_mapping, config=cfg)
+        pipe = DualPipeV(local, rank_mapping=rank_mapping, config=cfg, **kw)
     else:
         full = make_stages(R, hidden, num_tensors, seed=1, cls=cls)
         local = [copy.deepcopy(full[rank])]
         refs = [(full, 0, R - 1)]
         mbs = chunks
-        pipe = PipelineSchedule(local[0], schedule, rank_mapping=rank_mapping, config=cfg)
+        pipe = PipelineSchedule(local[0], kw.pop("schedule", schedule), rank_mapping=rank_mapping, config=cfg, **kw)
     data = [(_batch(mbs * mb_size, hidden, num_tensors, 10 + i), _batch(mbs * mb_size, hidden, num_tensors, 20 + i))
             for i in range(len(refs))]
     inputs, labels = [], []
@@ -115,8 +132,6 @@ def _check_timeline(pipe, schedule: str, world: int, rank: int, chunks: int, fai
     import json
     import os
     import tempfile
-
-    from dualpipe_ext.schedules import get_plan
 
     plan = get_plan(schedule, world, chunks)
     rec = pipe.timeline
@@ -195,27 +210,38 @@ def bad_inputs(rank: int, world: int, hidden: int = 8, mb_size: int = 2) -> Dict
     out["no_criterion"] = _outcome(lambda: step(crit=None) if rank == R - 1 else step())
     out["no_labels"] = _outcome(lambda: step(labels=[] if rank == 0 else None))
 
-    def wrong_output_shape():
-        stages[0].mode = "shape" if rank == 1 else None
-        try:
-            step()
-        finally:
-            stages[0].mode = None
-    out["output_shape"] = _outcome(wrong_output_shape)
-
-    def stage_raises():
-        stages[1].mode = "raise" if rank == 2 else None
-        try:
-            step()
-        finally:
-            stages[1].mode = None
-    out["stage_raises"] = _outcome(stage_raises)
+    def misbehaving(stage, mode: str, on_rank: int):
+        def run():
+            stage.mode = mode if rank == on_rank else None
+            try:
+                step()
+            finally:
+                stage.mode = None
+        return run
+    out["output_shape"] = _outcome(misbehaving(stages[0], "shape", 1))
+    out["stage_raises"] = _outcome(misbehaving(stages[1], "raise", 2))
     out["ok_after"] = _outcome(step)
 
     out["not_permutation"] = _outcome(lambda: DualPipe(stages, rank_mapping=[0, 1, 1, 3][:R], config=CFG))
+    out["invalid_plan"] = _outcome(lambda: DualPipe(stages, config=CFG, schedule=_plan_without_a_receive(R, chunks)))
+    out["plan_ranks"] = _outcome(lambda: DualPipe(stages, config=CFG, schedule=get_plan("dualpipe", 2, 4)))
+    given = DualPipe(stages, config=CFG, schedule=get_plan("dualpipe", R, chunks))
+    out["plan_chunks"] = _outcome(lambda: given.step(*(x if end else []), num_chunks=chunks + 2,
+                                                     criterion=criterion if end else None, labels=y if end else []))
     odd = dist.new_group(list(range(R - 1)))
     out["odd_ranks"] = _outcome(lambda: DualPipe(stages, process_group=odd, config=CFG)) if rank < R - 1 else None
     return out
+
+
+def _plan_without_a_receive(ranks: int, chunks: int):
+    """DualPipe's plan with rank 1's first forward receive removed: unsound."""
+    from dualpipe_ext import _C
+
+    plan = _C.make_plan("dualpipe", ranks, chunks)
+    rows = [[str(a) for a in row] for row in plan.actions]
+    rows[1].remove(next(t for t in rows[1] if t.startswith("recvF")))
+    plan.actions = [[_C.Action.parse(t) for t in row] for row in rows]
+    return plan
 
 
 def stuck_peer(rank: int, world: int, hidden: int = 8) -> Dict:

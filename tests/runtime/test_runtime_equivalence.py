@@ -6,18 +6,23 @@ from rt_workers import equivalence_cases
 
 # (ranks, cases): each group of processes runs several checks, since spawning dominates the cost.
 GROUPS = {
-    "dualpipe-2": (2, [dict(schedule="dualpipe", chunks=4), dict(schedule="dualpipe", chunks=6, num_tensors=2, overlap=True)]),
+    "dualpipe-2": (2, [dict(schedule="dualpipe", chunks=4), dict(schedule="dualpipe", chunks=6, num_tensors=2, overlap=True),
+                       dict(schedule="dualpipe", chunks=4, given_plan=True, own_p2p=True)]),
     "dualpipe-4": (4, [dict(schedule="dualpipe", chunks=8, num_tensors=2, record=True),
+                       dict(schedule="dualpipe", chunks=8, overlap=True, eager_comm=False),
                        dict(schedule="dualpipe", chunks=10, overlap=True, rank_mapping=[2, 0, 3, 1]),
                        dict(schedule="1f1b", chunks=6, num_tensors=2, record=True),
                        dict(schedule="gpipe", chunks=5),
+                       dict(schedule="1f1b", chunks=5, given_plan=True),
                        dict(schedule="zb1p", chunks=6, num_tensors=2, overlap=True, record=True)]),
     "dualpipe-6": (6, [dict(schedule="dualpipe", chunks=12, overlap=True)]),
     "dualpipe-8": (8, [dict(schedule="dualpipe", chunks=16, num_tensors=2)]),
     "dualpipev-1": (1, [dict(schedule="dualpipev", chunks=2), dict(schedule="dualpipev", chunks=3, num_tensors=2, overlap=True)]),
     "dualpipev-2": (2, [dict(schedule="dualpipev", chunks=4, num_tensors=2, overlap=True, record=True),
-                        dict(schedule="dualpipev", chunks=5, rank_mapping=[1, 0])]),
-    "dualpipev-3": (3, [dict(schedule="dualpipev", chunks=6), dict(schedule="dualpipev", chunks=7, num_tensors=2, overlap=True)]),
+                        dict(schedule="dualpipev", chunks=5, rank_mapping=[1, 0]),
+                        dict(schedule="dualpipev", chunks=4, num_tensors=2, eager_comm=False, rank_mapping=[1, 0])]),
+    "dualpipev-3": (3, [dict(schedule="dualpipev", chunks=6), dict(schedule="dualpipev", chunks=7, num_tensors=2, overlap=True),
+                        dict(schedule="dualpipev", chunks=6, num_tensors=2, given_plan=True, own_p2p=True)]),
     "dualpipev-4": (4, [dict(schedule="dualpipev", chunks=8, num_tensors=2, overlap=True, record=True),
                         dict(schedule="dualpipev", chunks=9)]),
 }

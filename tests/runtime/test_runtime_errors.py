@@ -22,6 +22,14 @@ EXPECTED = {
 }
 
 
+# A plan of the user's own that cannot run here: refused alike on every rank (ValueError).
+PLAN_REFUSALS = {
+    "invalid_plan": "invalid dualpipe plan (4 ranks, 8 chunks): dependency: ",  # the validator's message
+    "plan_ranks": "the plan is for 2 pipeline ranks, the process group has 4",
+    "plan_chunks": "this pipeline runs the plan it was given, of 8 micro-batches",
+}
+
+
 @pytest.fixture(scope="module")
 def outcomes():
     return run_ranks(bad_inputs, 4, timeout_s=120)
@@ -35,6 +43,13 @@ def test_same_clear_error_on_every_rank(outcomes, case):
     assert all(g == got[0] for g in got), f"ranks raised different errors: {got}"
     assert got[0]["type"] == kind, got[0]
     assert text in got[0]["message"], got[0]["message"]
+
+
+@pytest.mark.parametrize("case", list(PLAN_REFUSALS))
+def test_plans_that_cannot_run_are_refused_on_every_rank(outcomes, case):
+    got = [o[case] for o in outcomes]
+    assert all(g == got[0] for g in got), f"ranks raised different errors: {got}"
+    assert got[0]["type"] == "ValueError" and PLAN_REFUSALS[case] in got[0]["message"], got[0]
 
 
 def test_silent_peer_times_out_naming_rank_action_and_missing_ops():

@@ -5,9 +5,9 @@ import sys
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from dualpipe_ext.schedules import Costs, get_plan, simulate
+from dualpipe_ext.schedules import Costs, get_plan, schedule_names, simulate
 
-NAMES = ["dualpipe", "dualpipev", "1f1b", "zb1p", "gpipe"]
+NAMES = schedule_names()
 
 
 def _plan(name, ranks, chunks):

@@ -17,7 +17,7 @@ def _sizes(name, chunk_stride=1):
                 continue
 
 
-@pytest.mark.parametrize("name", ["dualpipe", "dualpipev", "1f1b", "zb1p", "gpipe"])
+@pytest.mark.parametrize("name", schedule_names())
 def test_every_generated_plan_validates(name):
     count = 0
     for ranks, chunks, plan in _sizes(name):
@@ -27,7 +27,7 @@ def test_every_generated_plan_validates(name):
     assert count > 100
 
 
-@pytest.mark.parametrize("name", ["dualpipe", "dualpipev", "1f1b", "zb1p", "gpipe"])
+@pytest.mark.parametrize("name", schedule_names())
 def test_every_micro_batch_once(name):
     for ranks, chunks, plan in _sizes(name, chunk_stride=7):
         want = sorted(f"{m}.{c}" for m in range(plan.num_modules) for c in range(plan.mbs_per_module))

@@ -8,31 +8,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from typing import List
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out_dir: str, schedule: str, chunks: int, hidden: int,
-            batch: int, steps: int) -> None:
-    import datetime
-
+def _worker(rank: int, world: int, out_dir: str, schedule: str, chunks: int, hidden: int, batch: int,
+            steps: int) -> None:
     import torch
-    import torch.distributed as dist
     import torch.nn as nn
 
     from dualpipe_ext import comm
     from dualpipe_ext.runtime import DualPipe, DualPipeV, RuntimeConfig
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
     torch.manual_seed(rank)
     stage = lambda: nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
     cls = DualPipe if schedule == "dualpipe" else DualPipeV
@@ -49,17 +36,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str, schedule: str, chunk
     for _ in range(steps):
         pipe.step(*([x] if feeds else []), num_chunks=chunks, criterion=crit, labels=[y] if feeds else [])
     pipe.timeline.save(os.path.join(out_dir, "rank{rank}.json"))
-    dist.destroy_process_group()
 
 
 def record(out_dir: str, schedule: str = "dualpipe", ranks: int = 4, chunks: int = 8, hidden: int = 64,
            batch: int = 64, steps: int = 2) -> List[str]:
     """Run and record; returns the record paths in rank order."""
-    import torch.multiprocessing as mp
+    from dualpipe_ext.launch import run_ranks
 
     os.makedirs(out_dir, exist_ok=True)
-    mp.spawn(_worker, args=(ranks, _free_port(), out_dir, schedule, chunks, hidden, batch, steps), nprocs=ranks,
-             join=True)
+    run_ranks(_worker, ranks, out_dir, schedule, chunks, hidden, batch, steps, timeout_s=120)
     return [os.path.join(out_dir, f"rank{r}.json") for r in range(ranks)]
 
 
@@ -67,11 +52,9 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("out_dir")
     p.add_argument("--schedule", default="dualpipe", choices=["dualpipe", "dualpipev"])
-    p.add_argument("--ranks", type=int, default=4)
-    p.add_argument("--chunks", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=2)
+    sizes = {"ranks": 4, "chunks": 8, "hidden": 64, "batch": 64, "steps": 2}  # record()'s defaults
+    for name, default in sizes.items():
+        p.add_argument(f"--{name}", type=int, default=default)
     a = p.parse_args()
-    print("\n".join(record(a.out_dir, a.schedule, a.ranks, a.chunks, a.hidden, a.batch, a.steps)))
+    print("\n".join(record(a.out_dir, a.schedule, **{name: getattr(a, name) for name in sizes})))
     sys.exit(0)

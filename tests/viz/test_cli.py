@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from dualpipe_ext.cli import main
-from viz_helpers import write_records
+from timeline_helpers import write_records
 
 
 def run(capsys, *argv):

@@ -8,7 +8,7 @@ import pytest
 from dualpipe_ext.schedules import trace
 from dualpipe_ext.viz import COLOURS, draw_timeline, layout
 from dualpipe_ext.viz.layout import PAIR_LEGEND
-from viz_helpers import sequential_timeline
+from timeline_helpers import sequential_timeline
 
 SIZES = [("dualpipe", 4, 8), ("dualpipe", 8, 20), ("dualpipev", 2, 4), ("dualpipev", 4, 10),
          ("1f1b", 4, 8), ("zb1p", 4, 8), ("gpipe", 3, 5)]

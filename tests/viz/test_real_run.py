@@ -9,7 +9,7 @@ import sys
 from dualpipe_ext.schedules import trace
 from dualpipe_ext.viz import layout
 from dualpipe_ext.viz.chrome import to_chrome_trace
-from dualpipe_ext.viz.predict import predict
+from dualpipe_ext.schedules.predict import predict
 from dualpipe_ext.viz.records import load_record, merge_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))

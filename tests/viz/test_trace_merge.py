@@ -8,7 +8,7 @@ import pytest
 from dualpipe_ext.schedules import trace
 from dualpipe_ext.viz.chrome import to_chrome_trace, write_chrome_trace
 from dualpipe_ext.viz.records import load_record, merge_step
-from viz_helpers import write_records
+from timeline_helpers import write_records
 
 
 def test_merge_and_chrome_trace(tmp_path):

@@ -29,10 +29,15 @@ the mean step time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
-from dualpipe_ext.viz.records import RunStep
-from dualpipe_ext.viz.tokens import parse_token
+from dualpipe_ext._C import ActionType, Plan
+from dualpipe_ext.schedules.analysis import Costs, simulate
+from dualpipe_ext.schedules.registry import get_plan
+from dualpipe_ext.schedules.tokens import compute_parts
+
+if TYPE_CHECKING:  # the merged records of a run (dualpipe_ext.viz.records), read here, not built
+    from dualpipe_ext.viz.records import RunStep
 
 __all__ = ["Prediction", "estimate_costs", "format_prediction", "predict", "step_edges"]
 
@@ -66,12 +71,12 @@ def _mean(xs: List[float], default: float) -> float:
     return sum(xs) / len(xs) if xs else default
 
 
-def _producers(plan, run: RunStep) -> List[List[List[Tuple[int, int]]]]:
+def _producers(plan: Plan, run: RunStep) -> List[List[List[Tuple[int, int]]]]:
     """For each rank and compute action: the (rank, action index) that produce its inputs elsewhere."""
     where: Dict[Tuple[int, str, int, int], int] = {}  # (rank, "F"/"B", module, mb) -> action index
     for r, row in enumerate(run.compute):
         for i, (token, _, _) in enumerate(row):
-            for p in parse_token(token):
+            for p in compute_parts(token):
                 if p is not None and p.kind != "W":
                     where[(r, p.kind[0], p.module, p.mb)] = i
     out = []
@@ -79,7 +84,7 @@ def _producers(plan, run: RunStep) -> List[List[List[Tuple[int, int]]]]:
         per_action = []
         for token, _, _ in row:
             deps = []
-            for p in parse_token(token):
+            for p in compute_parts(token):
                 if p is None or p.kind == "W":
                     continue
                 info = plan.stages[r][p.module]
@@ -93,10 +98,8 @@ def _producers(plan, run: RunStep) -> List[List[List[Tuple[int, int]]]]:
     return out
 
 
-def _receives_before(plan, rank: int) -> List[bool]:
+def _receives_before(plan: Plan, rank: int) -> List[bool]:
     """For each compute action of ``rank``: whether a wait on receives precedes it (since the last compute)."""
-    from dualpipe_ext.schedules import ActionType
-
     recv_types = (ActionType.RECV_FORWARD, ActionType.RECV_BACKWARD)
     out, queued, waited = [], False, False
     for a in plan.actions[rank]:
@@ -110,7 +113,7 @@ def _receives_before(plan, rank: int) -> List[bool]:
     return out
 
 
-def estimate_costs(runs: Sequence[RunStep], plan) -> Dict[str, float]:
+def estimate_costs(runs: Sequence[RunStep], plan: Plan) -> Dict[str, float]:
     """Estimated simulator costs (ns) from one or more steps: F, B, W, FB, P2P and overhead."""
     durs: Dict[str, List[float]] = {"F": [], "B": [], "Bz": [], "W": [], "FB": []}
     waits: List[float] = []  # producer end -> consumer start, consumer idle
@@ -118,7 +121,7 @@ def estimate_costs(runs: Sequence[RunStep], plan) -> Dict[str, float]:
     for run in runs:
         for row in run.compute:
             for token, s, e in row:
-                first, second = parse_token(token)
+                first, second = compute_parts(token)
                 durs["FB" if second is not None else first.kind].append(e - s)
         producers = _producers(plan, run)
         for r, row in enumerate(run.compute):
@@ -144,7 +147,7 @@ def estimate_costs(runs: Sequence[RunStep], plan) -> Dict[str, float]:
     return {"F": f, "B": b, "W": min(w, b), "FB": _mean(durs["FB"], f + b), "P2P": p2p, "overhead": overhead}
 
 
-def step_edges(runs: Sequence[RunStep], plan) -> Tuple[List[float], List[float], float]:
+def step_edges(runs: Sequence[RunStep], plan: Plan) -> Tuple[List[float], List[float], float]:
     """Per-rank ``start`` and ``tail`` (ns) of the recorded steps, and the set-up time included in ``start``.
 
     ``start[r]``: mean time rank r started its step, plus the mean set-up time from a step's
@@ -168,13 +171,9 @@ def step_edges(runs: Sequence[RunStep], plan) -> Tuple[List[float], List[float],
     return [max(0.0, _mean(x, 0.0)) + setup for x in starts], [_mean(x, 0.0) for x in tails], setup
 
 
-def predict(runs: Sequence[RunStep], plan=None) -> Prediction:
+def predict(runs: Sequence[RunStep], plan: Optional[Plan] = None) -> Prediction:
     """Simulate the plan of ``runs`` (steps of one run) with costs and edges estimated from them;
     compare with their mean step time."""
-    from dualpipe_ext.schedules import Costs, get_plan, simulate
-
-    if isinstance(runs, RunStep):
-        runs = [runs]
     if not runs:
         raise ValueError("predict needs at least one recorded step")
     first = runs[0]

@@ -1,14 +1,13 @@
-"""Compare every schedule at one size: simulated makespan, bubbles, memory, and the closed-form bubble."""
+"""Compare every registered schedule at one size: simulated makespan, bubbles, memory, and the closed-form bubble."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-__all__ = ["Row", "compare", "format_table", "pick_best", "parse_costs"]
+from dualpipe_ext.schedules.analysis import Costs, closed_form_bubble, simulate
+from dualpipe_ext.schedules.registry import get_plan, schedule_info, schedule_names
 
-# Schedules whose ranks hold two stage modules (parameters per device 2x).
-_TWO_MODULES = {"dualpipe", "dualpipev"}
-_COST_FIELDS = ("F", "B", "W", "FB", "P2P")
+__all__ = ["Row", "compare", "format_table", "pick_best"]
 
 
 @dataclass(frozen=True)
@@ -28,33 +27,11 @@ class Row:
     stages: int = 0
 
 
-def parse_costs(text: str):
-    """``"F,B,W,FB,P2P"`` (five non-negative numbers) -> ``Costs``; ``ValueError`` saying what is expected."""
-    from dualpipe_ext.schedules import Costs
-
-    parts = text.split(",")
-    if len(parts) != len(_COST_FIELDS):
-        raise ValueError(f"--costs {text!r}: expected five comma-separated numbers F,B,W,FB,P2P, e.g. 1,2,1,3,0")
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"--costs {text!r}: expected five comma-separated numbers F,B,W,FB,P2P, e.g. 1,2,1,3,0") from None
-    if any(not v >= 0 or v == float("inf") for v in values):
-        raise ValueError(f"--costs {text!r}: costs must be finite and non-negative")
-    if values[2] > values[1]:
-        raise ValueError(f"--costs {text!r}: W ({values[2]:g}) cannot exceed the full backward B ({values[1]:g})")
-    try:
-        return Costs(**dict(zip(_COST_FIELDS, values)))
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"--costs {text!r}: {e}") from None
-
-
-def compare(ranks: int, chunks: int, costs, names: Optional[Sequence[str]] = None) -> List[Row]:
-    """Simulate every schedule (or ``names``) at ``ranks`` x ``chunks``; invalid ones carry their reason."""
-    from dualpipe_ext.schedules import closed_form_bubble, get_plan, schedule_names, simulate
-
+def compare(ranks: int, chunks: int, costs: Costs, names: Optional[Sequence[str]] = None) -> List[Row]:
+    """Simulate every registered schedule (or ``names``) at ``ranks`` x ``chunks``; invalid ones carry their reason."""
     rows = []
     for name in names or schedule_names():
+        info = schedule_info(name)
         try:
             plan = get_plan(name, ranks, chunks)
             sim = simulate(plan, costs=costs)
@@ -77,9 +54,9 @@ def compare(ranks: int, chunks: int, costs, names: Optional[Sequence[str]] = Non
                 bubble_ratio=mean / sim.makespan if sim.makespan > 0 else 0.0,
                 closed_form=closed,
                 peak_activations=max(sim.peak_activations),
-                params="2x" if name in _TWO_MODULES else "1x",
+                params=f"{info.modules_per_rank}x",
                 devices=ranks,
-                stages=len(plan.stages) * plan.num_modules if name == "dualpipev" else ranks,
+                stages=ranks * info.stages_per_rank,
             )
         )
     return rows

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from dualpipe_ext.schedules import Costs, get_plan, simulate
-from dualpipe_ext.viz.predict import estimate_costs, format_prediction, predict, step_edges
+from dualpipe_ext.schedules.predict import estimate_costs, format_prediction, predict, step_edges
 from dualpipe_ext.viz.records import RunStep, load_record, merge_step
-from viz_helpers import write_records
+from timeline_helpers import write_records
 
 
 def _runs(tmp_path, name="dualpipe", ranks=4, chunks=8):

@@ -1,0 +1,172 @@
+"""Run a function on several local processes that form one ``torch.distributed`` group.
+
+``run_ranks(fn, world, *args)`` spawns ``world`` processes, initialises the process group in
+each on a free loopback port, calls ``fn(rank, world, *args)`` and returns the results by
+rank. It is how the tests, benchmarks and examples start their ranks::
+
+    from dualpipe_ext.launch import run_ranks
+
+    def work(rank, world, n):          # a module-level function: spawned processes import it
+        ...
+        return {"loss": loss}
+
+    results = run_ranks(work, 4, 10, timeout_s=120)
+
+A failure names the ranks that raised (with their tracebacks), that exited without a result,
+or that did not finish in time; every process still running is killed before it is raised,
+so none outlives the call.
+"""
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import socket
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable, Dict, List
+
+__all__ = ["LaunchError", "free_port", "run_ranks"]
+
+_HOST = "127.0.0.1"
+# After one rank fails, how long the others get to finish (or fail) before they are killed:
+# peers of a failed rank usually wait on it until their own timeouts.
+_GRACE_S = 5.0
+# A process that exited without a result is reported after this long (its last message may
+# still be in the pipe).
+_EXIT_DRAIN_S = 1.0
+
+
+class LaunchError(RuntimeError):
+    """Some ranks raised, exited without a result or did not finish; raised after all are stopped."""
+
+    def __init__(self, errors: Dict[int, str], exited: Dict[int, int], unfinished: List[int],
+                 timeout_s: float) -> None:
+        lines = []
+        if unfinished:
+            limit = f"{timeout_s:g} s" + (f", or {_GRACE_S:g} s after a failure" if errors or exited else "")
+            lines.append(f"ranks {unfinished} did not finish in time ({limit}) and were killed")
+        lines += [f"rank {r} exited with code {code} without a result" for r, code in sorted(exited.items())]
+        lines += [f"rank {r} raised:\n{tb}" for r, tb in sorted(errors.items())]
+        super().__init__("\n".join(lines))
+        self.errors = errors  # rank -> traceback of what it raised
+        self.exited = exited  # rank -> exit code of a process that ended without a result
+        self.unfinished = unfinished  # ranks killed before they finished
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((_HOST, 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(fn: Callable, rank: int, world: int, port: int, args: tuple, out: "mp.Queue", backend: str,
+               init: bool, barrier: bool, init_timeout_s: float) -> None:
+    """Body of one spawned process: environment, process group, ``fn``, result or traceback."""
+    os.environ.update({"MASTER_ADDR": _HOST, "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        if init:
+            if backend == "nccl":
+                torch.cuda.set_device(rank % torch.cuda.device_count())
+            dist.init_process_group(backend, init_method=f"tcp://{_HOST}:{port}", rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=init_timeout_s))
+        result = fn(rank, world, *args)
+        if init and barrier:
+            dist.barrier()
+        buf = io.BytesIO()  # bytes, not shared-memory tensors, which die with this process
+        torch.save(result, buf)
+        out.put((rank, "ok", buf.getvalue()))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        out.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 120.0, backend: str = "gloo",
+              init: bool = True, barrier: bool = True, init_timeout_s: float = 60.0) -> List[Any]:
+    """Call ``fn(rank, world, *args)`` on ``world`` spawned processes; return the results by rank.
+
+    ``fn`` and ``args`` must pickle (``fn`` a module-level function); results travel back
+    through ``torch.save``, so tensors are fine. Each process sees ``MASTER_ADDR``,
+    ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``, and runs one torch thread.
+
+    ``init=False`` leaves ``init_process_group`` to ``fn`` (on the port in ``MASTER_PORT``).
+    ``barrier=False`` skips the closing barrier, for groups that ``fn`` leaves broken on
+    purpose. ``backend="nccl"`` gives rank ``r`` the GPU ``r % device_count``.
+
+    Raises :class:`LaunchError` naming the ranks that raised, exited or did not finish
+    within ``timeout_s``, after killing every process still running.
+    """
+    if world < 1:
+        raise ValueError(f"run_ranks needs at least one rank, got world={world}")
+    import torch
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world, port, args, out, backend, init, barrier,
+                                                  init_timeout_s), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results: Dict[int, bytes] = {}
+    errors: Dict[int, str] = {}
+    exited: Dict[int, int] = {}
+    try:
+        deadline = _collect(procs, out, results, errors, exited, timeout_s)
+        for p in procs:  # the results are in; let the processes wind down
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        out.close()
+    unfinished = [r for r in range(world) if r not in results and r not in errors and r not in exited]
+    if errors or exited or unfinished:
+        raise LaunchError(errors, exited, unfinished, timeout_s)
+    return [torch.load(io.BytesIO(results[r]), weights_only=False) for r in range(len(procs))]
+
+
+def _collect(procs: List[Any], out: "mp.Queue", results: Dict[int, bytes], errors: Dict[int, str],
+             exited: Dict[int, int], timeout_s: float) -> float:
+    """Read the ranks' reports until all are in, the deadline passes or the failed ranks' grace ends.
+
+    Returns the deadline that held when it stopped.
+    """
+    world = len(procs)
+    deadline = time.monotonic() + timeout_s
+    exited_at: Dict[int, float] = {}
+    while len(results) + len(errors) + len(exited) < world:
+        now = time.monotonic()
+        if now >= deadline:
+            break
+        try:
+            rank, status, value = out.get(timeout=min(0.2, deadline - now))
+        except queue_mod.Empty:
+            pass
+        else:
+            (results if status == "ok" else errors)[rank] = value
+            if status != "ok":
+                deadline = min(deadline, time.monotonic() + _GRACE_S)
+            continue
+        for r, p in enumerate(procs):
+            if r in results or r in errors or r in exited or p.exitcode is None:
+                continue
+            exited_at.setdefault(r, now)
+            if now - exited_at[r] >= _EXIT_DRAIN_S:
+                exited[r] = p.exitcode
+                deadline = min(deadline, time.monotonic() + _GRACE_S)
+    return deadline
+

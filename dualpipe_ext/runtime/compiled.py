@@ -1,0 +1,97 @@
+"""One rank's plan in the form the executor walks: a list of :class:`Op`, and its stage links.
+
+Compiled once per (plan, rank, rank mapping) and cached by the pipeline, so that the walk
+itself touches only tuples and ints: an op's ``kind`` indexes the executor's dispatch
+table, its peers are already translated to the ranks the process group uses, and its
+``token`` (the action's text form, for errors, records and the profiler) is printed once.
+"""
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import List, NamedTuple, Sequence
+
+from dualpipe_ext import _C
+
+__all__ = ["CompiledPlan", "Kind", "Op", "Receive"]
+
+
+class Kind(IntEnum):
+    """What an op does; compute kinds come first, then receives, sends and the wait."""
+
+    F = 0  # forward of (module, mb)
+    B = 1  # full backward of (module, mb)
+    BZ = 2  # backward for inputs only; the weight work is queued for a W
+    W = 3  # run the oldest queued weight-gradient batch
+    FB = 4  # forward of (module, mb) and backward of (module2, mb2), overlapped
+    RECV_F = 5  # receive the inputs of (module, mb)
+    RECV_B = 6  # receive the output gradients of (module, mb)
+    SEND_F = 7  # send the outputs of (module, mb)
+    SEND_B = 8  # send the input gradients of (module, mb)
+    WAIT = 9  # post the queued sends and receives and wait for them
+
+
+_KINDS = {
+    _C.ActionType.FORWARD: Kind.F,
+    _C.ActionType.BACKWARD: Kind.B,
+    _C.ActionType.BACKWARD_INPUT: Kind.BZ,
+    _C.ActionType.WEIGHT: Kind.W,
+    _C.ActionType.FORWARD_BACKWARD: Kind.FB,
+    _C.ActionType.RECV_FORWARD: Kind.RECV_F,
+    _C.ActionType.RECV_BACKWARD: Kind.RECV_B,
+    _C.ActionType.SEND_FORWARD: Kind.SEND_F,
+    _C.ActionType.SEND_BACKWARD: Kind.SEND_B,
+    _C.ActionType.WAIT: Kind.WAIT,
+}
+
+
+class Op(NamedTuple):
+    """One action of a rank's plan."""
+
+    kind: Kind
+    module: int  # local module; the forward half of a pair; -1 for W and WAIT
+    mb: int  # micro-batch as counted by `module`
+    module2: int  # backward half of a pair; -1 otherwise
+    mb2: int
+    peer: int  # global rank on the other side of a send or receive; -1 otherwise
+    group_peer: int  # the same peer as a rank of the pipeline's process group
+    token: str  # the action's text form: "F0.3", "sendF0.3>1", "wait"
+
+
+class Receive(NamedTuple):
+    """A receive of the plan, with the wait that completes it (receives can be posted ahead)."""
+
+    index: int  # position of the receive in CompiledPlan.ops
+    wait: int  # ordinal of the wait that completes it
+
+
+class CompiledPlan:
+    """One rank's ops, plus what the stage table says about its local modules."""
+
+    def __init__(self, plan: "_C.Plan", rank: int, to_global: Sequence[int], to_group: Sequence[int]) -> None:
+        self.schedule = plan.schedule
+        self.ranks = plan.ranks
+        self.chunks = plan.chunks
+        self.num_modules = plan.num_modules
+        self.mbs_per_module = plan.mbs_per_module
+        stages = plan.stages[rank]
+        self.is_first = [s.prev_rank < 0 for s in stages]
+        self.is_last = [s.next_rank < 0 for s in stages]
+        # Consecutive stages on this rank hand their tensors over directly (DualPipeV's V).
+        self.local_next = [s.next_module if s.next_rank == rank else -1 for s in stages]
+        self.local_prev = [s.prev_module if s.prev_rank == rank else -1 for s in stages]
+        self.remote_prev = [s.prev_rank >= 0 and s.prev_rank != rank for s in stages]
+        self.ops: List[Op] = [
+            Op(_KINDS[a.type], a.module, a.mb, a.module2, a.mb2, to_global[a.peer] if a.peer >= 0 else -1,
+               to_group[a.peer] if a.peer >= 0 else -1, str(a))
+            for a in plan.actions[rank]
+        ]
+        self.receives: List[Receive] = []  # in plan order
+        self.wait_ordinal: List[int] = []  # per op: ordinal of the next wait at or after it
+        ordinal = 0
+        for i, op in enumerate(self.ops):
+            self.wait_ordinal.append(ordinal)
+            if op.kind == Kind.RECV_F or op.kind == Kind.RECV_B:
+                self.receives.append(Receive(i, ordinal))
+            if op.kind == Kind.WAIT:
+                ordinal += 1
+        self.num_waits = ordinal

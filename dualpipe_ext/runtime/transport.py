@@ -1,0 +1,207 @@
+"""The sends and receives of one pipeline step on one rank.
+
+The plan queues sends and receives and posts each batch at its next ``wait``. On NCCL (and
+on gloo with ``eager_comm`` off) a batch goes to ``batch_isend_irecv`` exactly as planned.
+With ``eager_comm`` on gloo, where every send and receive is an independent operation, two
+things happen earlier without changing what is sent or computed: receives are posted up to
+``lookahead`` waits ahead, so that a sender finds its receiver ready, and a ``wait`` blocks
+only on its receives, while sends complete in the background and are checked at later
+waits and at the end of the step. A wait that does not complete within the timeout raises
+a :class:`PipelineError` naming this rank, the action and the operations still missing.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Dict, List, NamedTuple, Sequence
+
+import torch
+import torch.distributed as dist
+
+from dualpipe_ext.comm import P2PSpec
+from dualpipe_ext.runtime.agreement import PipelineError
+from dualpipe_ext.runtime.compiled import CompiledPlan, Kind, Op
+
+__all__ = ["LinkConfig", "StepComm"]
+
+
+class LinkConfig(NamedTuple):
+    """How a pipeline's ranks talk: fixed for the pipeline's life."""
+
+    group: dist.ProcessGroup
+    rank: int  # pipeline rank, for messages
+    device: torch.device
+    timeout_s: float  # per wait
+    eager: bool  # post receives ahead, complete sends in the background (gloo only)
+    lookahead: int  # with eager: waits ahead that receives are posted
+
+
+class Transfer(NamedTuple):
+    """A send or receive queued by the plan until its next wait."""
+
+    op: Op
+    tensors: List[torch.Tensor]
+    free: Sequence[torch.Tensor] = ()  # sent outputs whose storage can go once the send completed
+
+
+class InFlight(NamedTuple):
+    """Posted operations and the action they belong to."""
+
+    works: List[Any]
+    desc: str  # the action's token, for timeout messages
+    free: Sequence[torch.Tensor] = ()
+
+
+class PostedReceive(NamedTuple):
+    buffers: List[torch.Tensor]
+    works: List[Any]
+
+
+class StepComm:
+    """Queues, posts and completes one step's communication on one rank."""
+
+    def __init__(self, link: LinkConfig, plan: CompiledPlan, p2p: P2PSpec, forward_only: bool) -> None:
+        self.link = link
+        self.plan = plan
+        self.p2p = p2p
+        self.forward_only = forward_only
+        self.timeout = timedelta(seconds=link.timeout_s)
+        self.wait_with_timeout = link.device.type == "cpu"
+        self.pending: List[Transfer] = []  # queued until the next wait
+        self.posted: Dict[int, PostedReceive] = {}  # eager: op index -> receive posted ahead
+        self.next_receive = 0  # eager: position in plan.receives of the next receive to post
+        self.receiving: List[InFlight] = []  # eager: receives the next wait completes
+        self.sending: List[InFlight] = []  # eager: posted sends in flight
+
+    def start(self) -> None:
+        """Post the receives that the first waits complete (eager only)."""
+        if self.link.eager:
+            self._post_receives(self.link.lookahead)
+
+    # Queueing -----------------------------------------------------------------------------
+
+    def receive(self, index: int, op: Op) -> List[torch.Tensor]:
+        """Buffers that the receive ``op`` (at ``index``) fills by the next wait."""
+        if self.link.eager:
+            if index not in self.posted:  # beyond the look-ahead: post it now
+                self._post_receives_through(index)
+            posted = self.posted.pop(index)
+            self.receiving.append(InFlight(posted.works, op.token))
+            return posted.buffers
+        bufs = self.p2p.empty(self.link.device, op.kind == Kind.RECV_F and not self.forward_only)
+        self.pending.append(Transfer(op, bufs))
+        return bufs
+
+    def send(self, op: Op, tensors: List[torch.Tensor], free: Sequence[torch.Tensor] = ()) -> None:
+        self.pending.append(Transfer(op, tensors, free))
+
+    def drain(self, index: int, op: Op) -> None:
+        """After an error: keep this send or receive matched, with placeholder data."""
+        if op.kind == Kind.RECV_F or op.kind == Kind.RECV_B:
+            self.receive(index, op)
+        else:
+            self.send(op, self.p2p.zeros(self.link.device))
+
+    def _post_receives(self, limit: int) -> None:
+        """Post the receives that the waits up to ordinal ``limit`` complete."""
+        receives = self.plan.receives
+        i = self.next_receive
+        while i < len(receives) and receives[i].wait <= limit:
+            self._post_receive(receives[i].index)
+            i += 1
+        self.next_receive = i
+
+    def _post_receives_through(self, index: int) -> None:
+        receives = self.plan.receives
+        while self.next_receive < len(receives) and receives[self.next_receive].index <= index:
+            self._post_receive(receives[self.next_receive].index)
+            self.next_receive += 1
+
+    def _post_receive(self, index: int) -> None:
+        op = self.plan.ops[index]
+        bufs = self.p2p.empty(self.link.device, op.kind == Kind.RECV_F and not self.forward_only)
+        recv, peer = self.link.group.recv, op.group_peer
+        self.posted[index] = PostedReceive(bufs, [recv([b], peer, 0) for b in bufs])
+
+    # Waiting ------------------------------------------------------------------------------
+
+    def wait(self, index: int, token: str) -> None:
+        """The plan's ``wait`` at ``index``: post what is queued, wait for what must be complete."""
+        if self.link.eager:
+            self._wait_eager(index, token)
+            return
+        pending = self.pending
+        if not pending:
+            return
+        self.pending = []
+        ops, descs, free = [], [], []
+        group = self.link.group
+        for tr in pending:
+            is_send = tr.op.kind == Kind.SEND_F or tr.op.kind == Kind.SEND_B
+            fn = dist.isend if is_send else dist.irecv
+            for t in tr.tensors:
+                ops.append(dist.P2POp(fn, t, tr.op.peer, group))
+                descs.append(tr.op.token)
+            free.extend(tr.free)
+        works = dist.batch_isend_irecv(ops)
+        self._wait_all([InFlight([w], d) for w, d in zip(works, descs)], index, token)
+        _release(free)
+
+    def finish(self) -> None:
+        """End of the step: the last batch, and every send still in flight."""
+        end = len(self.plan.ops)
+        self.wait(end, "end of step")
+        sending, self.sending = self.sending, []
+        for entry in sending:
+            self._sent(entry, end, "end of step")
+
+    def _wait_eager(self, index: int, token: str) -> None:
+        send = self.link.group.send
+        for tr in self.pending:
+            peer = tr.op.group_peer
+            self.sending.append(InFlight([send([t], peer, 0) for t in tr.tensors], tr.op.token, tr.free))
+        self.pending = []
+        if self.link.lookahead > 0 and index < len(self.plan.ops):
+            self._post_receives(self.plan.wait_ordinal[index] + self.link.lookahead)
+        if self.receiving:
+            receiving, self.receiving = self.receiving, []
+            self._wait_all(receiving, index, token)
+        # Free what completed sends no longer need; keep the rest in flight.
+        sending = self.sending
+        while sending and all(w.is_completed() for w in sending[0].works):
+            self._sent(sending.pop(0), index, token)
+
+    def _sent(self, entry: InFlight, index: int, token: str) -> None:
+        self._wait_all([entry], index, token)  # completed or not: surfaces backend errors
+        _release(entry.free)
+
+    def _wait_all(self, entries: Sequence[InFlight], index: int, token: str) -> None:
+        if not self.wait_with_timeout:
+            for entry in entries:
+                for w in entry.works:
+                    w.wait()
+            return
+        timeout = self.timeout
+        for i, entry in enumerate(entries):
+            for w in entry.works:
+                try:
+                    ok = w.wait(timeout)
+                except RuntimeError as e:
+                    self._timed_out(index, token, entries[i:], e)
+                if ok is False:
+                    self._timed_out(index, token, entries[i:], None)
+
+    def _timed_out(self, index: int, token: str, entries: Sequence[InFlight], cause) -> None:
+        # entries[0] timed out; later ones may or may not have completed.
+        first = entries[0].desc
+        later = {e.desc for e in entries[1:] if not all(w.is_completed() for w in e.works)} - {first}
+        where = f"action {index} '{token}'" if index < len(self.plan.ops) else "the end of the step"
+        raise PipelineError(
+            f"pipeline rank {self.link.rank}: {where} waited {self.link.timeout_s:g} s for its sends and receives; "
+            f"still missing: {', '.join([first] + sorted(later))} (the peer did not post the matching operation: "
+            f"it failed, stopped, or runs a different plan)" + (f"; backend: {cause}" if cause else ""))
+
+
+def _release(tensors: Sequence[torch.Tensor]) -> None:
+    """Drop the storage of sent outputs that nothing reads again (autograd keeps their metadata)."""
+    for t in tensors:
+        t.data = torch.empty(0, dtype=t.dtype, device=t.device)
