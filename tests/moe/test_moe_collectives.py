@@ -1,6 +1,6 @@
 """How many collectives dispatch and combine issue (so the number cannot grow unnoticed), that
-the control exchange is the only synchronous one with ``async_op``, that bad input costs the
-control exchange alone, and that indices and weights arrive bit for bit."""
+an async issue sends the control exchange alone and the payload follows at ``progress()``,
+that bad input costs the control exchange alone, and that indices and weights arrive bit for bit."""
 from __future__ import annotations
 
 import pytest
@@ -80,6 +80,7 @@ def _worker(rank, world):
     out["grad_w"] = w.grad
 
     pending, out["dispatch_async_issue"] = issued(lambda: moe.dispatch(x, idx, w, EXPERTS, async_op=True))
+    _, out["dispatch_async_progress"] = issued(pending.progress)
     (recv_x2, recv_idx2, recv_w2, handle2), out["dispatch_async_wait"] = issued(pending.wait)
     out["routes_async"] = (recv_idx2, recv_w2.detach())
     pending, out["combine_async_issue"] = issued(lambda: moe.combine(recv_x2, handle2, async_op=True))
@@ -102,6 +103,7 @@ def _worker(rank, world):
 
 
 A2A, A2A_ASYNC, ALL_REDUCE = ("all_to_all_single", False), ("all_to_all_single", True), ("all_reduce", False)
+ALL_REDUCE_ASYNC = ("all_reduce", True)
 
 
 @pytest.fixture(scope="module")
@@ -111,15 +113,17 @@ def results():
 
 def test_collectives_per_dispatch_and_combine(results):
     for rank, r in enumerate(results):
-        # dispatch: control exchange + rows + indices/weights; combine: control + rows
-        assert r["dispatch"] == [A2A, A2A, A2A], (rank, r["dispatch"])
-        assert r["combine"] == [ALL_REDUCE, A2A], (rank, r["combine"])
+        # dispatch: control exchange + rows + indices/weights; combine: control + rows; all issued async
+        assert r["dispatch"] == [A2A_ASYNC, A2A_ASYNC, A2A_ASYNC], (rank, r["dispatch"])
+        assert r["combine"] == [ALL_REDUCE_ASYNC, A2A_ASYNC], (rank, r["combine"])
         # backward: combine's rows, then dispatch's row and weight gradients
         assert r["backward"] == [A2A, A2A, A2A], (rank, r["backward"])
-        # async: only the control exchange is synchronous; wait() issues nothing
-        assert r["dispatch_async_issue"] == [A2A, A2A_ASYNC, A2A_ASYNC], (rank, r["dispatch_async_issue"])
-        assert r["dispatch_async_wait"] == [] and r["combine_async_wait"] == []
-        assert r["combine_async_issue"] == [ALL_REDUCE, A2A_ASYNC], (rank, r["combine_async_issue"])
+        # async: the issue sends the control exchange only, the payload follows at progress() (or wait())
+        assert r["dispatch_async_issue"] == [A2A_ASYNC], (rank, r["dispatch_async_issue"])
+        assert r["dispatch_async_progress"] == [A2A_ASYNC, A2A_ASYNC], (rank, r["dispatch_async_progress"])
+        assert r["dispatch_async_wait"] == []
+        assert r["combine_async_issue"] == [ALL_REDUCE_ASYNC], (rank, r["combine_async_issue"])
+        assert r["combine_async_wait"] == [A2A_ASYNC], (rank, r["combine_async_wait"])
 
 
 def test_routes_arrive_bit_for_bit_and_errors_cost_one_collective(results):
@@ -132,17 +136,17 @@ def test_routes_arrive_bit_for_bit_and_errors_cost_one_collective(results):
         assert r["grad_w"] is not None and r["grad_w"].shape == (TOKENS[rank], TOPK)
 
         msg, issued = r["bad_dispatch"]
-        assert issued == [A2A], (rank, issued)  # the control exchange only: no payload moved
+        assert issued == [A2A_ASYNC], (rank, issued)  # the control exchange only: no payload moved
         assert "rank(s) [2] of the group passed bad input (rank 2: topk_idx values)" in msg, msg
         assert ("found 6" in msg) == (rank == 2), msg
 
         msg, issued = r["dtype_mismatch"]
-        assert issued == [A2A], (rank, issued)
+        assert issued == [A2A_ASYNC], (rank, issued)
         assert msg == ("dispatch: ranks of the group disagree: dtype differs "
                        "(rank 0: torch.float64, rank 1: torch.float32, rank 2: torch.float64)"), msg
 
         msg, issued = r["handle_mismatch"]
-        assert issued == [ALL_REDUCE], (rank, issued)
+        assert issued == [ALL_REDUCE_ASYNC], (rank, issued)
         assert "combine: the handles of the ranks come from different dispatches" in msg, msg
         assert msg == results[0]["handle_mismatch"][0]  # the same message on every rank
         assert r["after"].shape == (TOKENS[rank], HIDDEN)
