@@ -16,6 +16,8 @@ _EXPORTS = {
     "pipeline_stages": "dualpipe_ext.integrations.hf",
     "causal_lm_loss": "dualpipe_ext.integrations.hf",
     "CausalLMStage": "dualpipe_ext.integrations.hf",
+    "overlap_stages": "dualpipe_ext.integrations.hf",
+    "HFLayer": "dualpipe_ext.integrations.hf",
 }
 
 __all__ = sorted(_EXPORTS) + ["hf"]

@@ -4,6 +4,7 @@
 
     hf.replace_moe(model, group=ep_group)              # MoE blocks -> dualpipe_ext.moe.MoE
     stages = hf.pipeline_stages(model, num_stages=4)   # embedding ... layers ... lm_head
+    stages = hf.overlap_stages(model, num_stages=4)    # the same, run through the overlap engine
     pipe = DualPipeV((stages[rank], stages[3 - rank]))
     loss, _ = pipe.step(input_ids, num_chunks=8, criterion=hf.causal_lm_loss, labels=(input_ids,))
 
@@ -17,7 +18,8 @@ from ._deps import require_transformers
 require_transformers()
 
 from .hf_moe import find_moe_blocks, replace_moe, supported_blocks  # noqa: E402
+from .hf_overlap import HFLayer, HFStage, OverlappedHFStage, overlap_stages  # noqa: E402
 from .hf_pipeline import CausalLMStage, causal_lm_loss, pipeline_stages, split_layers  # noqa: E402
 
 __all__ = ["replace_moe", "find_moe_blocks", "supported_blocks", "pipeline_stages", "CausalLMStage",
-           "causal_lm_loss", "split_layers"]
+           "causal_lm_loss", "split_layers", "overlap_stages", "HFLayer", "HFStage", "OverlappedHFStage"]

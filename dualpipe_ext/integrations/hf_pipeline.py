@@ -17,7 +17,7 @@ from torch import nn
 
 from ._deps import require_transformers
 
-__all__ = ["CausalLMStage", "pipeline_stages", "causal_lm_loss", "split_layers"]
+__all__ = ["CausalLMStage", "pipeline_stages", "causal_lm_loss", "split_layers", "layer_context"]
 
 # attention kind of a layer -> name of the transformers.masking_utils function that builds its mask
 _MASKS = {"full_attention": "create_causal_mask", "sliding_attention": "create_sliding_window_causal_mask"}
@@ -45,28 +45,32 @@ class CausalLMStage(nn.Module):
         self.norm = norm
         self.lm_head = lm_head
 
-    def _masks(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Dict[str, object]:
-        import transformers.masking_utils as masking
-
-        return {kind: getattr(masking, _MASKS[kind])(config=self.config, inputs_embeds=hidden, attention_mask=None,
-                                                     cache=None, position_ids=position_ids)
-                for kind in set(self.attention_kinds)}
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: input_ids [batch, seq] int64 on the first stage, else hidden [batch, seq, hidden]."""
         hidden = self.embed_tokens(x) if self.embed_tokens is not None else x
         if len(self.layers):
-            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-            position_embeddings = self.rotary_emb(hidden, position_ids)
-            masks = self._masks(hidden, position_ids)
+            ctx = layer_context(self.config, self.rotary_emb, set(self.attention_kinds), hidden)
             for layer, kind in zip(self.layers, self.attention_kinds):
-                hidden = layer(hidden, attention_mask=masks[kind], position_ids=position_ids,
-                               position_embeddings=position_embeddings)
+                hidden = layer(hidden, attention_mask=ctx["masks"][kind], position_ids=ctx["position_ids"],
+                               position_embeddings=ctx["position_embeddings"])
                 if isinstance(hidden, tuple):  # layers that still return (hidden, ...)
                     hidden = hidden[0]
         if self.lm_head is not None:
             hidden = self.lm_head(self.norm(hidden))
         return hidden
+
+
+def layer_context(config: Any, rotary_emb: nn.Module, kinds, hidden: torch.Tensor) -> Dict[str, Any]:
+    """What the decoder layers of a chunk need beside their input, from its hidden states
+    [batch, seq, hidden]: ``position_ids`` [1, seq], the rotary ``position_embeddings`` and one
+    causal mask per attention kind (``masks[kind]``), as the model's own forward makes them."""
+    import transformers.masking_utils as masking
+
+    position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    masks = {kind: getattr(masking, _MASKS[kind])(config=config, inputs_embeds=hidden, attention_mask=None,
+                                                  cache=None, position_ids=position_ids)
+             for kind in kinds}
+    return {"position_ids": position_ids, "position_embeddings": rotary_emb(hidden, position_ids), "masks": masks}
 
 
 def split_layers(num_layers: int, num_stages: int) -> List[int]:
