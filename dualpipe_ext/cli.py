@@ -3,6 +3,7 @@
     dualpipe-ext schedule NAME --ranks R --chunks C --out FILE.svg [--costs F,B,W,FB,P2P]
     dualpipe-ext simulate --ranks R --chunks C [--costs F,B,W,FB,P2P] [--best] [--memory N]
     dualpipe-ext trace RANK0.json RANK1.json ... [--chrome OUT.json] [--svg OUT.svg] [--predict]
+    dualpipe-ext demo [--steps N] [--schedule dualpipe|dualpipev] [--ep-path collective|buffer] ...
 
 Also runnable as ``python -m dualpipe_ext.cli``. Bad input ends with one line on standard
 error and exit status 2; set ``DUALPIPE_EXT_DEBUG=1`` to see tracebacks.
@@ -143,10 +144,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="which recorded step to draw and export (default: the last; --predict: all but the first)")
     t.add_argument("--predict", action="store_true", help="compare the measured step time with the simulator's")
     t.set_defaults(func=_cmd_trace)
+
+    sub.add_parser("demo", help="the main job: train an MoE language model with DualPipe x expert parallelism "
+                                "(flags: dualpipe-ext demo --help)", add_help=False)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # the main job keeps its own flags (python -m dualpipe_ext.demo --help)
+        from dualpipe_ext.demo.__main__ import main as demo_main
+
+        return demo_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         return args.func(args)

@@ -40,7 +40,7 @@ def expert_parallel(rank: int, world: int, names: Sequence[str], batch_per_rank:
 
 def _grad_failures(model, ref, held: set, what: str, failures: List[str]) -> List[str]:
     """Compare the gradients of the parameters in ``held`` (ids) with the reference's; return their names."""
-    from dualpipe_ext.runtime.reference import grad_cos_diff
+    from dualpipe_ext.demo.reference import grad_cos_diff
 
     names = []
     for (name, p), (ref_name, q) in zip(model.named_parameters(), ref.named_parameters()):

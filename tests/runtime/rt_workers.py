@@ -8,7 +8,7 @@ from typing import Dict, List
 import torch
 
 from dualpipe_ext import DualPipe, DualPipeV, PipelineSchedule, RuntimeConfig, set_p2p_tensor_dtype, set_p2p_tensor_shapes
-from dualpipe_ext.runtime.reference import grad_cos_diff, sequential_step
+from dualpipe_ext.demo.reference import grad_cos_diff, sequential_step
 from dualpipe_ext.schedules import get_plan
 
 from rt_models import OverlapStage, Stage, criterion, make_stages

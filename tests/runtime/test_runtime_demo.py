@@ -8,7 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_demo_passes_its_own_check():
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "dualpipe_demo.py"), "--ranks", "2", "--chunks", "4",
+        [sys.executable, "-m", "dualpipe_ext.demo.pipeline", "--ranks", "2", "--chunks", "4",
          "--steps", "1", "--timeout", "90"],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -34,7 +34,7 @@ def test_demo_timeline_and_records(tmp_path, capsys):
 
     svg, rec = tmp_path / "timeline.svg", tmp_path / "rec"
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "dualpipe_demo.py"), "--ranks", "4", "--chunks", "8",
+        [sys.executable, "-m", "dualpipe_ext.demo.pipeline", "--ranks", "4", "--chunks", "8",
          "--steps", "2", "--timeout", "90", "--timeline", str(svg), "--record", str(rec)],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

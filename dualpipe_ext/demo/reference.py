@@ -1,9 +1,11 @@
-"""The unpipelined run that defines what a pipeline step computes.
+"""The unpipelined runs that define what the demos' pipelined steps compute.
 
 A pipeline step over stages ``s_0 .. s_{n-1}`` must give the same per-micro-batch losses
 (bit for bit: each micro-batch sees the same operations) and the same gradients (up to
-summation order) as running every micro-batch through all stages in one process. Tests
-and the demo use these helpers to check the runtime.
+summation order) as running every micro-batch through all stages in one process
+(``sequential_step``). The main job checks its first step against the untouched
+transformers model on the whole global batch in one process (``lm_reference``). Tests use
+these helpers too.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["sequential_step", "grad_cos_diff"]
+__all__ = ["sequential_step", "grad_cos_diff", "lm_reference", "swapped_name"]
 
 
 def sequential_step(stages: Sequence[nn.Module], inputs: Sequence[torch.Tensor], num_micro_batches: int,
@@ -53,3 +55,42 @@ def grad_cos_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     if denom == 0.0:
         return 0.0
     return 1.0 - 2.0 * float((x * y).sum()) / denom
+
+
+def swapped_name(name: str) -> Tuple[str, Optional[str]]:
+    """The name a transformers MoE parameter takes in ``dualpipe_ext.moe.MoE`` after ``replace_moe``,
+    and which half of a fused tensor it is (``"gate"``/``"up"`` of ``shared.gate_up``, else None)."""
+    head, sep, leaf = name.rpartition(".mlp.")
+    if not sep:
+        return name, None
+    prefix = f"{head}.mlp."
+    renames = {"gate.weight": ("gate", None), "experts.gate_up_proj": ("experts.gate_up", None),
+               "experts.down_proj": ("experts.down", None),
+               "shared_experts.gate_proj.weight": ("shared.gate_up", "gate"),
+               "shared_experts.up_proj.weight": ("shared.gate_up", "up"),
+               "shared_experts.down_proj.weight": ("shared.down", None)}
+    if leaf in renames:
+        new, part = renames[leaf]
+        return prefix + new, part
+    return name, None
+
+
+def lm_reference(model: nn.Module, batches: Sequence[torch.Tensor], loss_fn: Callable) -> Tuple[float, dict]:
+    """Mean loss of ``model`` over ``batches`` ([mb, seq] int64 input ids each, the labels too)
+    and its gradient, by the names the parameters have after ``replace_moe`` (fused halves joined)."""
+    model.zero_grad(set_to_none=True)
+    losses = [loss_fn(model(ids).logits, ids) for ids in batches]
+    mean = torch.stack(losses).mean()
+    mean.backward()
+    grads: dict = {}
+    halves: dict = {}
+    for name, p in model.named_parameters():
+        new, part = swapped_name(name)
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        if part is None:
+            grads[new] = g
+        else:
+            halves.setdefault(new, {})[part] = g
+    for new, parts in halves.items():
+        grads[new] = torch.cat([parts["gate"], parts["up"]])
+    return float(mean.detach()), grads

@@ -5,7 +5,7 @@ runs ``--steps`` training steps with each schedule, and checks every step agains
 same stages run one after another in one process: losses must be bitwise equal and every
 parameter gradient must satisfy 1 - cos < 1e-12 (float64). Exits non-zero on a mismatch.
 
-    python examples/dualpipe_demo.py --ranks 4 --chunks 8 --schedule both --steps 3
+    python -m dualpipe_ext.demo.pipeline --ranks 4 --chunks 8 --schedule both --steps 3
 
 With ``--timeline FILE.svg`` (or ``.png``, ``.pdf``) every step is recorded with the
 runtime's recorder, the ranks' records come back to the launching process, and the last
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from dualpipe_ext import DualPipe, DualPipeV, RuntimeConfig, set_p2p_tensor_dtype, set_p2p_tensor_shapes
 from dualpipe_ext.launch import LaunchError, run_ranks
-from dualpipe_ext.runtime.reference import grad_cos_diff, sequential_step
+from dualpipe_ext.demo.reference import grad_cos_diff, sequential_step
 from dualpipe_ext.viz.render import FORMATS
 
 HIDDEN = 256

@@ -1,0 +1,164 @@
+"""``python -m dualpipe_ext.demo`` (also ``dualpipe-ext demo``): the main job.
+
+Trains a small DeepSeek-V3-style MoE language model (the transformers DeepseekV3
+architecture from a tiny config, every layer MoE, its blocks swapped for dualpipe_ext's MoE)
+with DualPipe across the pipeline ranks and expert parallelism across replicas, on byte-level
+tokens of the Python standard library's own sources. By default: PP=2 x EP=2 on 4 CPU
+processes over gloo; ``--device cuda`` uses NCCL and one GPU per rank; started by ``torchrun``
+(``RANK``/``WORLD_SIZE`` set) it runs the rank it was given, on any number of nodes.
+
+Prints per step the loss, tokens per second and the time the slowest rank waited on
+communication; at the end the held-out loss, and whether the first step matched the
+untouched transformers model run in one process on the same global batch (no pipeline, no
+overlap, no expert parallelism). Exits non-zero when it did not, or when the loss did not fall.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import List, Optional
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dualpipe_ext.demo", description=__doc__.split("\n\n")[1])
+    a = p.add_argument
+    a("--steps", type=int, default=20, help="training steps (default 20)")
+    a("--layers", type=int, default=4, help="decoder layers of the model, all MoE (default 4)")
+    a("--hidden", type=int, default=64, help="model width (default 64)")
+    a("--seq", type=int, default=64, help="tokens per sequence (default 64)")
+    a("--micro-batch", type=int, default=2, help="sequences per micro-batch (default 2)")
+    a("--chunks", type=int, default=8, help="micro-batches per pipeline and step (default 8)")
+    a("--experts", type=int, default=8, help="routed experts per layer (default 8)")
+    a("--topk", type=int, default=2, help="experts per token (default 2)")
+    a("--schedule", choices=("dualpipe", "dualpipev"), default="dualpipe")
+    a("--pp", type=int, default=2, help="pipeline ranks per replica (default 2)")
+    a("--ep", type=int, default=2, help="expert-parallel degree = replicas (default 2)")
+    a("--ep-path", choices=("collective", "buffer"), default="collective",
+      help="all_to_all (collective) or the device-side EPBuffer (buffer)")
+    a("--no-overlap", action="store_true", help="run every forward+backward pair one after the other")
+    a("--two-batch", action="store_true", help="split every chunk into two halves that overlap each other")
+    a("--lr", type=float, default=3e-3)
+    a("--eval-batches", type=int, default=4, help="held-out steps at the end (default 4)")
+    a("--device", choices=("cpu", "cuda"), default="cpu")
+    a("--no-check", action="store_true", help="skip the first step's check against the unpipelined model")
+    a("--timeout", type=float, default=300.0, help="seconds a rank waits for a peer (default 300)")
+    a("--seed", type=int, default=0)
+    return p
+
+
+def _job(args):
+    from .lm import LMConfig
+    from .train import JobConfig
+
+    lm = LMConfig(hidden=args.hidden, layers=args.layers, heads=4 if args.hidden % 4 == 0 else 1,
+                  experts=args.experts, topk=args.topk, groups=2 if args.experts % 2 == 0 else 1,
+                  topk_groups=1, moe_intermediate=args.hidden, seq=args.seq, seed=args.seed)
+    return JobConfig(lm=lm, schedule=args.schedule, pp=args.pp, ep=args.ep, ep_path=args.ep_path,
+                     overlap=not args.no_overlap, two_batch=args.two_batch, steps=args.steps, chunks=args.chunks,
+                     micro_batch=args.micro_batch, lr=args.lr, eval_batches=args.eval_batches, device=args.device,
+                     check=not args.no_check, timeout_s=args.timeout)
+
+
+def _check_args(p: argparse.ArgumentParser, args) -> None:
+    stages = args.pp if args.schedule == "dualpipe" else 2 * args.pp
+    if min(args.steps, args.layers, args.hidden, args.seq, args.micro_batch, args.pp, args.ep) < 1:
+        p.error("--steps, --layers, --hidden, --seq, --micro-batch, --pp and --ep must be positive")
+    if args.schedule == "dualpipe" and args.pp % 2:
+        p.error(f"--pp must be even for DualPipe (got {args.pp}); DualPipeV runs on any number of ranks")
+    if args.layers < stages:
+        p.error(f"--layers ({args.layers}) must be at least the number of stages ({stages} for {args.schedule} "
+                f"with --pp {args.pp})")
+    if args.experts % args.ep or args.topk > args.experts:
+        p.error(f"--experts ({args.experts}) must be a multiple of --ep ({args.ep}) and at least --topk ({args.topk})")
+    if args.schedule == "dualpipe" and args.chunks % 2:
+        p.error(f"--chunks must be even for DualPipe, got {args.chunks}")
+
+
+def _report(job, results: List[dict], wall_s: float) -> int:
+    r0 = results[0]
+    steps = len(r0["losses"])
+    print(f"\nDeepSeek-V3-style MoE LM: {job.lm.layers} layers, hidden {job.lm.hidden}, {job.lm.experts} experts "
+          f"top-{job.lm.topk} + 1 shared, byte-level vocabulary {job.lm.vocab}, seq {job.lm.seq}, float32; "
+          f"{job.schedule} PP={job.pp} x EP={job.ep} ({job.ep_path} path) on {job.pp * job.ep} {job.device} "
+          f"processes, {job.chunks} micro-batches of {job.micro_batch} per pipeline, overlap "
+          f"{'on' if job.overlap else 'off'}{' + two-batch' if job.two_batch else ''}, "
+          f"{r0['pairs'] // max(1, steps)} overlapped pairs per rank and step")
+    step_s = r0["step_s"][1:] or r0["step_s"]
+    exposed = r0["exposed_ms"][1:] or r0["exposed_ms"]
+    print(f"loss {r0['losses'][0]:.4f} -> {r0['losses'][-1]:.4f}; held-out loss {r0['held_out']:.4f}; median step "
+          f"{statistics.median(step_s) * 1e3:.0f} ms, {r0['tokens_per_step'] / statistics.median(step_s):,.0f} "
+          f"tokens/s, communication exposed {statistics.median(exposed):.1f} ms per step; wall {wall_s:.1f} s")
+    ok = True
+    if job.check:
+        mismatches = [f"rank {r}: {m}" for r, res in enumerate(results) for m in res["check"]["mismatches"]]
+        worst = max(res["check"]["worst"] for res in results)
+        compared = sum(res["check"]["compared"] for res in results)
+        if mismatches:
+            ok = False
+            print(f"first step vs the unpipelined model: MISMATCH ({len(mismatches)} of {compared} gradients or the "
+                  f"loss)")
+            for m in mismatches[:10]:
+                print("   ", m)
+        else:
+            print(f"first step vs the unpipelined model: matched (mean loss {r0['check']['ref_loss']:.6f}; {compared} "
+                  f"gradients, worst 1 - 2xy/(x²+y²) = {worst:.2g})")
+    if any(res["copies_differ"] for res in results):
+        ok = False
+        print("the copies of the weights differ between the ranks holding them")
+    head = statistics.mean(r0["losses"][:2])
+    tail = statistics.mean(r0["losses"][-2:])
+    if steps >= 4 and not tail < head - 0.1:
+        ok = False
+        print(f"the loss did not fall (first steps {head:.4f}, last steps {tail:.4f})")
+    return 0 if ok else 1
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    _check_args(p, args)
+    job = _job(args)
+    if args.ep_path == "buffer" and args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # EPBuffer's kernels in Triton's interpreter on CPU
+    world = args.pp * args.ep
+    start = time.perf_counter()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "DUALPIPE_EXT_SPAWNED" not in os.environ:
+        return _under_torchrun(job, world, start)
+    from dualpipe_ext.launch import LaunchError, run_ranks
+
+    from .train import run_rank
+
+    os.environ["DUALPIPE_EXT_SPAWNED"] = "1"
+    try:
+        results = run_ranks(run_rank, world, job, timeout_s=max(600.0, 30.0 * args.steps),
+                            backend="nccl" if args.device == "cuda" else "gloo")
+    except LaunchError as e:
+        print(f"the job failed: {e}", file=sys.stderr)
+        return 1
+    return _report(job, results, time.perf_counter() - start)
+
+
+def _under_torchrun(job, world: int, start: float) -> int:
+    import torch.distributed as dist
+
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if size != world:
+        print(f"torchrun started {size} processes, the job needs --pp x --ep = {world}", file=sys.stderr)
+        return 2
+    dist.init_process_group("nccl" if job.device == "cuda" else "gloo")
+    from .train import run_rank
+
+    mine = run_rank(rank, world, job)
+    results = [None] * world
+    dist.all_gather_object(results, mine)
+    dist.destroy_process_group()
+    return _report(job, results, time.perf_counter() - start) if rank == 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""One rank of the main job: build its stages, train, evaluate, check the first step.
+
+Every rank returns a dict (losses, step times, exposed communication, check results) that
+the launching process prints; rank 0 also drives the progress bar.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .corpus import load_corpus
+from .lm import LMConfig, Layout, build_model, build_stages, copies_differ, is_expert, sync_grads
+from .reference import grad_cos_diff, lm_reference
+
+__all__ = ["JobConfig", "run_rank"]
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """What the main job runs (the command line's flags)."""
+
+    lm: LMConfig = field(default_factory=LMConfig)
+    schedule: str = "dualpipe"  # "dualpipe" or "dualpipev"
+    pp: int = 2
+    ep: int = 2
+    ep_path: str = "collective"  # "collective" (all_to_all) or "buffer" (EPBuffer)
+    overlap: bool = True
+    two_batch: bool = False
+    steps: int = 20
+    chunks: int = 8  # micro-batches per pipeline and step
+    micro_batch: int = 2  # sequences per micro-batch
+    lr: float = 3e-3
+    eval_batches: int = 4
+    device: str = "cpu"
+    check: bool = True
+    progress: bool = True
+    timeout_s: float = 300.0
+
+
+def _batch(job: JobConfig, corpus, split: str, step: int, replica: int, direction: int, n_micro: int) -> torch.Tensor:
+    """[n_micro * micro_batch, seq] int64 input ids a replica feeds in one direction at ``step``."""
+    g = torch.Generator().manual_seed(1_000_003 * (step + 1) + 1009 * replica + 17 * direction + (split == "eval"))
+    return corpus.windows("train" if split == "train" else "held_out", n_micro * job.micro_batch, job.lm.seq, g)
+
+
+def _feeds(job: JobConfig, corpus, layout: Layout, split: str, step: int, device) -> Tuple[list, list, List[torch.Tensor]]:
+    """(inputs, labels) of DualPipe.step on this rank, and every micro-batch of the global batch (for the check)."""
+    everything: List[torch.Tensor] = []
+    if job.schedule == "dualpipe":
+        half = job.chunks // 2
+        per = {(r, d): _batch(job, corpus, split, step, r, d, half) for r in range(job.ep) for d in (0, 1)}
+        for key in sorted(per):
+            everything += list(per[key].split(job.micro_batch))
+        p, last = layout.pp_rank, job.pp - 1
+        inputs = [per[(layout.replica, 0)].to(device)] if p == 0 else [per[(layout.replica, 1)].to(device)] if p == last else []
+        labels = [per[(layout.replica, 1)].to(device)] if p == 0 else [per[(layout.replica, 0)].to(device)] if p == last else []
+        return inputs, labels, everything
+    per = {r: _batch(job, corpus, split, step, r, 0, job.chunks) for r in range(job.ep)}
+    for r in sorted(per):
+        everything += list(per[r].split(job.micro_batch))
+    feed = [per[layout.replica].to(device)] if layout.pp_rank == 0 else []
+    return feed, list(feed), everything
+
+
+def _exposed_ms(recorder) -> float:
+    """Time this rank waited on communication in the recorded step: pipeline waits and exchange waits."""
+    total = 0
+    for name, cat, start, end, *_ in recorder.events:
+        if (cat == "comm" and name == "wait") or (cat == "span" and name.startswith("wait ")):
+            total += end - start
+    return total / 1e6
+
+
+def _check_first_step(job: JobConfig, layout: Layout, modules, names, everything, pipe_loss: float,
+                      device) -> Dict[str, object]:
+    """Compare the synced gradients and the mean loss with the untouched model on the same global batch."""
+    from dualpipe_ext.integrations import causal_lm_loss
+
+    model = build_model(job.lm).to(device)
+    ref_loss, ref_grads = lm_reference(model, [b.to(device) for b in everything], causal_lm_loss)
+    worst, compared, mismatches = 0.0, 0, []
+    for module, name_of in zip(modules, names):
+        for p in module.parameters():
+            name = name_of[id(p)]
+            ref = ref_grads[name]
+            if is_expert(name):  # this rank's share of the routed experts
+                ref = ref[layout.replica * p.shape[0]:(layout.replica + 1) * p.shape[0]]
+            d = grad_cos_diff(p.grad, ref)
+            worst = max(worst, d)
+            compared += 1
+            if not d < 1e-6:
+                mismatches.append(f"{name}: 1 - 2xy/(x²+y²) = {d:.3g}")
+    rel = abs(pipe_loss - ref_loss) / max(abs(ref_loss), 1e-12)
+    if not rel < 1e-5:
+        mismatches.append(f"mean loss {pipe_loss:.7f} vs {ref_loss:.7f} (relative {rel:.2g})")
+    return {"ref_loss": ref_loss, "worst": worst, "compared": compared, "mismatches": mismatches}
+
+
+def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
+    """The whole job on one rank (``rank`` of ``world = pp * ep``)."""
+    from dualpipe_ext import DualPipe, DualPipeV, RuntimeConfig, set_p2p_tensor_dtype, set_p2p_tensor_shapes
+    from dualpipe_ext.integrations import causal_lm_loss
+    from dualpipe_ext.overlap import OverlapConfig
+
+    device = torch.device(job.device, rank % torch.cuda.device_count()) if job.device == "cuda" else torch.device("cpu")
+    layout = Layout.make(job.schedule, job.pp, job.ep)
+    corpus = load_corpus()
+    buffer = None
+    if job.ep_path == "buffer":
+        from dualpipe_ext.moe import EPBuffer
+
+        tokens = job.micro_batch * job.lm.seq
+        buffer = EPBuffer(layout.ep_group, max_tokens=tokens, hidden=job.lm.hidden, dtype=torch.float32,
+                          max_topk=job.lm.topk, timeout_s=job.timeout_s, device=device)
+    overlap = OverlapConfig(two_batch=job.two_batch)
+    modules, ids, names = build_stages(job.lm, layout, overlap, job.overlap, buffer)
+    modules = tuple(m.to(device) for m in modules)
+    set_p2p_tensor_shapes([(job.micro_batch, job.lm.seq, job.lm.hidden)])
+    set_p2p_tensor_dtype(torch.float32)
+    cls = DualPipe if job.schedule == "dualpipe" else DualPipeV
+    pipe = cls(modules, process_group=layout.pipe_group, config=RuntimeConfig(comm_timeout_s=job.timeout_s, record=True))
+    params = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0)
+    n_micro = job.chunks * job.ep
+    tokens_per_step = n_micro * job.micro_batch * job.lm.seq
+    bar = None
+    if job.progress and rank == 0:
+        bar = _progress(job.steps)
+    out: Dict[str, object] = {"losses": [], "step_s": [], "exposed_ms": [], "pairs": 0}
+    for step in range(job.steps):
+        inputs, labels, everything = _feeds(job, corpus, layout, "train", step, device)
+        opt.zero_grad(set_to_none=True)
+        dist.barrier()
+        t0 = time.perf_counter()
+        loss, _ = pipe.step(*inputs, num_chunks=job.chunks, criterion=causal_lm_loss, labels=labels)
+        sync_grads(modules, ids, layout, 1.0 / n_micro)
+        total = torch.zeros(2, dtype=torch.float64)
+        if loss is not None:
+            total += torch.tensor([float(loss.detach().sum()), float(loss.numel())], dtype=torch.float64)
+        dist.all_reduce(total)
+        mean_loss = float(total[0] / total[1])
+        if step == 0 and job.check:
+            out["check"] = _check_first_step(job, layout, modules, names, everything, mean_loss, device)
+        opt.step()
+        dt = time.perf_counter() - t0
+        timing = torch.tensor([dt, _exposed_ms(pipe.timeline)], dtype=torch.float64)
+        dist.all_reduce(timing, op=dist.ReduceOp.MAX)
+        pipe.timeline.clear()
+        out["losses"].append(mean_loss)
+        out["step_s"].append(float(timing[0]))
+        out["exposed_ms"].append(float(timing[1]))
+        if bar is not None:
+            bar.update(step, mean_loss, tokens_per_step / float(timing[0]), float(timing[1]))
+    if bar is not None:
+        bar.close()
+    out["pairs"] = pipe.executor.num_overlapped_calls
+    out["held_out"] = _evaluate(job, corpus, layout, pipe, device)
+    out["copies_differ"] = copies_differ(modules, ids, layout)
+    out["tokens_per_step"] = tokens_per_step
+    if buffer is not None:
+        buffer.close()
+    return out
+
+
+def _evaluate(job: JobConfig, corpus, layout: Layout, pipe, device) -> float:
+    """Mean loss on held-out text: forward-only pipeline steps."""
+    from dualpipe_ext.integrations import causal_lm_loss
+
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(job.eval_batches):
+            inputs, labels, _ = _feeds(job, corpus, layout, "eval", i, device)
+            loss, _ = pipe.step(*inputs, num_chunks=job.chunks, criterion=causal_lm_loss, labels=labels)
+            if loss is not None:
+                total += torch.tensor([float(loss.sum()), float(loss.numel())], dtype=torch.float64)
+    dist.all_reduce(total)
+    pipe.timeline.clear()
+    return float(total[0] / total[1])
+
+
+class _progress:
+    """A progress bar (tqdm when installed, else one line per step)."""
+
+    def __init__(self, steps: int) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        self.bar = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True) if tqdm is not None else None
+
+    def update(self, step: int, loss: float, tokens_s: float, exposed_ms: float) -> None:
+        line = f"step {step}: loss {loss:.4f}  {tokens_s:,.0f} tokens/s  communication exposed {exposed_ms:.1f} ms"
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            self.bar.write(line)
+            self.bar.update(1)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
