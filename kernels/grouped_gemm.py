@@ -11,29 +11,22 @@ from typing import Optional
 
 import torch
 
-from ._common import FLOAT_DTYPES, _interpreting, check_tensor, new_output, use_triton
+from ._common import FLOAT_DTYPES, _interpreting, check_tensor, new_output, persistent_grid, use_triton
 
 __all__ = ["grouped_gemm", "grouped_gemm_reference", "grouped_wgrad", "grouped_wgrad_reference"]
 
-_kernels = None
-
-
-def _build_kernel():
+try:
     import triton
     import triton.language as tl
+except ImportError:  # the reference paths work without Triton
+    triton = None
+
+if triton is not None:
 
     @triton.jit
-    def grouped_gemm_kernel(
-        x_ptr, w_ptr, out_ptr, group_ends_ptr, tile_ends_ptr,
-        num_groups, N, K,
-        stride_xm, stride_xk, stride_wg, stride_wn, stride_wk, stride_om, stride_on,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        num_tiles = tl.load(tile_ends_ptr + num_groups - 1)
-        if pid_m >= num_tiles:
-            return
+    def _gemm_tile(x_ptr, w_ptr, out_ptr, group_ends_ptr, tile_ends_ptr, pid_m, pid_n, num_groups, N, K,
+                   stride_xm, stride_xk, stride_wg, stride_wn, stride_wk, stride_om, stride_on,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
         # group of this row tile: number of groups whose tiles all come before it
         g = 0
         for i in range(num_groups):
@@ -64,14 +57,27 @@ def _build_kernel():
                  acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
-    def grouped_wgrad_kernel(
-        grad_ptr, x_ptr, dw_ptr, group_ends_ptr, N, K,
-        stride_gm, stride_gn, stride_xm, stride_xk, stride_dg, stride_dn, stride_dk,
+    def grouped_gemm_kernel(
+        x_ptr, w_ptr, out_ptr, group_ends_ptr, tile_ends_ptr,
+        num_groups, N, K, max_row_tiles, num_col_tiles,
+        stride_xm, stride_xk, stride_wg, stride_wn, stride_wk, stride_om, stride_on,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        g = tl.program_id(0)
-        cols_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+        # persistent: the grid (the SM budget) strides over the output tiles
+        num_tiles = tl.load(tile_ends_ptr + num_groups - 1)
+        for tile in range(tl.program_id(0), max_row_tiles * num_col_tiles, tl.num_programs(0)):
+            pid_m = tile // num_col_tiles
+            if pid_m < num_tiles:
+                _gemm_tile(x_ptr, w_ptr, out_ptr, group_ends_ptr, tile_ends_ptr, pid_m, tile % num_col_tiles,
+                           num_groups, N, K, stride_xm, stride_xk, stride_wg, stride_wn, stride_wk, stride_om,
+                           stride_on, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+
+    @triton.jit
+    def _wgrad_tile(grad_ptr, x_ptr, dw_ptr, group_ends_ptr, g, pid_n, pid_k, N, K,
+                    stride_gm, stride_gn, stride_xm, stride_xk, stride_dg, stride_dn, stride_dk,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+        cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         n_ok, k_ok = cols_n < N, cols_k < K
         begin = tl.where(g > 0, tl.load(group_ends_ptr + tl.maximum(g - 1, 0)), 0)
         end = tl.load(group_ends_ptr + g)
@@ -90,14 +96,24 @@ def _build_kernel():
         tl.store(dw_ptr + g.to(tl.int64) * stride_dg + cols_n[:, None] * stride_dn + cols_k[None, :] * stride_dk,
                  acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
-    return grouped_gemm_kernel, grouped_wgrad_kernel
+    @triton.jit
+    def grouped_wgrad_kernel(
+        grad_ptr, x_ptr, dw_ptr, group_ends_ptr, N, K, num_groups, num_n_tiles, num_k_tiles,
+        stride_gm, stride_gn, stride_xm, stride_xk, stride_dg, stride_dn, stride_dk,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        per_group = num_n_tiles * num_k_tiles
+        for tile in range(tl.program_id(0), num_groups * per_group, tl.num_programs(0)):
+            rest = tile % per_group
+            _wgrad_tile(grad_ptr, x_ptr, dw_ptr, group_ends_ptr, tile // per_group, rest // num_k_tiles,
+                        rest % num_k_tiles, N, K, stride_gm, stride_gn, stride_xm, stride_xk, stride_dg, stride_dn,
+                        stride_dk, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
 
 
 def _built():
-    global _kernels
-    if _kernels is None:
-        _kernels = _build_kernel()
-    return _kernels
+    if triton is None:
+        raise ImportError("the Triton grouped GEMM needs triton: pip install triton")
+    return grouped_gemm_kernel, grouped_wgrad_kernel
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor) -> None:
@@ -135,6 +151,7 @@ def grouped_gemm(
     block_m: int = 64,
     block_n: int = 64,
     block_k: int = 32,
+    num_sms: Optional[int] = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """``out[rows of g] = x[rows of g] @ w[g]^T``.
@@ -145,6 +162,7 @@ def grouped_gemm(
         group_ends: [num_groups] int32/int64, cumulative row counts, non-decreasing, ending at most at
             ``num_rows`` (checked by the reference; the kernel does not read it back to the host). Rows past
             the last end (capacity-sized buffers) are not computed: the kernel leaves them unwritten.
+        num_sms: programs of the persistent grid (the SM budget; None: one per output tile).
     Returns:
         [num_rows, n], dtype of ``x``.
     """
@@ -159,9 +177,10 @@ def grouped_gemm(
     counts = torch.diff(group_ends.long(), prepend=group_ends.new_zeros(1).long())
     tile_ends = torch.cumsum((counts + block_m - 1) // block_m, 0).to(torch.int32)
     max_tiles = (num_rows + block_m - 1) // block_m + num_groups
-    grid = (max_tiles, (n + block_n - 1) // block_n)
+    col_tiles = (n + block_n - 1) // block_n
+    grid = (persistent_grid(max_tiles * col_tiles, num_sms),)
     _built()[0][grid](
-        x, w, out, group_ends, tile_ends, num_groups, n, k,
+        x, w, out, group_ends, tile_ends, num_groups, n, k, max_tiles, col_tiles,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=_interpreting(),
     )
@@ -187,6 +206,7 @@ def grouped_wgrad(
     block_m: int = 32,
     block_n: int = 64,
     block_k: int = 64,
+    num_sms: Optional[int] = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Weight gradient of ``grouped_gemm``: ``dw[g] = grad[rows of g]^T @ x[rows of g]``.
@@ -195,6 +215,7 @@ def grouped_wgrad(
         grad: [num_rows, n] float, the output gradient; x: [num_rows, k], same dtype.
         group_ends: [num_groups] int32/int64 cumulative row counts on the device; rows past the
             last end are ignored, and the kernel never reads the ends back to the host.
+        num_sms: programs of the persistent grid (the SM budget; None: one per output tile).
     Returns:
         [num_groups, n, k], dtype of ``grad`` (zero for empty groups).
     """
@@ -209,9 +230,11 @@ def grouped_wgrad(
     dw = new_output((num_groups, n, k), grad.dtype, grad.device)
     if num_groups == 0 or n == 0 or k == 0:
         return dw
-    grid = (num_groups, (n + block_n - 1) // block_n, (k + block_k - 1) // block_k)
+    n_tiles, k_tiles = (n + block_n - 1) // block_n, (k + block_k - 1) // block_k
+    grid = (persistent_grid(num_groups * n_tiles * k_tiles, num_sms),)
     _built()[1][grid](
-        grad, x, dw, group_ends, n, k, grad.stride(0), grad.stride(1), x.stride(0), x.stride(1),
+        grad, x, dw, group_ends, n, k, num_groups, n_tiles, k_tiles, grad.stride(0), grad.stride(1),
+        x.stride(0), x.stride(1),
         dw.stride(0), dw.stride(1), dw.stride(2),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=_interpreting(),
     )

@@ -12,7 +12,9 @@ namespace {
 // out[rows of g] = x[rows of g] @ w[g]^T; x [rows, k] bf16, w [groups, n, k] bf16,
 // group_ends [groups] int32 (cumulative row counts, ending at rows), all on one CUDA device.
 // stream: the cudaStream_t of the caller's current stream (torch.cuda.current_stream().cuda_stream).
-at::Tensor grouped_mm_bf16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& group_ends, int64_t stream) {
+// sm_count: SMs the persistent kernel may use (0: all of the device; fewer leave room for communication).
+at::Tensor grouped_mm_bf16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& group_ends, int64_t stream,
+                           int64_t sm_count_limit) {
   TORCH_CHECK(x.is_cuda() && w.is_cuda() && group_ends.is_cuda(), "grouped_mm_bf16: x, w, group_ends must be CUDA tensors");
   TORCH_CHECK(x.get_device() == w.get_device() && x.get_device() == group_ends.get_device(),
               "grouped_mm_bf16: x, w, group_ends must be on one device");
@@ -32,6 +34,8 @@ at::Tensor grouped_mm_bf16(const at::Tensor& x, const at::Tensor& w, const at::T
   int sm_count = 0;
   TORCH_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, x.get_device()) == cudaSuccess,
               "grouped_mm_bf16: cannot query the SM count");
+  TORCH_CHECK(sm_count_limit >= 0, "grouped_mm_bf16: sm_count must be >= 0, got ", sm_count_limit);
+  if (sm_count_limit > 0 && sm_count_limit < sm_count) sm_count = static_cast<int>(sm_count_limit);
   const size_t bytes = dualpipe_grouped_gemm_bf16_sm90_workspace_bytes(num_groups, sm_count);
   auto workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
   const char* err = dualpipe_grouped_gemm_bf16_sm90_run(
@@ -47,5 +51,6 @@ at::Tensor grouped_mm_bf16(const at::Tensor& x, const at::Tensor& w, const at::T
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dualpipe-ext CUDA kernels (sm90)";
   m.def("grouped_mm_bf16", &grouped_mm_bf16, "Grouped bf16 GEMM out[rows of g] = x[rows of g] @ w[g]^T (CUTLASS sm90)",
-        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("group_ends"), pybind11::arg("stream"));
+        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("group_ends"), pybind11::arg("stream"),
+        pybind11::arg("sm_count") = 0);
 }

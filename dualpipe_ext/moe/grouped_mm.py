@@ -11,7 +11,10 @@ input gradient); ``grouped_wgrad(grad, x, group_ends)``: ``dw[g] = grad[rows of 
 - "loop": one matmul per group (CPU, and anything else); it reads the group ends on the host.
 
 Every backend but "loop" keeps the group ends on the device, so capacity-sized buffers
-(rows past the last end are not computed) run without a host read.
+(rows past the last end are not computed) run without a host read. Inside
+``sm_budget.sm_partition`` the Triton kernels' persistent grids and CUTLASS's ``sm_count``
+take the compute budget, leaving the communication its SMs (``torch._grouped_mm`` runs on
+cuBLAS's carveout).
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import functools
 from typing import Optional
 
 import torch
+
+from dualpipe_ext.sm_budget import compute_sms
 
 __all__ = ["BACKENDS", "grouped_mm", "grouped_wgrad", "pick_backend", "cutlass_grouped_mm", "cuda_extension"]
 
@@ -87,7 +92,8 @@ def cutlass_grouped_mm(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tenso
     if ext is None:
         raise RuntimeError("the CUTLASS grouped GEMM needs dualpipe_ext._cuda: reinstall with DUALPIPE_EXT_CUDA=1")
     with torch.cuda.device(x.device):
-        return ext.grouped_mm_bf16(x, w, group_ends.to(torch.int32), torch.cuda.current_stream().cuda_stream)
+        return ext.grouped_mm_bf16(x, w, group_ends.to(torch.int32), torch.cuda.current_stream().cuda_stream,
+                                   compute_sms(x.device) or 0)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -104,7 +110,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor, backe
     if which == "triton":
         from dualpipe_ext.kernels.grouped_gemm import grouped_gemm
 
-        return grouped_gemm(x, w.contiguous(), group_ends, impl="triton")
+        return grouped_gemm(x, w.contiguous(), group_ends, num_sms=compute_sms(x.device), impl="triton")
     return _loop(x, w, group_ends)
 
 
@@ -117,7 +123,8 @@ def grouped_wgrad(grad: torch.Tensor, x: torch.Tensor, group_ends: torch.Tensor,
     if which == "triton":
         from dualpipe_ext.kernels.grouped_gemm import grouped_wgrad as triton_wgrad
 
-        return triton_wgrad(grad.contiguous(), x.contiguous(), group_ends, impl="triton")
+        return triton_wgrad(grad.contiguous(), x.contiguous(), group_ends, num_sms=compute_sms(x.device),
+                            impl="triton")
     dw = grad.new_zeros(num_groups, grad.shape[1], x.shape[1])
     begin = 0
     for g, end in enumerate(group_ends.tolist()):

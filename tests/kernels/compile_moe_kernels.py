@@ -1,4 +1,5 @@
-"""Compile every MoE Triton kernel for an H100/H200 (sm_90) without a GPU.
+"""Compile every MoE Triton kernel (routing, layout, permute, combine, grouped GEMM, the
+device-side exchanges) for an H100/H200 (sm_90) without a GPU.
 
 Run as a script with TRITON_INTERPRET unset: the interpreter accepts programs the compiler
 rejects (shape changes of loop-carried values, unsupported casts), so this checks the GPU
@@ -14,7 +15,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from dualpipe_ext.kernels import combine, dispatch_layout, permute, routing  # noqa: E402
+from dualpipe_ext.kernels import combine, dispatch_layout, ep_exchange, grouped_gemm, permute, routing  # noqa: E402
 
 I32, C = "i32", "constexpr"
 
@@ -43,6 +44,23 @@ def kernels():
     yield dispatch_layout._layout_count_kernel, layout, dict(BLOCK_T=64, K_PAD=8, COL_BLOCK=32)
     yield dispatch_layout._layout_scan_kernel, layout, dict(SCAN_BLOCK=256)
     yield dispatch_layout._layout_pos_kernel, layout, dict(BLOCK_T=64, K_PAD=8, COL_BLOCK=32)
+    gemm = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "grad_ptr": "*bf16", "dw_ptr": "*bf16",
+            "group_ends_ptr": "*i64", "tile_ends_ptr": "*i32", "N": "i32", "K": "i32"}
+    yield grouped_gemm.grouped_gemm_kernel, gemm, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, UPCAST=False)
+    yield grouped_gemm.grouped_wgrad_kernel, gemm, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, UPCAST=False)
+    # the device-side exchanges, with the waits inside the kernels as CUDA runs them
+    ex = {"table_ptr": "*i64", "status_ptr": "*i64", "x_ptr": "*bf16", "pos_ptr": "*i64", "counts_ptr": "*i64",
+          "idx_ptr": "*i64", "w_ptr": "*fp32", "out_x_ptr": "*bf16", "out_idx_ptr": "*i64", "out_w_ptr": "*fp32",
+          "out_src_ptr": "*i64", "count_ptr": "*i64", "y_ptr": "*bf16", "src_ptr": "*i64", "gw_ptr": "*fp32",
+          "out_ptr": "*bf16", "gw_out_ptr": "*fp32", "timeout_ns": "i64",
+          **{f"{r}_off": "i64" for r in ("dx", "didx", "dw", "dsrc", "cx", "cw")}}
+    blocks = dict(WP=8, KP=8, BLOCK_T=16, BLOCK_H=512)
+    for poll in (True, False) if ep_exchange.HAS_POLL else (False,):
+        yield ep_exchange._put_dispatch_kernel, ex, dict(ROUTES=True, WAIT_ACK=True, HAS_POLL=poll, **blocks)
+        yield ep_exchange._recv_dispatch_kernel, ex, dict(ROUTES=True, WAIT=True, HAS_POLL=poll, **blocks)
+        yield ep_exchange._put_combine_kernel, ex, dict(WEIGHTS=True, WAIT_ACK=True, HAS_POLL=poll, **blocks)
+        yield ep_exchange._recv_combine_kernel, ex, dict(WEIGHTS=True, ACC=tl.float32, WAIT=True, HAS_POLL=poll,
+                                                         **blocks)
 
 
 def main():

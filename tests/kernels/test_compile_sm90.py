@@ -12,4 +12,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "compile_moe_kernels.py")
     proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok ") == 16, proc.stdout  # 3 dtypes x 3 row kernels, 2 x 2 gate, 3 layout
+    from dualpipe_ext.kernels.ep_exchange import HAS_POLL
+
+    # 3 dtypes x 3 row kernels, 2 x 2 gate, 3 layout, 2 grouped GEMM, 4 exchange kernels per wait variant
+    assert proc.stdout.count("ok ") == 16 + 2 + 4 * (2 if HAS_POLL else 1), proc.stdout
