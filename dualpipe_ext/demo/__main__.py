@@ -27,7 +27,7 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dualpipe_ext.demo", description=__doc__.split("\n\n")[1])
     a = p.add_argument
-    a("--steps", type=int, default=20, help="training steps (default 20)")
+    a("--steps", type=int, default=40, help="training steps (default 40)")
     a("--layers", type=int, default=4, help="decoder layers of the model, all MoE (default 4)")
     a("--hidden", type=int, default=64, help="model width (default 64)")
     a("--seq", type=int, default=64, help="tokens per sequence (default 64)")
@@ -93,6 +93,10 @@ def _report(job, results: List[dict], wall_s: float) -> int:
     print(f"loss {r0['losses'][0]:.4f} -> {r0['losses'][-1]:.4f}; held-out loss {r0['held_out']:.4f}; median step "
           f"{statistics.median(step_s) * 1e3:.0f} ms, {r0['tokens_per_step'] / statistics.median(step_s):,.0f} "
           f"tokens/s, communication exposed {statistics.median(exposed):.1f} ms per step; wall {wall_s:.1f} s")
+    rss = r0["resident_mb"]
+    if len(rss) > 20:
+        print(f"resident memory of the largest rank: {rss[19]:.0f} MiB after step 20, {rss[-1]:.0f} MiB after step "
+              f"{len(rss)} ({(rss[-1] / rss[19] - 1) * 100:+.1f} %)")
     ok = True
     if job.check:
         mismatches = [f"rank {r}: {m}" for r, res in enumerate(results) for m in res["check"]["mismatches"]]

@@ -5,6 +5,7 @@ the launching process prints; rank 0 also drives the progress bar.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
@@ -30,7 +31,7 @@ class JobConfig:
     ep_path: str = "collective"  # "collective" (all_to_all) or "buffer" (EPBuffer)
     overlap: bool = True
     two_batch: bool = False
-    steps: int = 20
+    steps: int = 40
     chunks: int = 8  # micro-batches per pipeline and step
     micro_batch: int = 2  # sequences per micro-batch
     lr: float = 3e-3
@@ -64,6 +65,15 @@ def _feeds(job: JobConfig, corpus, layout: Layout, split: str, step: int, device
         everything += list(per[r].split(job.micro_batch))
     feed = [per[layout.replica].to(device)] if layout.pp_rank == 0 else []
     return feed, list(feed), everything
+
+
+def _resident_mb() -> float:
+    """This process's resident memory now, in MiB (Linux; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _exposed_ms(recorder) -> float:
@@ -130,7 +140,7 @@ def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
     bar = None
     if job.progress and rank == 0:
         bar = _progress(job.steps)
-    out: Dict[str, object] = {"losses": [], "step_s": [], "exposed_ms": [], "pairs": 0}
+    out: Dict[str, object] = {"losses": [], "step_s": [], "exposed_ms": [], "resident_mb": [], "pairs": 0}
     for step in range(job.steps):
         inputs, labels, everything = _feeds(job, corpus, layout, "train", step, device)
         opt.zero_grad(set_to_none=True)
@@ -147,12 +157,13 @@ def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
             out["check"] = _check_first_step(job, layout, modules, names, everything, mean_loss, device)
         opt.step()
         dt = time.perf_counter() - t0
-        timing = torch.tensor([dt, _exposed_ms(pipe.timeline)], dtype=torch.float64)
+        timing = torch.tensor([dt, _exposed_ms(pipe.timeline), _resident_mb()], dtype=torch.float64)
         dist.all_reduce(timing, op=dist.ReduceOp.MAX)
         pipe.timeline.clear()
         out["losses"].append(mean_loss)
         out["step_s"].append(float(timing[0]))
         out["exposed_ms"].append(float(timing[1]))
+        out["resident_mb"].append(float(timing[2]))
         if bar is not None:
             bar.update(step, mean_loss, tokens_per_step / float(timing[0]), float(timing[1]))
     if bar is not None:

@@ -31,6 +31,7 @@ from dualpipe_ext.utils import WeightGradStore, run_backward
 __all__ = ["Executor", "StepFailure", "StepResult", "StepState"]
 
 _WAIT, _RECV_F = Kind.WAIT, Kind.RECV_F
+_F, _FB = Kind.F, Kind.FB
 Micro = List[List[Any]]  # [local module][micro-batch]
 
 
@@ -48,7 +49,7 @@ class StepState:
     """Everything one step keeps on one rank, and what the step was asked for."""
 
     __slots__ = ("plan", "comm", "inputs", "outputs", "out_grads", "in_grads", "losses", "labels", "criterion",
-                 "return_outputs", "forward_only")
+                 "return_outputs", "forward_only", "held")
 
     def __init__(self, plan: CompiledPlan, comm: StepComm, feeds: Dict[int, Sequence[Sequence[torch.Tensor]]],
                  labels: Dict[int, Sequence[Sequence[torch.Tensor]]], criterion: Optional[Callable],
@@ -65,6 +66,7 @@ class StepState:
         self.criterion = criterion
         self.return_outputs = return_outputs
         self.forward_only = forward_only
+        self.held = 0  # micro-batch graphs held: stored by a forward, released by its backward
 
 
 class Executor:
@@ -79,6 +81,9 @@ class Executor:
         self.overlapped = (len(self.modules) == 2 and type(self.modules[1]) is t
                            and hasattr(t, "overlapped_forward_backward"))
         self.num_overlapped_calls = 0
+        # The most micro-batch activations (graphs of one micro-batch through one stage) the last
+        # training step held at once, counted from what it holds: the simulator's peak_activations.
+        self.peak_activations = 0
         # Indexed by Kind: compute kinds, then receives and sends from Kind.RECV_F on.
         self._compute = (self._forward, self._backward, self._backward_input, self._weight, self._forward_backward)
         self._comm = (self._recv_forward, self._recv_backward, self._send_forward, self._send_backward)
@@ -103,6 +108,7 @@ class Executor:
         comm, compute, comm_ops = st.comm, self._compute, self._comm
         profiling = torch._C._autograd._profiler_enabled()
         error: Optional[str] = None
+        peak = 0
         comm.start()
         for index, op in enumerate(st.plan.ops):
             kind = op.kind
@@ -121,6 +127,8 @@ class Executor:
                 if error is not None:
                     comm.drain(index, op)
             elif error is None:
+                if kind <= _FB and not st.forward_only:  # a forward adds the graph it builds
+                    peak = max(peak, st.held + (kind == _F or kind == _FB))
                 try:
                     if rec is not None:
                         start = _now()
@@ -134,7 +142,10 @@ class Executor:
                 except Exception as e:  # noqa: BLE001 - any failure is reported on every rank
                     error = f"action {index} '{op.token}': {type(e).__name__}: {e}"
         comm.finish()
+        if not st.forward_only:
+            self.peak_activations = peak
         return error
+
 
     # Compute ----------------------------------------------------------------------------
 
@@ -162,6 +173,7 @@ class Executor:
             st.inputs[nxt][mb] = [o.detach().requires_grad_() for o in outputs]
         if not last or st.return_outputs:
             st.outputs[m][mb] = outputs
+        st.held += not st.forward_only
 
     def _backward(self, st: StepState, op: Op) -> None:
         self._backward_compute(st, op.module, op.mb)
@@ -196,6 +208,7 @@ class Executor:
         plan = st.plan
         inputs = st.inputs[m][mb]
         st.inputs[m][mb] = None
+        st.held -= 1
         prev = plan.local_prev[m]
         if prev >= 0:
             st.out_grads[prev][mb] = [t.grad for t in inputs]

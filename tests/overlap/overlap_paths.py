@@ -145,3 +145,31 @@ def host_reads(rank: int, world: int) -> Dict[str, str]:
     reports["two-batch backward"] = reads.report()
     ep.close()
     return reports
+
+
+def determinism(rank: int, world: int, layers: int, chunks: int) -> List[str]:
+    """The same DualPipe x EP step twice from the same seed: bit-identical losses and gradients,
+    with and without the engine (two-batch overlap on), on both expert-parallel paths."""
+    set_p2p_tensor_shapes([(BATCH, SEQ, HIDDEN)])
+    set_p2p_tensor_dtype(torch.float32)
+    pipe_group, ep_group = _groups(rank, world)
+    pp_rank = rank % 2
+    failures: List[str] = []
+    for path in ("collective", "ep"):
+        for stage_cls, cfg in ((MoEStage, OverlapConfig()), (OverlappedMoEStage, OverlapConfig(two_batch=True))):
+            runs = []
+            for _ in range(2):
+                ep = _buffer(ep_group, path)
+                local = [_stage(stage_cls, 100 * m + pp_rank, layers, ep_group, cfg, ep) for m in (1, 2)]
+                pipe = DualPipe(local, process_group=pipe_group, config=RuntimeConfig(comm_timeout_s=60.0))
+                x, y = _data(300 + rank, chunks // 2), _data(400 + rank, chunks // 2)
+                loss, _ = pipe.step(x, num_chunks=chunks, criterion=criterion, labels=[y])
+                runs.append((loss, [p.grad for p in pipe.parameters()]))
+                if ep is not None:
+                    ep.close()
+            (l0, g0), (l1, g1) = runs
+            tag = f"{path} {stage_cls.__name__}"
+            _same(l1, l0, f"{tag}: losses of two runs", failures)
+            for i, (a, b) in enumerate(zip(g1, g0)):
+                _same(a, b, f"{tag}: parameter {i} grad of two runs", failures)
+    return failures

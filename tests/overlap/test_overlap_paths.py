@@ -1,6 +1,6 @@
 """The overlap engine over both expert-parallel paths and with two-batch overlap: bitwise equal
 to the plain stages (a pair; DualPipe and DualPipeV x EP), and no host read on the EPBuffer path."""
-from overlap_paths import host_reads, pair_equality, pipelines
+from overlap_paths import determinism, host_reads, pair_equality, pipelines
 from dist_harness import run_ranks
 
 
@@ -21,3 +21,8 @@ def test_no_host_read_inside_overlapped_steps_on_the_epbuffer_path():
     for rank, reports in enumerate(run_ranks(host_reads, 2, timeout_s=300)):
         for what, report in reports.items():
             assert report == "no host reads", f"rank {rank}, {what}: {report}"
+
+
+def test_two_runs_from_the_same_seed_are_bit_identical():
+    for rank, failures in enumerate(run_ranks(determinism, 4, 1, 4, timeout_s=600)):
+        assert failures == [], f"rank {rank}: {failures}"
