@@ -15,6 +15,9 @@ its computation: latency per exchange = D/C x (sequential pair time without late
    the engine plus two-batch overlap of the chunks that run alone.
 
     python bench/bench_overlap.py [--ratios 0.25 0.5 1 2] [--layers 2] [--pairs 9] [--quick]
+
+With ``--gpu``: one GPU, the exchanges through an ``EPBuffer`` (one rank: its kernels copy on
+the communication stream), a pair sequential and overlapped for each SM budget in ``--sms``.
 """
 from __future__ import annotations
 
@@ -128,6 +131,56 @@ def _worker(rank, world, port, args, queue):
     dist.destroy_process_group()
 
 
+def run_gpu(args) -> None:
+    """One GPU: a pair of stages whose exchanges go through an EPBuffer (one rank: copies on the
+    communication stream), sequential against overlapped, for each communication SM budget."""
+    import torch.distributed as dist
+
+    from dualpipe_ext.launch import free_port
+    from dualpipe_ext.moe import EPBuffer, MoEConfig
+    from dualpipe_ext.overlap import BlockConfig, MoEStage, OverlapConfig, OverlappedMoEStage
+
+    dev = torch.device("cuda", 0)
+    torch.cuda.set_device(dev)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    hidden, seq, batch = args.gpu_hidden, args.gpu_seq, 2
+    cfg = BlockConfig(MoEConfig(hidden=hidden, moe_intermediate=hidden // 2, num_experts=16, topk=4,
+                                num_shared_experts=1), num_heads=16)
+    rows = []
+    for sms in args.sms:
+        ep = EPBuffer(None, max_tokens=batch * seq, hidden=hidden, dtype=torch.bfloat16, max_topk=4, num_sms=sms,
+                      device=dev)
+        over = OverlapConfig(num_comm_sms=sms)
+        times = {}
+        for name, cls in (("sequential", MoEStage), ("overlapped", OverlappedMoEStage)):
+            torch.manual_seed(0)
+            st0, st1 = (cls(cfg, args.layers, overlap=over, ep=ep, device=dev, dtype=torch.bfloat16) for _ in range(2))
+            x = torch.randn(batch, seq, hidden, device=dev, dtype=torch.bfloat16)
+            ms = []
+            for i in range(2 + args.pairs):
+                out1 = st1(x.clone().requires_grad_())
+                grad = torch.ones_like(out1)
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                if name == "sequential":
+                    st0(x)
+                    torch.autograd.backward(out1, grad)
+                else:
+                    OverlappedMoEStage.overlapped_forward_backward(st0, [x], None, [], st1, None, [out1], [grad])
+                b.record()
+                b.synchronize()
+                if i >= 2:
+                    ms.append(a.elapsed_time(b))
+            times[name] = median(ms)
+        rows.append([sms, f"{times['sequential']:.2f}", f"{times['overlapped']:.2f}",
+                     f"{times['overlapped'] / times['sequential']:.2f}"])
+        ep.close()
+    print(f"{torch.cuda.get_device_name(dev)}: pair of {args.layers}-layer stages, {batch}x{seq} tokens, hidden "
+          f"{hidden}, bf16, 16 experts top-4 + 1 shared, EPBuffer on one GPU, medians of {args.pairs} pairs")
+    print(table(["num_comm_sms", "sequential ms", "overlapped ms", "overlapped / sequential"], rows))
+    dist.destroy_process_group()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0], help="D/C values")
@@ -141,9 +194,16 @@ def main() -> None:
     p.add_argument("--no-step", action="store_true", help="skip the DualPipe step")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (a few minutes)")
     p.add_argument("--timeout-s", type=float, default=1800)
+    p.add_argument("--gpu", action="store_true", help="one GPU, EPBuffer, per communication SM budget")
+    p.add_argument("--sms", type=int, nargs="+", default=[8, 16, 20, 24, 32], help="--gpu: SM budgets")
+    p.add_argument("--gpu-hidden", type=int, default=2048)
+    p.add_argument("--gpu-seq", type=int, default=2048)
     args = p.parse_args()
     if args.quick:
         args.pairs, args.steps = 5, 2
+    if args.gpu:
+        run_gpu(args)
+        return
     r = spawn_ranks(_worker, 2, args, timeout_s=args.timeout_s)
     seq0 = r["seq0"]
     out, hidden_at = [], {}
