@@ -21,16 +21,13 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
+from dualpipe_ext.kernels._common import checks_enabled
+
 __all__ = ["checks_enabled", "HostReadCounter"]
 
 _PACKAGE_DIRS = tuple(os.path.dirname(os.path.abspath(p)) + os.sep for p in (
     os.path.join(os.path.dirname(__file__), "__init__.py"),
 ))
-
-
-def checks_enabled() -> bool:
-    """True when ``DUALPIPE_EXT_CHECKS=1``: value checks that read the host run."""
-    return os.environ.get("DUALPIPE_EXT_CHECKS", "0") not in ("", "0")
 
 
 def _kernels_dir() -> Optional[str]:

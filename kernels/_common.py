@@ -26,6 +26,11 @@ def triton_available() -> bool:
     return True
 
 
+def checks_enabled() -> bool:
+    """True when ``DUALPIPE_EXT_CHECKS=1``: the value checks that read the host run (debug mode)."""
+    return os.environ.get("DUALPIPE_EXT_CHECKS", "0") not in ("", "0")
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

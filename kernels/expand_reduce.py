@@ -10,9 +10,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from dualpipe_ext.debug import checks_enabled
-
-from ._common import check_tensor
+from ._common import check_tensor, checks_enabled
 from .combine import combine
 from .dispatch_layout import dispatch_layout
 from .permute import permute

@@ -13,7 +13,7 @@ stage ``pp - 1 - p`` of copy B, reverse direction); DualPipeV one copy of ``2 pp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist

@@ -14,7 +14,7 @@ the compute steps that run while the exchange is in flight.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 from dualpipe_ext import _C
 

@@ -13,7 +13,7 @@ the project's :class:`~dualpipe_ext.overlap.block.MoEBlock`.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 from torch import nn

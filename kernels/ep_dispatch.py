@@ -1,0 +1,191 @@
+"""Dispatch-shaped exchanges: token owners put rows (and routes) into the expert ranks' slots.
+
+Source ``s`` writes token ``t``'s row into rank ``r``'s ``dispatch`` region at ``[slot, s, j]``,
+``j`` the rank of ``t`` among the tokens ``s`` sends to ``r``; the receiver copies the slot
+out into capacity-sized outputs. Used by ``EPBuffer.dispatch`` (with routes) and by the
+backward of its combine (rows only). ``dispatch_exchange_reference`` at the end defines it.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .ep_common import ACK, DATA, DISPATCH, Channel, _common, _consts, launch_wait
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference works without Triton
+    triton = None
+
+if triton is not None:
+    from .ep_common import _read_meta, _region, _signal_all, _wait_counters, _words, _write_meta
+
+__all__ = ["launch_put_dispatch", "launch_recv_dispatch", "dispatch_exchange_reference"]
+
+if triton is not None:
+
+    @triton.jit
+    def _put_dispatch_kernel(table_ptr, status_ptr, x_ptr, pos_ptr, counts_ptr, idx_ptr, w_ptr, me, world,
+                             num_tokens, hidden, num_topk, num_local, max_tokens, max_topk, num_experts, error,
+                             dx_off, didx_off, dw_off, dsrc_off, sig_word, ack_word, meta_word, zero_word, ack_target,
+                             timeout_ns, max_spins, ROUTES: tl.constexpr, WP: tl.constexpr, KP: tl.constexpr,
+                             BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, WAIT_ACK: tl.constexpr,
+                             HAS_POLL: tl.constexpr):
+        pid, num_programs = tl.program_id(0), tl.num_programs(0)
+        if WAIT_ACK:  # the receivers have copied out this slot's previous exchange
+            _wait_counters(table_ptr, me, world, ack_word, zero_word, ack_target, status_ptr, timeout_ns, max_spins,
+                           WP, HAS_POLL)
+        k = tl.arange(0, KP)
+        k_ok = k < num_topk
+        if error == 0:
+            for tb in range(pid, tl.cdiv(num_tokens, BLOCK_T), num_programs):
+                t = (tb * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+                t_ok = t < num_tokens
+                for h0 in range(0, hidden, BLOCK_H):
+                    h = h0 + tl.arange(0, BLOCK_H)
+                    h_ok = h < hidden
+                    row = tl.load(x_ptr + t[:, None] * hidden + h[None, :], mask=t_ok[:, None] & h_ok[None, :])
+                    for r in range(world):
+                        j = tl.load(pos_ptr + t * world + r, mask=t_ok, other=-1)
+                        dest = _region(table_ptr, r, dx_off, x_ptr.dtype.element_ty)
+                        cell = ((me * max_tokens + j) * hidden).to(tl.int64)
+                        tl.store(dest + cell[:, None] + h[None, :], row, mask=(j >= 0)[:, None] & h_ok[None, :])
+                if ROUTES:
+                    idx = tl.load(idx_ptr + t[:, None] * num_topk + k[None, :], mask=t_ok[:, None] & k_ok[None, :],
+                                  other=-1)
+                    w = tl.load(w_ptr + t[:, None] * num_topk + k[None, :], mask=t_ok[:, None] & k_ok[None, :],
+                                other=0.0)
+                    for r in range(world):
+                        j = tl.load(pos_ptr + t * world + r, mask=t_ok, other=-1)
+                        local = idx - r * num_local
+                        mine = (idx >= 0) & (local >= 0) & (local < num_local)
+                        sent = (j >= 0)[:, None] & k_ok[None, :]
+                        cell = (me * max_tokens + j).to(tl.int64)
+                        dest_idx = _region(table_ptr, r, didx_off, tl.int32)
+                        dest_w = _region(table_ptr, r, dw_off, tl.float32)
+                        tl.store(dest_idx + cell[:, None] * max_topk + k[None, :],
+                                 tl.where(mine, local, -1).to(tl.int32), mask=sent)
+                        tl.store(dest_w + cell[:, None] * max_topk + k[None, :], tl.where(mine, w, 0.0), mask=sent)
+                        tl.store(_region(table_ptr, r, dsrc_off, tl.int32) + cell, t.to(tl.int32), mask=j >= 0)
+        if pid == 0:
+            _write_meta(table_ptr, me, world, meta_word, counts_ptr, error, num_experts, num_topk, WP, True)
+        _signal_all(table_ptr, me, world, sig_word, WP)
+
+    @triton.jit
+    def _recv_dispatch_kernel(table_ptr, status_ptr, out_x_ptr, out_idx_ptr, out_w_ptr, out_src_ptr, count_ptr, me,
+                              world, hidden, num_topk, max_tokens, max_topk, num_experts, dx_off, didx_off, dw_off,
+                              dsrc_off, sig_word, ack_word, meta_word, zero_word, data_target, timeout_ns, max_spins,
+                              ROUTES: tl.constexpr, WP: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
+                              BLOCK_H: tl.constexpr, WAIT: tl.constexpr, HAS_POLL: tl.constexpr):
+        pid, num_programs = tl.program_id(0), tl.num_programs(0)
+        if WAIT:
+            _wait_counters(table_ptr, me, world, sig_word, zero_word, data_target, status_ptr, timeout_ns, max_spins,
+                           WP, HAS_POLL)
+        if pid == 0:
+            _read_meta(table_ptr, me, world, meta_word, status_ptr, num_experts, num_topk, count_ptr, WP)
+        meta = _words(table_ptr, me, meta_word)
+        src_x = _region(table_ptr, me, dx_off, out_x_ptr.dtype.element_ty)
+        k = tl.arange(0, KP)
+        k_ok = k < num_topk
+        blocks = tl.cdiv(max_tokens, BLOCK_T)
+        for item in range(pid, world * blocks, num_programs):
+            s = item // blocks
+            j = (item % blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+            j_ok = j < max_tokens
+            valid = j < tl.load(meta + s * 4, cache_modifier=".cg")
+            row = (s * max_tokens + j).to(tl.int64)
+            for h0 in range(0, hidden, BLOCK_H):
+                h = h0 + tl.arange(0, BLOCK_H)
+                h_ok = h < hidden
+                v = tl.load(src_x + row[:, None] * hidden + h[None, :], mask=valid[:, None] & h_ok[None, :], other=0.0,
+                            cache_modifier=".cg")
+                tl.store(out_x_ptr + row[:, None] * hidden + h[None, :], v, mask=j_ok[:, None] & h_ok[None, :])
+            if ROUTES:
+                m = valid[:, None] & k_ok[None, :]
+                idx = tl.load(_region(table_ptr, me, didx_off, tl.int32) + row[:, None] * max_topk + k[None, :],
+                              mask=m, other=-1, cache_modifier=".cg")
+                w = tl.load(_region(table_ptr, me, dw_off, tl.float32) + row[:, None] * max_topk + k[None, :],
+                            mask=m, other=0.0, cache_modifier=".cg")
+                out = j_ok[:, None] & k_ok[None, :]
+                tl.store(out_idx_ptr + row[:, None] * num_topk + k[None, :], idx.to(tl.int64), mask=out)
+                tl.store(out_w_ptr + row[:, None] * num_topk + k[None, :], w, mask=out)
+                src = tl.load(_region(table_ptr, me, dsrc_off, tl.int32) + row, mask=valid, other=-1,
+                              cache_modifier=".cg")
+                tl.store(out_src_ptr + row, src.to(tl.int64), mask=j_ok)
+        _signal_all(table_ptr, me, world, ack_word, WP)
+
+
+def launch_put_dispatch(ch: Channel, x: torch.Tensor, pos: torch.Tensor, counts: torch.Tensor,
+                        routes: Optional[Tuple[torch.Tensor, torch.Tensor]], num_experts: int, num_topk: int,
+                        error: int = 0) -> None:
+    """Put ``x`` [num_tokens, hidden] rows where ``pos`` [num_tokens, world] (compact row per rank, -1: not
+    sent) says, with the routes ``(topk_idx [num_tokens, num_topk] int64, topk_weights float32)`` if given.
+    ``counts`` [world] int64: rows per rank. With ``error`` only the error code travels."""
+    lay = ch.layout
+    dx, didx, dw, dsrc, _, _ = lay.slot_offsets(ch.slot)
+    idx, w = routes if routes is not None else (pos, x)
+    wait_ack = ch.fused_wait and ch.epoch > 1
+    if not ch.fused_wait and ch.epoch > 1:
+        launch_wait(ch, DISPATCH, ACK)
+    _put_dispatch_kernel[(ch.num_programs,)](
+        ch.table, ch.status, x, pos, counts, idx, w, ch.me, lay.world, x.shape[0], lay.hidden, num_topk,
+        max(1, num_experts // lay.world), lay.max_tokens, lay.max_topk, num_experts, error, dx, didx, dw, dsrc,
+        ack_target=(ch.epoch - 1) * ch.num_programs, ROUTES=routes is not None, WAIT_ACK=wait_ack,
+        **_common(ch, DISPATCH), **_consts(ch, num_topk))
+
+
+def launch_recv_dispatch(ch: Channel, out_x: torch.Tensor, routes_out: Optional[Tuple[torch.Tensor, ...]],
+                         count_out: torch.Tensor, num_experts: int, num_topk: int) -> None:
+    """Copy this slot's dispatch-shaped rows out into ``out_x`` [world * max_tokens, hidden] (and, with
+    ``routes_out = (idx [rows, num_topk] int64, weights float32, src [rows] int64)``, the routes);
+    ``count_out`` [world] int64 gets the rows each rank sent."""
+    lay = ch.layout
+    dx, didx, dw, dsrc, _, _ = lay.slot_offsets(ch.slot)
+    if not ch.fused_wait:
+        launch_wait(ch, DISPATCH, DATA)
+    idx, w, src = routes_out if routes_out is not None else (count_out, out_x, count_out)
+    _recv_dispatch_kernel[(ch.num_programs,)](
+        ch.table, ch.status, out_x, idx, w, src, count_out, ch.me, lay.world, lay.hidden, num_topk, lay.max_tokens,
+        lay.max_topk, num_experts, dx, didx, dw, dsrc, data_target=ch.epoch * ch.num_programs,
+        ROUTES=routes_out is not None, WAIT=ch.fused_wait, **_common(ch, DISPATCH), **_consts(ch, num_topk))
+
+
+
+# torch reference
+
+
+def dispatch_exchange_reference(xs: Sequence[torch.Tensor], topk_idxs: Sequence[torch.Tensor],
+                                topk_weights: Sequence[torch.Tensor], num_experts: int, max_tokens: int
+                                ) -> List[Tuple[torch.Tensor, ...]]:
+    """What every rank receives from a dispatch-shaped exchange, given every rank's inputs.
+
+    Returns per rank ``(recv_x [world * max_tokens, hidden], recv_idx [rows, num_topk] int64,
+    recv_weights float32, recv_src [rows] int64, recv_count [world] int64)``.
+    """
+    world = len(xs)
+    local = num_experts // world
+    hidden, num_topk = xs[0].shape[1], topk_idxs[0].shape[1]
+    out = []
+    for r in range(world):
+        recv_x = xs[0].new_zeros(world * max_tokens, hidden)
+        recv_idx = torch.full((world * max_tokens, num_topk), -1, dtype=torch.int64)
+        recv_w = torch.zeros(world * max_tokens, num_topk)
+        recv_src = torch.full((world * max_tokens,), -1, dtype=torch.int64)
+        count = torch.zeros(world, dtype=torch.int64)
+        for s in range(world):
+            idx = topk_idxs[s]
+            local_idx = idx - r * local
+            mine = (idx >= 0) & (local_idx >= 0) & (local_idx < local)
+            tokens = mine.any(1).nonzero().flatten()
+            rows = s * max_tokens + torch.arange(tokens.numel())
+            recv_x[rows] = xs[s][tokens]
+            recv_idx[rows] = torch.where(mine, local_idx, -1)[tokens]
+            recv_w[rows] = torch.where(mine, topk_weights[s], 0.0)[tokens]
+            recv_src[rows] = tokens
+            count[s] = tokens.numel()
+        out.append((recv_x, recv_idx, recv_w, recv_src, count))
+    return out
+
+
