@@ -66,8 +66,9 @@ class OverlapConfig:
     costs: ComponentCosts = field(default_factory=ComponentCosts)
     # Exchanges of each shape in flight at once (an EPBuffer needs num_slots >= this).
     max_in_flight: int = 2
-    # Testing and benchmarking: every all-to-all of the block completes no earlier than
-    # this many seconds after it was issued (a slow interconnect on loopback gloo).
+    # Testing and benchmarking: every exchange of a whole chunk completes no earlier than this
+    # many seconds after it was issued, a two-batch half's after half of it (a slow
+    # interconnect on loopback gloo, its time proportional to the bytes).
     inject_latency_s: float = 0.0
 
     def __post_init__(self) -> None:

@@ -123,7 +123,7 @@ def overlapped_forward_backward(module0, inputs0: Sequence[torch.Tensor], criter
     x0 = inputs0[0]
     module0.check_input(x0)
     split = module0.splits(x0)
-    fwds = [ForwardRun(module0, h) for h in (split_halves(x0) if split else (x0,))]
+    fwds = [ForwardRun(module0, h, h.shape[0] / x0.shape[0]) for h in (split_halves(x0) if split else (x0,))]
     bwds = module1.backward_runs(chunk1, grad1)
     with module0.sm_partition():
         execute(fwds + bwds, interleave=True, config=module0.overlap)

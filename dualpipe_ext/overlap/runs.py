@@ -55,10 +55,11 @@ class _Layer:
 class ForwardRun:
     """The forward of one chunk through ``stage``'s components (the state its backward needs).
 
-    ``x``: the stage input (token ids for a stage with a prologue, else [batch, seq, hidden]).
+    ``x``: the stage input (token ids for a stage with a prologue, else [batch, seq, hidden]);
+    ``share``: its part of the chunk (1/2 for a two-batch half), which scales injected latency.
     """
 
-    def __init__(self, stage, x: torch.Tensor) -> None:
+    def __init__(self, stage, x: torch.Tensor, share: float = 1.0) -> None:
         self.stage = stage
         self.input = x
         self.layers = [_Layer() for _ in stage.layers]
@@ -66,7 +67,7 @@ class ForwardRun:
         self.pro_out: Optional[torch.Tensor] = None  # prologue output (graph to its parameters)
         self.top: Optional[torch.Tensor] = None  # leaf: the last layer's output
         self.output: Optional[torch.Tensor] = None  # the stage output (epilogue output, or the top)
-        self.delay = stage.overlap.inject_latency_s
+        self.delay = stage.overlap.inject_latency_s * share  # a transfer's time grows with its bytes
         if stage.prologue is None:
             self._begin(x)
 

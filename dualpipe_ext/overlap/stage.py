@@ -110,7 +110,7 @@ class ComponentStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         split = self.splits(x)
-        runs = [ForwardRun(self, h) for h in (split_halves(x) if split else (x,))]
+        runs = [ForwardRun(self, h, h.shape[0] / x.shape[0]) for h in (split_halves(x) if split else (x,))]
         with self.sm_partition() if split and self.interleave else contextlib.nullcontext():
             execute(runs, interleave=self.interleave, config=self.overlap)
         return self.finish_forward(runs, x, split)
