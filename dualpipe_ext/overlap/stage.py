@@ -150,9 +150,9 @@ class ComponentStage(nn.Module):
         return self._input_grad(chunk, runs)
 
 
-class OverlappedStage(ComponentStage):
-    """:class:`ComponentStage` whose forward+backward pairs (and, with ``two_batch``, lone chunks)
-    run interleaved by the overlap engine."""
+class _Interleaved:
+    """What makes a component stage run through the engine: its chunks' runs interleave, and the
+    runtime hands it every forward+backward pair (``overlapped_forward_backward``)."""
 
     interleave = True
 
@@ -161,6 +161,11 @@ class OverlappedStage(ComponentStage):
                                     output_grads1):
         return overlapped_forward_backward(module0, inputs0, criterion0, labels0, module1, loss1, outputs1,
                                            output_grads1)
+
+
+class OverlappedStage(_Interleaved, ComponentStage):
+    """:class:`ComponentStage` whose forward+backward pairs (and, with ``two_batch``, lone chunks)
+    run interleaved by the overlap engine."""
 
 
 class MoEStage(ComponentStage):
@@ -191,13 +196,5 @@ class MoEStage(ComponentStage):
             raise ValueError(f"MoEStage input must be [batch, seq, {self.config.moe.hidden}], got {tuple(x.shape)}")
 
 
-class OverlappedMoEStage(MoEStage):
+class OverlappedMoEStage(_Interleaved, MoEStage):
     """:class:`MoEStage` whose forward+backward pairs the runtime runs through the overlap engine."""
-
-    interleave = True
-
-    @classmethod
-    def overlapped_forward_backward(cls, module0, inputs0, criterion0, labels0, module1, loss1, outputs1,
-                                    output_grads1):
-        return overlapped_forward_backward(module0, inputs0, criterion0, labels0, module1, loss1, outputs1,
-                                           output_grads1)

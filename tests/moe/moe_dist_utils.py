@@ -43,3 +43,17 @@ def reference_router(x, gate, topk, mode, first_token=0):
         idx[(first_token % 2)::2, -1] = -1
         weights = torch.where(idx >= 0, weights, torch.zeros_like(weights))
     return idx, weights.float()
+
+
+def load_weights(layer, p, rank, world):
+    """Copy the dense model's weights ``p`` into ``layer`` (an ``MoE``): router, this rank's share of
+    the routed experts, shared experts. Returns the rank's slice of the routed experts."""
+    local = p["gate_up"].shape[0] // world
+    share = slice(rank * local, (rank + 1) * local)
+    with torch.no_grad():
+        layer.gate.copy_(p["gate"])
+        layer.experts.gate_up.copy_(p["gate_up"][share])
+        layer.experts.down.copy_(p["down"][share])
+        layer.shared.gate_up.copy_(p["shared_gate_up"])
+        layer.shared.down.copy_(p["shared_down"])
+    return share

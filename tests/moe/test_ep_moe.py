@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_dist_utils import dense_moe_reference, run_ranks, swiglu_expert
+from moe_dist_utils import dense_moe_reference, load_weights, run_ranks, swiglu_expert
 
 HIDDEN, INTER, EXPERTS, TOPK, MAX_TOKENS = 8, 4, 4, 2, 7
 
@@ -34,13 +34,7 @@ def _worker(rank, world, p):
     out = {}
     for path in ("ep", "collective"):
         layer = moe.MoE(cfg, ep=ep if path == "ep" else None)
-        local = EXPERTS // world
-        with torch.no_grad():
-            layer.gate.copy_(p["gate"])
-            layer.experts.gate_up.copy_(p["gate_up"][rank * local:(rank + 1) * local])
-            layer.experts.down.copy_(p["down"][rank * local:(rank + 1) * local])
-            layer.shared.gate_up.copy_(p["shared_gate_up"])
-            layer.shared.down.copy_(p["shared_down"])
+        load_weights(layer, p, rank, world)
         begin = sum(p["tokens"][:rank])
         x = p["x"][begin:begin + p["tokens"][rank]].clone().requires_grad_(True)
         y = layer(x)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_dist_utils import dense_moe_reference, reference_router, run_ranks, swiglu_expert
+from moe_dist_utils import dense_moe_reference, load_weights, reference_router, run_ranks, swiglu_expert
 
 HIDDEN, INTER, EXPERTS, TOPK = 16, 8, 4, 2
 
@@ -21,13 +21,7 @@ def _worker(rank, world, p):
 
     cfg = moe.MoEConfig(hidden=HIDDEN, moe_intermediate=INTER, num_experts=EXPERTS, topk=TOPK, num_shared_experts=1)
     layer = moe.MoE(cfg, dtype=torch.float64)
-    local = EXPERTS // world
-    with torch.no_grad():
-        layer.gate.copy_(p["gate"])
-        layer.experts.gate_up.copy_(p["gate_up"][rank * local:(rank + 1) * local])
-        layer.experts.down.copy_(p["down"][rank * local:(rank + 1) * local])
-        layer.shared.gate_up.copy_(p["shared_gate_up"])
-        layer.shared.down.copy_(p["shared_down"])
+    load_weights(layer, p, rank, world)
     begin = sum(p["tokens"][:rank])
     x = p["x"][begin:begin + p["tokens"][rank]].clone().requires_grad_(True)
     out = layer(x)
