@@ -13,8 +13,8 @@ from dualpipe_ext.moe import EPBuffer, MoEConfig
 from dualpipe_ext.overlap import BlockConfig, MoEStage, OverlapConfig, OverlappedMoEStage
 
 HIDDEN, BATCH, SEQ = 8, 2, 3
-CFG = BlockConfig(MoEConfig(hidden=HIDDEN, moe_intermediate=8, num_experts=4, topk=2, num_shared_experts=1),
-                  num_heads=2)
+CFG = BlockConfig(MoEConfig(hidden=HIDDEN, moe_intermediate=8, num_experts=4, topk=2, num_shared_experts=1,
+                            bias_update_speed=0.01), num_heads=2)
 
 
 def criterion(out, target):
@@ -66,8 +66,12 @@ def pair_equality(rank: int, world: int, layers: int) -> List[str]:
                 l0 = criterion(o0, t)
                 l0.backward()  # lone backward of the forward chunk
                 results.append((o0.detach(), l0.detach(), xa.grad, [p.grad for p in st0.parameters()],
-                                [p.grad for p in st1.parameters()]))
-            (po, pl, pg, pp0, pp1), (oo, ol, og, op0, op1) = results
+                                [p.grad for p in st1.parameters()],
+                                torch.stack([b.moe.expert_load for st in (st0, st1) for b in st.blocks])))
+            (po, pl, pg, pp0, pp1, pload), (oo, ol, og, op0, op1, oload) = results
+            _same(oload, pload, f"{tag}: expert load counted by the layers", failures)
+            if not pload.sum() > 0:
+                failures.append(f"{tag}: no expert load counted")
             _same(oo, po, f"{tag}: outputs of the pair's forward", failures)
             _same(ol, pl, f"{tag}: loss", failures)
             _same(og, pg, f"{tag}: input grad of the backward chunk", failures)
