@@ -10,8 +10,12 @@ __all__ = ["RuntimeConfig"]
 @dataclass(frozen=True)
 class RuntimeConfig:
     # Seconds a rank waits for one posted batch of sends/receives (and for the agreement
-    # collectives) before it raises an error naming the missing peers and operations.
-    comm_timeout_s: float = 60.0
+    # collectives) before it raises an error naming the missing peers and operations. It bounds
+    # only a peer that is alive but silent (hung, stopped, in a different plan): a peer whose
+    # process exits breaks its connections and is named within seconds. Five minutes leave
+    # room for a slow first step (Triton and torch.compile compile kernels between two
+    # messages) without letting a hung job sit for NCCL's ten minutes or gloo's thirty.
+    comm_timeout_s: float = 300.0
     # Agree on errors across ranks: a small all_reduce before the step checks the inputs
     # everywhere alike, and one after it reports a failure on any rank on every rank. With
     # this off, bad input on one rank may leave its peers waiting until comm_timeout_s.

@@ -19,13 +19,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from dualpipe_ext import comm
+from dualpipe_ext import comm, faults
 from dualpipe_ext.runtime.agreement import INPUT, NONE, STEP, PipelineError, agree
 from dualpipe_ext.runtime.compiled import CompiledPlan
 from dualpipe_ext.runtime.config import RuntimeConfig
 from dualpipe_ext.runtime.executor import Executor
 from dualpipe_ext.runtime.timeline import Recorder
-from dualpipe_ext.runtime.transport import LinkConfig
+from dualpipe_ext.runtime.transport import CommFailure, LinkConfig
 from dualpipe_ext.schedules import Plan, get_plan, schedule_info, schedule_names, validate
 
 __all__ = ["DualPipe", "DualPipeV", "PipelineSchedule"]
@@ -95,9 +95,18 @@ class _Pipeline(nn.Module):
         self.timeline.global_rank = dist.get_rank()
         eager = self.config.eager_comm and dist.get_backend(self.group) == "gloo"
         lookahead = 1 << 30 if self.config.recv_lookahead is None else self.config.recv_lookahead
-        link = LinkConfig(self.group, self.rank, self.device, self.config.comm_timeout_s, eager, lookahead)
+        link = LinkConfig(self.group, self.rank, self.device, self.config.comm_timeout_s, eager, lookahead,
+                          self.rank_name)
+        faults.publish_process()
         self.executor = Executor(modules, link, self.timeline)
         self.overlapped_forward_backward = self.executor.overlapped
+
+    def rank_name(self, global_rank: int) -> str:
+        """How messages name a process: "pipeline rank 1", with its global rank when that differs."""
+        if global_rank in self._to_global:
+            p = self._to_global.index(global_rank)
+            return f"pipeline rank {p}" + ("" if p == global_rank else f" (global rank {global_rank})")
+        return f"global rank {global_rank}"
 
     def _check_schedule(self, name: str, num_modules: int) -> None:
         valid = _schedules_with(num_modules)
@@ -120,6 +129,9 @@ class _Pipeline(nn.Module):
             p = plan.forward_only() if forward_only else plan
             self._compiled[(plan.chunks, forward_only)] = CompiledPlan(p, self.rank, self._to_global, self._to_group)
         self._agreed = (("the plan (checksum)", _fingerprint(plan)),)
+
+    def _agreement_names(self) -> Tuple[Callable[[int], str], List[int]]:
+        return self.rank_name, [dist.get_global_rank(self.group, g) for g in range(self.num_ranks)]
 
     def set_p2p_tensor_shapes(self, shapes: Sequence[Sequence[int]]) -> None:
         """This pipeline's message shapes (one per tensor), instead of the process-wide default."""
@@ -227,20 +239,23 @@ class _Pipeline(nn.Module):
         if cfg.check_errors:
             values = (("num_chunks", int(num_chunks)), ("torch.is_grad_enabled()", int(not forward_only)))
             agree(self.group, self.device, self.rank, kind, message, values=values + self._agreed,
-                  timeout_s=cfg.comm_timeout_s, what="step arguments")
+                  timeout_s=cfg.comm_timeout_s, what="step arguments", names=self._agreement_names())
         elif message:
             raise ValueError(message)
 
         mbs = cp.mbs_per_module
         feeds = {m: self._split(inputs, mbs) for m in range(cp.num_modules) if cp.is_first[m]}
         loss_labels = {m: self._split(labels, mbs) for m in range(cp.num_modules) if cp.is_last[m]}
-        error, losses, outputs = self.executor.run(cp, p2p, feeds, loss_labels, criterion, return_outputs,
-                                                   forward_only)
+        try:
+            error, losses, outputs = self.executor.run(cp, p2p, feeds, loss_labels, criterion, return_outputs,
+                                                       forward_only)
+        except CommFailure as e:  # a peer is gone or silent: no agreement is possible, raise here
+            raise PipelineError(str(e)) from None
         if error is not None:
             error = f"pipeline rank {self.rank}: {error}"
         if cfg.check_errors:
             agree(self.group, self.device, self.rank, STEP if error else NONE, error,
-                  timeout_s=cfg.comm_timeout_s, what="step")
+                  timeout_s=cfg.comm_timeout_s, what="step", names=self._agreement_names())
         elif error:
             raise PipelineError(error)
 
