@@ -22,12 +22,14 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 
 import torch.distributed as dist
 
-__all__ = ["LOST_CAUSES", "Verdict", "cause_of", "diagnose", "describe_failure", "looks_lost", "pid_alive",
-           "publish_process", "report"]
+__all__ = ["LOST_CAUSES", "PeerLostError", "Verdict", "cause_of", "checked", "diagnose", "describe_failure",
+           "looks_lost", "pid_alive", "publish_process", "report", "begin_window", "window"]
+
+T = TypeVar("T")
 
 # Causes a failed communication is put down to, in the words messages use.
 RESET, CLOSED, LOST, TIMEOUT = "connection reset", "connection closed", "connection lost", "timeout"
@@ -37,13 +39,14 @@ RAISED = "raised"  # a rank reports its own exception
 _BOARD = "dualpipe_ext/faults"  # appended JSON lines, one per report
 _SEQ = "dualpipe_ext/faults_seq"  # a counter: its round trip orders a report before what the reporter does next
 _PROC = "dualpipe_ext/proc/"  # + global rank: "host pid"
-# Reports older than the failing operation by more than this are from an earlier incident
-# (clock skew between hosts stays far below it).
-_SKEW_S = 2.0
+# Reports written before the failing operation began are from an earlier incident; for reports
+# of other hosts, allow this much clock skew (NTP keeps hosts far closer).
+_SKEW_S = 1.0
 
 _MAX_PID_CHECKS = 64
 
 _published = False
+_window: Optional[float] = None  # when the current step began (begin_window); reports before it are stale
 _store_failed = False  # a store operation failed: the store is gone, do not try (and warn) again
 
 
@@ -97,14 +100,26 @@ def publish_process() -> None:
         pass
 
 
+def begin_window() -> float:
+    """Mark the start of a step: reports written before it belong to earlier incidents. Returns the time."""
+    global _window
+    _window = time.time()
+    return _window
+
+
+def window() -> float:
+    """Start of the current step (``begin_window``), or 0 when no step has begun: every report counts."""
+    return _window if _window is not None else 0.0
+
+
 def report(peer: int, cause: str, where: str, detail: str = "") -> None:
     """Write this rank's observation to the board: ``peer`` (global rank, -1 if unknown) failed with
     ``cause`` at ``where`` (this rank's action, e.g. "action 23 'wait'"). Best effort."""
     store = _store()
     if store is None:
         return
-    line = json.dumps({"t": time.time(), "by": _global_rank(), "peer": int(peer), "cause": cause,
-                       "where": where, "detail": detail[:300]})
+    line = json.dumps({"t": time.time(), "host": socket.gethostname(), "by": _global_rank(), "peer": int(peer),
+                       "cause": cause, "where": where, "detail": detail[:300]})
     try:
         store.append(_BOARD, line + "\n")
         store.add(_SEQ, 1)  # a round trip: the line is on the board before this rank goes on
@@ -136,14 +151,16 @@ def _board(store, since: float) -> Optional[List[Report]]:
         _mark_failed()
         return None
     out = []
+    host = socket.gethostname()
     for line in raw.splitlines():
         try:
             d = json.loads(line)
             r = Report(float(d["t"]), int(d["by"]), int(d["peer"]), str(d["cause"]), str(d["where"]),
                        str(d.get("detail", "")))
+            same_host = d.get("host") == host
         except (ValueError, KeyError, TypeError):
             continue
-        if r.time >= since - _SKEW_S:
+        if r.time >= since - (0.0 if same_host else _SKEW_S):
             out.append(r)
     return out
 
@@ -255,3 +272,27 @@ def describe_failure(exc: BaseException, since: float, name: Callable[[int], str
         return None
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 0
     return diagnose([], since, name, range(world)).text
+
+
+class PeerLostError(RuntimeError):
+    """A collective could not complete: a connection to a peer broke, or it timed out; says who failed."""
+
+
+def checked(what: str, fn: Callable[[], T]) -> T:
+    """``fn()`` (a collective, or a wait on one); a backend error about a lost peer or a timeout becomes a
+    :class:`PeerLostError` saying ``what`` failed, why, after how long, and who failed (the board's verdict)."""
+    begin = time.monotonic()
+    try:
+        return fn()
+    except RuntimeError as e:
+        cause = cause_of(e)
+        if cause is None or isinstance(e, PeerLostError):
+            raise
+        elapsed = time.monotonic() - begin
+        report(-1, cause, what, str(e)[:200])
+        text = describe_failure(e, window()) or ""
+        if cause == TIMEOUT:
+            head = f"{what}: a peer of the process group did not answer within {elapsed:.2g} s (the group's timeout)"
+        else:
+            head = f"{what}: {cause} by a peer of the process group after {elapsed:.2g} s"
+        raise PeerLostError(f"{head}; {text}") from None

@@ -214,7 +214,7 @@ def dispatch(
 
         return works, finish
 
-    pending = InFlight(works=[control_work], advance=advance)
+    pending = InFlight(works=[control_work], advance=advance, what="moe.dispatch")
     return pending if async_op else pending.wait()
 
 
@@ -283,7 +283,7 @@ def combine(
 
         return works, finish
 
-    pending = InFlight(works=[control_work], advance=advance)
+    pending = InFlight(works=[control_work], advance=advance, what="moe.combine")
     return pending if async_op else pending.wait()
 
 
@@ -299,7 +299,7 @@ def combine_backward(grad_out: torch.Tensor, handle: DispatchHandle, async_op: b
     send = permute(grad_out, handle.send_pos, sum(handle.num_send_per_rank), num_sms=num_sms)
     works: list = []
     rows = all_to_all_async(send, handle.num_recv_per_rank, handle.num_send_per_rank, handle.group, works)
-    pending = InFlight(rows, works=works)
+    pending = InFlight(rows, works=works, what="moe.combine_backward")
     return pending if async_op else pending.wait()
 
 
@@ -324,7 +324,7 @@ def dispatch_backward(grad_recv_x: torch.Tensor, grad_recv_weights: torch.Tensor
         grad_x = combine_rows(rows(), handle.send_pos, None, num_sms=num_sms)
         return grad_x, _weights_grad(wrows(), handle, topk_idx)
 
-    pending = InFlight(finish, works=works)
+    pending = InFlight(finish, works=works, what="moe.dispatch_backward")
     return pending if async_op else pending.wait()
 
 

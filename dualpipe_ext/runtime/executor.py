@@ -152,7 +152,7 @@ class Executor:
         """The error of this rank's action ``index``: put on the fault board, with who failed first
         when the exception is about a lost peer (an expert-parallel exchange inside the stage)."""
         where = f"action {index} '{op.token}'"
-        if exc is not None and faults.looks_lost(exc):
+        if exc is not None and faults.looks_lost(exc) and not isinstance(exc, faults.PeerLostError):
             note = faults.describe_failure(exc, st.comm.started, self.link.name)
             if note:
                 text += f" [{note}]"

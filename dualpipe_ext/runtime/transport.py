@@ -87,7 +87,7 @@ class StepComm:
         self.next_receive = 0  # eager: position in plan.receives of the next receive to post
         self.receiving: List[InFlight] = []  # eager: receives the next wait completes
         self.sending: List[InFlight] = []  # eager: posted sends in flight
-        self.started = time.time()  # reports on the fault board older than this are from earlier incidents
+        self.started = faults.begin_window()  # reports on the fault board older than this are from earlier incidents
 
     def start(self) -> None:
         """Post the receives that the first waits complete (eager only)."""
