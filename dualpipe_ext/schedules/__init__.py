@@ -14,7 +14,7 @@ trace notation. What is here:
 from __future__ import annotations
 
 from dualpipe_ext._C import Action, ActionType, Plan, ScheduleInfo, StageInfo
-from dualpipe_ext.schedules.analysis import Costs, Simulation, closed_form_bubble, simulate, validate
+from dualpipe_ext.schedules.analysis import Costs, PlanError, Simulation, closed_form_bubble, simulate, validate
 from dualpipe_ext.schedules.registry import get_plan, schedule_info, schedule_names, trace
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "ActionType",
     "Costs",
     "Plan",
+    "PlanError",
     "ScheduleInfo",
     "Simulation",
     "StageInfo",

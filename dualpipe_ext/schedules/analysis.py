@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from dualpipe_ext import _C
 
-__all__ = ["Costs", "Simulation", "closed_form_bubble", "simulate", "validate"]
+__all__ = ["Costs", "PlanError", "Simulation", "closed_form_bubble", "simulate", "validate"]
 
 
 _COST_FIELDS = ("F", "B", "W", "FB", "P2P", "overhead")
@@ -98,9 +98,25 @@ class Simulation:
     peak_activations: List[int]  # most live micro-batch activations per rank (units of one stage)
 
 
+class PlanError(ValueError):
+    """An unsound plan: the broken ``rule`` and the first offending action (``rank``, ``step``, ``token``;
+    -1, -1, "" when the rule names no action). The message has the rank-by-step grid."""
+
+    def __init__(self, message: str, rule: str, rank: int, step: int, token: str) -> None:
+        super().__init__(message)
+        self.rule, self.rank, self.step, self.token = rule, rank, step, token
+
+
 def validate(plan: "_C.Plan") -> None:
-    """Raise ``ValueError`` naming the broken rule, with a rank-by-step grid marking the failing cells."""
-    _C.validate(plan)
+    """Raise :class:`PlanError` (a ``ValueError``) naming the broken rule and the first offending action,
+    with a rank-by-step grid marking the failing cells. The order of the checks, which decides which
+    action is first, is in ``csrc/analysis/validate.h``."""
+    if not isinstance(plan, _C.Plan):
+        raise TypeError(f"validate expects a dualpipe_ext.schedules.Plan, got {type(plan).__name__}")
+    issue = _C.check_plan(plan)
+    if issue is not None:
+        rule, rank, step, token, message = issue
+        raise PlanError(message, rule, rank, step, token)
 
 
 def _floats(values: Optional[Sequence[float]]) -> List[float]:
