@@ -26,7 +26,7 @@ from dualpipe_ext.runtime.config import RuntimeConfig
 from dualpipe_ext.runtime.executor import Executor
 from dualpipe_ext.runtime.timeline import Recorder
 from dualpipe_ext.runtime.transport import CommFailure, LinkConfig
-from dualpipe_ext.schedules import Plan, get_plan, schedule_info, schedule_names, validate
+from dualpipe_ext.schedules import Plan, PlanError, get_plan, schedule_info, schedule_names, validate
 
 __all__ = ["DualPipe", "DualPipeV", "PipelineSchedule"]
 
@@ -116,8 +116,14 @@ class _Pipeline(nn.Module):
 
     def _adopt(self, plan: Plan, num_modules: int) -> None:
         """Take a user's plan: sound (the C++ validator), of this group's size and module count."""
-        validate(plan)
-        validate(plan.forward_only())
+        if not isinstance(plan, Plan):
+            raise TypeError(f"schedule must be a schedule name or a dualpipe_ext.schedules.Plan, got "
+                            f"{type(plan).__name__}")
+        for p in (plan, plan.forward_only()):
+            try:
+                validate(p)
+            except PlanError as e:  # a ValueError as before; the rule and the first offending action in __cause__
+                raise ValueError(str(e)) from e
         if plan.ranks != self.num_ranks:
             raise ValueError(f"the plan is for {plan.ranks} pipeline ranks, the process group has {self.num_ranks}")
         if plan.num_modules != num_modules:
