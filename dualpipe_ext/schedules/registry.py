@@ -10,7 +10,8 @@ from functools import lru_cache
 from typing import List
 
 from dualpipe_ext import _C
-from dualpipe_ext._C import Plan, ScheduleInfo
+Plan = _C.Plan
+ScheduleInfo = _C.ScheduleInfo
 
 __all__ = ["get_plan", "schedule_info", "schedule_names", "trace"]
 
