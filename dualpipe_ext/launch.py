@@ -116,11 +116,19 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float =
     within ``timeout_s`` (or ``grace_s`` after the first rank failed), after killing every
     process still running; its ``results`` holds what the other ranks returned.
     """
-    if world < 1:
-        raise ValueError(f"run_ranks needs at least one rank, got world={world}")
-    import torch
-
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"run_ranks needs a positive int number of ranks, got world={world!r}")
+    if not callable(fn) or "<lambda>" in getattr(fn, "__qualname__", "") or "<locals>" in getattr(
+            fn, "__qualname__", ""):
+        raise ValueError(f"run_ranks runs a module-level function (spawned processes import it by name), got "
+                         f"{getattr(fn, '__qualname__', type(fn).__name__)}")
+    if not isinstance(backend, str):
+        raise ValueError(f"backend must be a torch.distributed backend name ('gloo', 'nccl'), got {backend!r}")
     import torch.distributed as dist
+
+    if init and not dist.is_backend_available(backend):
+        raise ValueError(f"backend {backend!r} is not available in this torch build (gloo: CPU; nccl: CUDA GPUs)")
+    import torch
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()

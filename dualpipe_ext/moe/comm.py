@@ -13,6 +13,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from dualpipe_ext._checks import check_group
 from dualpipe_ext.faults import checked
 
 __all__ = ["group_size", "group_rank", "exchange_control", "exchange_control_async", "gather_rows",
@@ -24,7 +25,9 @@ def _active(group) -> bool:
 
 
 def group_size(group=None) -> int:
-    """Ranks in ``group`` (1 when torch.distributed is not initialised)."""
+    """Ranks in ``group`` (1 when torch.distributed is not initialised). Raises for a ``group`` that is not a
+    process group this process belongs to."""
+    check_group("the expert-parallel group", group)
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(group)
     return 1

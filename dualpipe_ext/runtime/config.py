@@ -36,6 +36,15 @@ class RuntimeConfig:
     record: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.comm_timeout_s, bool) or not isinstance(self.comm_timeout_s, (int, float)):
+            raise TypeError(f"RuntimeConfig.comm_timeout_s must be a number of seconds, got "
+                            f"{type(self.comm_timeout_s).__name__} {self.comm_timeout_s!r}")
+        for name in ("check_errors", "require_labels", "eager_comm", "record"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"RuntimeConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.recv_lookahead is not None and (isinstance(self.recv_lookahead, bool)
+                                                or not isinstance(self.recv_lookahead, int)):
+            raise TypeError(f"RuntimeConfig.recv_lookahead must be None or an int, got {self.recv_lookahead!r}")
         if not (self.comm_timeout_s > 0):
             raise ValueError(f"RuntimeConfig.comm_timeout_s must be positive, got {self.comm_timeout_s}")
         if self.recv_lookahead is not None and self.recv_lookahead < 0:

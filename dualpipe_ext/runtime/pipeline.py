@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from dualpipe_ext import comm, faults
+from dualpipe_ext._checks import check_group, check_int, check_module
 from dualpipe_ext.runtime.agreement import INPUT, NONE, STEP, PipelineError, agree
 from dualpipe_ext.runtime.compiled import CompiledPlan
 from dualpipe_ext.runtime.config import RuntimeConfig
@@ -61,15 +62,23 @@ class _Pipeline(nn.Module):
                  config: Optional[RuntimeConfig], p2p_shapes: Optional[Sequence[Sequence[int]]],
                  p2p_dtype: Optional[torch.dtype]) -> None:
         super().__init__()
+        cls = type(self).__name__
+        for i, m in enumerate(modules):
+            check_module(f"{cls}: modules[{i}]", m)
         self.module = nn.ModuleList(modules)
-        self.batch_dim = batch_dim
+        self.batch_dim = check_int(f"{cls}: batch_dim", batch_dim, minimum=0)
+        if config is not None and not isinstance(config, RuntimeConfig):
+            raise TypeError(f"{cls}: config must be a dualpipe_ext.RuntimeConfig, got {type(config).__name__}")
         self.config = config or RuntimeConfig()
+        check_group(f"{cls}: process_group", process_group, required=True)
         self.group = process_group or dist.distributed_c10d._get_default_group()
         self.num_ranks = self.group.size()
         group_rank = self.group.rank()
         if rank_mapping is None:
             rank_mapping = list(range(self.num_ranks))
-        if sorted(rank_mapping) != list(range(self.num_ranks)):
+        if (not isinstance(rank_mapping, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                    for v in rank_mapping)
+                or sorted(rank_mapping) != list(range(self.num_ranks))):
             raise ValueError(f"rank_mapping must be a permutation of 0..{self.num_ranks - 1} (entry i = pipeline "
                              f"rank of group rank i), got {list(rank_mapping)}")
         self.rank_mapping = list(rank_mapping)
@@ -86,10 +95,17 @@ class _Pipeline(nn.Module):
         self._agreed: Tuple[Tuple[str, int], ...] = ()  # values every rank's step must share
         if isinstance(schedule, Plan):
             self._adopt(schedule, len(modules))
+        elif not isinstance(schedule, str):
+            raise TypeError(f"{cls}: schedule must be a schedule name (one of {', '.join(_schedules_with(len(modules)))})"
+                            f" or a dualpipe_ext.schedules.Plan, got {type(schedule).__name__} {schedule!r}")
         else:
             self._check_schedule(schedule, len(modules))
             self.schedule = schedule
         self.device = _device_of(modules)
+        if dist.get_backend(self.group) == "nccl" and self.device.type != "cuda":
+            raise ValueError(f"{cls}: an NCCL process group moves CUDA tensors, but the stages' parameters are on "
+                             f"{self.device}: move the stages to the GPU, or use a gloo group for CPU stages")
+        self._has_params = any(True for m in modules for _ in m.parameters())
         self.timeline = Recorder(self.config.record)
         self.timeline.rank = self.rank
         self.timeline.global_rank = dist.get_rank()
@@ -177,6 +193,9 @@ class _Pipeline(nn.Module):
                 return (f"criterion is required on pipeline rank {self.rank}, which computes the loss of a training "
                         f"step: pass step(..., criterion=fn, labels=[...]), called as criterion(*outputs, *labels)")
             if criterion is not None:
+                if not callable(criterion):
+                    return (f"criterion on pipeline rank {self.rank} must be callable, called as "
+                            f"criterion(*outputs, *labels); got {type(criterion).__name__}")
                 if not isinstance(labels, (list, tuple)):
                     labels = [labels]
                 if not labels and self.config.require_labels:
@@ -200,6 +219,9 @@ class _Pipeline(nn.Module):
                 return f"{what}[{i}] must be a tensor or None, got {type(t).__name__}"
             if t.dim() <= self.batch_dim:
                 return f"{what}[{i}] has shape {tuple(t.shape)}, which has no batch dimension {self.batch_dim}"
+            if self._has_params and t.device != self.device and what == "inputs":
+                return (f"{what}[{i}] is on {t.device}, but the stages of pipeline rank {self.rank} are on "
+                        f"{self.device}: move the batch there first")
             sizes.append(t.shape[self.batch_dim])
         if sizes and any(s != sizes[0] for s in sizes):
             return f"{what} disagree on the batch size (dimension {self.batch_dim}): {sizes}"
@@ -235,10 +257,12 @@ class _Pipeline(nn.Module):
             labels = [labels]
         cp, kind, message = None, NONE, None
         p2p = comm.resolve(self._p2p_shapes, self._p2p_dtype)  # a P2PSpec, or what is not declared
-        try:
-            cp = self._plan(int(num_chunks), forward_only)
-        except ValueError as e:
-            kind, message = INPUT, f"num_chunks={num_chunks}: {e}"
+        try:  # a bad num_chunks is reported through the agreement, so that every rank raises
+            num_chunks = check_int("num_chunks", num_chunks, minimum=0)
+            cp = self._plan(num_chunks, forward_only)
+        except (TypeError, ValueError) as e:
+            kind, message = INPUT, str(e) if isinstance(e, TypeError) else f"num_chunks={num_chunks!r}: {e}"
+            num_chunks = num_chunks if isinstance(num_chunks, int) else -1
         if cp is not None:
             message = p2p if isinstance(p2p, str) else self._check(cp, inputs, criterion, labels, forward_only)
             kind = INPUT if message else NONE
@@ -292,9 +316,13 @@ class _TwoModulePipeline(_Pipeline):
                  config: Optional[RuntimeConfig] = None, *, schedule: Optional[Schedule] = None,
                  p2p_shapes: Optional[Sequence[Sequence[int]]] = None, p2p_dtype: Optional[torch.dtype] = None
                  ) -> None:
+        if not isinstance(modules, (list, tuple)):
+            raise TypeError(f"{type(self).__name__} takes this rank's two stage modules as a tuple (module0, module1), "
+                            f"got {type(modules).__name__}")
         if len(modules) != 2:
             raise ValueError(f"{type(self).__name__} needs two modules per rank (module0, module1), got {len(modules)}")
         schedule = self.default_schedule if schedule is None else schedule
+        check_group(f"{type(self).__name__}: process_group", process_group, required=True)
         self._check_group_size(schedule, (process_group or dist.distributed_c10d._get_default_group()).size())
         super().__init__(schedule, modules, batch_dim, process_group, rank_mapping, config, p2p_shapes, p2p_dtype)
 

@@ -132,6 +132,8 @@ def simulate(plan: "_C.Plan", costs: Costs = Costs(), *, eager_comm: bool = Fals
     waits. ``start``/``tail``: per rank, when its program begins and how long it spends after
     its last action (default zeros).
     """
+    if not isinstance(plan, _C.Plan):
+        raise TypeError(f"simulate expects a dualpipe_ext.schedules.Plan, got {type(plan).__name__}")
     if not isinstance(costs, Costs):
         raise TypeError(f"costs must be dualpipe_ext.schedules.Costs, got {type(costs).__name__}")
     res = _C.simulate(plan, costs._c(), eager_comm=bool(eager_comm), start=_floats(start), tail=_floats(tail))
@@ -157,5 +159,9 @@ def closed_form_bubble(name: str, ranks: int, costs: Costs = Costs()) -> float:
     schedule registry beside the generators; the simulator reproduces them with ``P2P = 0``
     (see tests/schedules/test_bubbles.py for the exact conditions).
     """
-    return _C.closed_form_bubble(name, int(ranks), F=float(costs.F), B=float(costs.B), W=float(costs.W),
-                                 FB=float(costs.FB))
+    from dualpipe_ext.schedules.registry import check_count, check_name
+
+    if not isinstance(costs, Costs):
+        raise TypeError(f"costs must be dualpipe_ext.schedules.Costs, got {type(costs).__name__}")
+    return _C.closed_form_bubble(check_name(name), check_count("ranks", ranks), F=float(costs.F), B=float(costs.B),
+                                 W=float(costs.W), FB=float(costs.FB))

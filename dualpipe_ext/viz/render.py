@@ -15,6 +15,9 @@ _GRID = "#D5D8DC"
 
 def render(drawing: Drawing, path: str) -> str:
     """Write the picture to ``path`` (``.svg``, ``.png`` or ``.pdf``, chosen by suffix); returns ``path``."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"the picture's path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
+    path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     if ext not in FORMATS:
         raise ValueError(f"cannot write {path!r}: expected a file name ending in one of {', '.join(FORMATS)}")

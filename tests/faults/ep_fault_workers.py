@@ -36,8 +36,9 @@ class _ExitInBackward(torch.autograd.Function):
 def _groups(rank: int):
     """Fresh groups for one case (a failed case leaves its expert group out of step)."""
     pipes = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-    experts = [dist.new_group([0, 2], timeout=timedelta(seconds=EP_TIMEOUT_S)),
-               dist.new_group([1, 3], timeout=timedelta(seconds=EP_TIMEOUT_S))]
+    experts = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    # The short timeout only once connected: new_group's connections wait for the slowest rank.
+    dist.distributed_c10d._set_pg_timeout(timedelta(seconds=EP_TIMEOUT_S), experts[rank % 2])
     return pipes[rank // 2], experts[rank % 2]
 
 
@@ -61,7 +62,7 @@ def _pipeline(rank: int, path: str, pipe_group, ep_group):
     return pipe, step, ep
 
 
-def _fail_in_pair(stage, how: str) -> None:
+def _fail_in_pair(stage, how: str) -> None:  # noqa: C901 - one closure per hook
     """Make the first layer's attention fail once it runs inside an overlapped pair."""
     layer = stage.layers[0]
     original = layer.attention
@@ -88,23 +89,24 @@ def _fail_in_pair(stage, how: str) -> None:
     layer.attention = attention
 
 
-def ep_faults(rank: int, world: int, paths: List[str], kill: bool, pid_dir: str) -> Dict[str, Dict]:
-    """For each path: global rank 1's attention raises inside an overlapped pair; then, with ``kill``,
-    its process exits in the backward of a pair on the EPBuffer path."""
+def ep_faults(rank: int, world: int, paths: List[str], kill: bool, pid_dir: str, victim: int = 1,
+              kill_path: str = "ep") -> Dict[str, Dict]:
+    """For each of ``paths``: ``victim``'s attention raises inside an overlapped pair; then, with ``kill``,
+    its process exits in the backward of a pair on ``kill_path`` ("ep": an EPBuffer, or "collective")."""
     write_pid(pid_dir, rank)
     out = {}
     for path in paths:
         pipe_group, ep_group = _groups(rank)
         pipe, step, ep = _pipeline(rank, path, pipe_group, ep_group)
-        if rank == 1:
+        if rank == victim:
             _fail_in_pair(pipe.module[0], "raise")
         out[path] = outcome(step)
         if ep is not None:
             ep.close()
     if kill:
         pipe_group, ep_group = _groups(rank)
-        pipe, step, ep = _pipeline(rank, "ep", pipe_group, ep_group)
-        if rank == 1:
+        pipe, step, ep = _pipeline(rank, kill_path, pipe_group, ep_group)
+        if rank == victim:
             _fail_in_pair(pipe.module[0], "exit")
         out["kill"] = outcome(step)
         time.sleep(0.2)
