@@ -4,14 +4,14 @@ The picture is the one :mod:`dualpipe_ext.viz.render` paints with matplotlib for
 one row per rank ("Device r", rank 0 on top), a filled cell per computation with its
 micro-batch number, a black outline per action (both halves of an overlapped pair inside one),
 grid lines between rows, a time axis with ticks, a title and the legend below. Sizes are in
-points (72 per inch), as the layout gives them in inches. Group ids: ``cells`` (one rect per
-cell), ``labels``, ``actions`` (one outline per action), ``legend``.
+points (72 per inch), as the layout gives them in inches. Group ids: ``cells`` (one path per
+cell), ``labels``, ``actions`` (one outline path per action), ``legend``.
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import List
+from typing import List, Tuple
 from xml.sax.saxutils import escape
 
 from dualpipe_ext.viz.layout import Drawing
@@ -26,6 +26,11 @@ _FONT = "DejaVu Sans, Arial, Helvetica, sans-serif"
 
 def _num(v: float) -> str:
     return f"{v:.2f}".rstrip("0").rstrip(".") or "0"
+
+
+def _box(x: float, y: float, w: float, h: float) -> str:
+    """Path data of a rectangle (cells and outlines are paths, as matplotlib writes them)."""
+    return f"M{_num(x)} {_num(y)}h{_num(w)}v{_num(h)}h{_num(-w)}Z"
 
 
 def _ticks(makespan: float, width_pt: float) -> List[float]:
@@ -50,9 +55,7 @@ def svg_text(drawing: Drawing) -> str:
     def x(t: float) -> float:
         return ax_x + t / span * ax_w
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{_num(w)}pt" height="{_num(h)}pt" '
-           f'viewBox="0 0 {_num(w)} {_num(h)}" font-family="{_FONT}">',
-           f'<rect x="0" y="0" width="{_num(w)}" height="{_num(h)}" fill="white"/>']
+    out: List[str] = []
     if drawing.title:
         out.append(f'<text x="{_num(ax_x)}" y="{_num(ax_y - 6)}" font-size="9">{escape(drawing.title)}</text>')
     out.append('<g id="grid">')
@@ -65,12 +68,10 @@ def svg_text(drawing: Drawing) -> str:
     for r, row in enumerate(drawing.rows):
         y = ax_y + r * row_h
         for box in row:
-            outlines.append(f'<rect x="{_num(x(box.start))}" y="{_num(y)}" width="{_num(x(box.end) - x(box.start))}" '
-                            f'height="{_num(row_h)}" fill="none" stroke="black" stroke-width="0.6">'
-                            f'<title>{escape(box.token)}</title></rect>')
+            outlines.append(f'<path d="{_box(x(box.start), y, x(box.end) - x(box.start), row_h)}" fill="none" '
+                            f'stroke="black" stroke-width="0.6"><title>{escape(box.token)}</title></path>')
             for c in box.cells:
-                cells.append(f'<rect x="{_num(x(c.start))}" y="{_num(y)}" width="{_num(x(c.end) - x(c.start))}" '
-                             f'height="{_num(row_h)}" fill="{c.colour}"/>')
+                cells.append(f'<path d="{_box(x(c.start), y, x(c.end) - x(c.start), row_h)}" fill="{c.colour}"/>')
                 if c.label:
                     labels.append(f'<text x="{_num((x(c.start) + x(c.end)) / 2)}" y="{_num(y + row_h / 2)}" '
                                   f'font-size="{_num(c.font_size)}" fill="{c.text_colour}" text-anchor="middle" '
@@ -87,29 +88,35 @@ def svg_text(drawing: Drawing) -> str:
                    f'text-anchor="middle">{_num(t)}</text>')
     out.append(f'<text x="{_num(ax_x)}" y="{_num(base + 24)}" font-size="8">'
                f'Time ({escape(drawing.time_unit)}) \u2192</text></g>')
-    out += _legend(drawing, w, h)
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+    legend, bottom = _legend(drawing, w, base + 34)
+    h = max(h, bottom + 6)  # a legend of many rows makes the picture taller
+    head = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{_num(w)}pt" height="{_num(h)}pt" '
+            f'viewBox="0 0 {_num(w)} {_num(h)}" font-family="{_FONT}">',
+            f'<rect x="0" y="0" width="{_num(w)}" height="{_num(h)}" fill="white"/>']
+    return "\n".join(head + out + legend + ["</svg>"]) + "\n"
 
 
-def _legend(drawing: Drawing, w: float, h: float) -> List[str]:
-    """Entries in up to five columns filled top to bottom (as matplotlib's legend), centred at the
-    bottom: swatches (two for an overlapped pair), then the name."""
+def _legend(drawing: Drawing, w: float, top: float) -> Tuple[List[str], float]:
+    """Entries in as many columns as fit (up to five, filled top to bottom as matplotlib's legend),
+    centred below ``top``: swatches (two for an overlapped pair), then the name. Returns the
+    elements and the bottom of the legend."""
     entries = drawing.legend
     if not entries:
-        return []
+        return [], top
     swatch, gap, char, line = 10.0, 14.0, 3.9, 11.0  # points; char: mean glyph width at 7 pt
-    ncol = min(len(entries), 5)
-    nrow = -(-len(entries) // ncol)
-    columns = [list(range(c * nrow, min((c + 1) * nrow, len(entries)))) for c in range(ncol)]
-    columns = [c for c in columns if c]
-    width = [max(len(entries[i][1]) * swatch + 4 + len(entries[i][0]) * char for i in col) for col in columns]
-    cx = (w - sum(width) - gap * (len(columns) - 1)) / 2
+    entry_w = [len(cols) * swatch + 4 + len(name) * char for name, cols in entries]
+    for ncol in range(min(len(entries), 5), 0, -1):
+        nrow = -(-len(entries) // ncol)
+        columns = [c for c in (list(range(k * nrow, min((k + 1) * nrow, len(entries)))) for k in range(ncol)) if c]
+        width = [max(entry_w[i] for i in col) for col in columns]
+        if sum(width) + gap * (len(columns) - 1) <= w - 10:
+            break
+    cx = max(5.0, (w - sum(width) - gap * (len(columns) - 1)) / 2)
     out = ['<g id="legend">']
     for col, cw in zip(columns, width):
         for k, i in enumerate(col):
             name, cols = entries[i]
-            y = h - 8 - (nrow - 1 - k) * line
+            y = top + 8 + k * line
             for j, colour in enumerate(cols):
                 out.append(f'<rect x="{_num(cx + j * swatch)}" y="{_num(y - 7)}" width="{_num(swatch)}" height="7" '
                            f'fill="{colour}" stroke="black" stroke-width="0.6"/>')
@@ -117,7 +124,7 @@ def _legend(drawing: Drawing, w: float, h: float) -> List[str]:
                        f'{escape(name)}</text>')
         cx += cw + gap
     out.append("</g>")
-    return out
+    return out, top + 8 + (nrow - 1) * line + 3
 
 
 def write_svg(drawing: Drawing, path: str) -> str:
