@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from dualpipe_ext import faults
 from dualpipe_ext.debug import checks_enabled
 
 from .comm import group_rank, group_size
@@ -81,6 +82,7 @@ class MoE(nn.Module):
         if num_sms is not None and (isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1):
             raise ValueError(f"MoE: num_sms must be None or a positive int, got {num_sms!r}")
         world = group_size(group)
+        faults.publish_process()  # so that peers can tell whether this process exited, after a failure
         if config.num_experts % world:
             raise ValueError(f"num_experts ({config.num_experts}) must be divisible by the expert-parallel size ({world})")
         if ep is not None:

@@ -51,14 +51,17 @@ def get_plan(name: str, ranks: int, chunks: int) -> Plan:
 
     Raises ``ValueError`` with a message naming the valid choices when the request is impossible,
     ``TypeError`` for a name that is not a str or counts that are not ints. Plans are cached;
-    treat the returned object as read-only.
+    treat the returned object as read-only (``get_plan.__wrapped__`` makes a fresh one).
     """
     return _cached_plan(check_name(name), check_count("ranks", ranks), check_count("chunks", chunks))
 
 
-@lru_cache(maxsize=64)
-def _cached_plan(name: str, ranks: int, chunks: int) -> Plan:
-    return _C.make_plan(name, ranks, chunks)
+def _fresh_plan(name: str, ranks: int, chunks: int) -> Plan:
+    return _C.make_plan(check_name(name), check_count("ranks", ranks), check_count("chunks", chunks))
+
+
+_cached_plan = lru_cache(maxsize=64)(_fresh_plan)
+get_plan.__wrapped__ = _fresh_plan  # type: ignore[attr-defined]
 
 
 def trace(name: str, ranks: int, chunks: int) -> List[List[str]]:
