@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 
 import torch.distributed as dist
 
-__all__ = ["LOST_CAUSES", "PeerLostError", "Verdict", "cause_of", "checked", "diagnose", "describe_failure",
+__all__ = ["LOST_CAUSES", "PeerLostError", "Verdict", "cause_of", "checked", "diagnose", "describe_failure", "duration",
            "looks_lost", "pid_alive", "publish_process", "report", "begin_window", "window"]
 
 T = TypeVar("T")
@@ -48,6 +48,13 @@ _MAX_PID_CHECKS = 64
 _published = False
 _window: Optional[float] = None  # when the current step began (begin_window); reports before it are stale
 _store_failed = False  # a store operation failed: the store is gone, do not try (and warn) again
+
+
+def duration(t: float) -> str:
+    """How messages say a time: '3 s', '3.2 s', '160 ms', '7.7 ms'."""
+    if t >= 1:
+        return f"{round(t, 1):g} s"
+    return f"{t * 1e3:.0f} ms" if t >= 0.01 else f"{t * 1e3:.2g} ms"
 
 
 def cause_of(exc: BaseException) -> Optional[str]:
@@ -292,7 +299,8 @@ def checked(what: str, fn: Callable[[], T]) -> T:
         report(-1, cause, what, str(e)[:200])
         text = describe_failure(e, window()) or ""
         if cause == TIMEOUT:
-            head = f"{what}: a peer of the process group did not answer within {elapsed:.2g} s (the group's timeout)"
+            head = (f"{what}: a peer of the process group did not answer within {duration(elapsed)} (the group's "
+                    f"timeout)")
         else:
-            head = f"{what}: {cause} by a peer of the process group after {elapsed:.2g} s"
+            head = f"{what}: {cause} by a peer of the process group after {duration(elapsed)}"
         raise PeerLostError(f"{head}; {text}") from None

@@ -61,9 +61,10 @@ def _raise(error: Optional[BaseException], elapsed: float, since: float, timeout
         raise PipelineError(head + (f"; {verdict.text}" if verdict.gone else "")) from None
     if cause in faults.LOST_CAUSES:
         who = f" by {name(peer)}" if peer >= 0 else ""
-        raise PipelineError(f"pipeline rank {rank}: {what} failed after {elapsed:.2g} s: {cause}{who}; "
+        raise PipelineError(f"pipeline rank {rank}: {what} failed after {faults.duration(elapsed)}: {cause}{who}; "
                             f"{verdict.text}") from None
-    raise PipelineError(f"pipeline rank {rank}: {what} failed after {elapsed:.2g} s: {type(error).__name__}: "
+    raise PipelineError(f"pipeline rank {rank}: {what} failed after {faults.duration(elapsed)}: "
+                        f"{type(error).__name__}: "
                         f"{str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}") from None
 
 

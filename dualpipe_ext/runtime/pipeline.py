@@ -96,8 +96,9 @@ class _Pipeline(nn.Module):
         if isinstance(schedule, Plan):
             self._adopt(schedule, len(modules))
         elif not isinstance(schedule, str):
-            raise TypeError(f"{cls}: schedule must be a schedule name (one of {', '.join(_schedules_with(len(modules)))})"
-                            f" or a dualpipe_ext.schedules.Plan, got {type(schedule).__name__} {schedule!r}")
+            names = ", ".join(_schedules_with(len(modules)))
+            raise TypeError(f"{cls}: schedule must be a schedule name (one of {names}) or a dualpipe_ext.schedules."
+                            f"Plan, got {type(schedule).__name__} {schedule!r}")
         else:
             self._check_schedule(schedule, len(modules))
             self.schedule = schedule

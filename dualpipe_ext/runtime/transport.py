@@ -184,7 +184,8 @@ class StepComm:
         for tr in pending:
             peer = tr.op.group_peer
             try:
-                self.sending.append(InFlight([send([t], peer, 0) for t in tr.tensors], tr.op.token, tr.free, tr.op.peer))
+                works = [send([t], peer, 0) for t in tr.tensors]
+                self.sending.append(InFlight(works, tr.op.token, tr.free, tr.op.peer))
             except RuntimeError as e:
                 self._failed(index, token, [InFlight([], tr.op.token, (), tr.op.peer)], e, time.monotonic(), "posting")
         if self.link.lookahead > 0 and index < len(self.plan.ops):
@@ -236,24 +237,21 @@ class StepComm:
         faults.report(first.peer, cause or "error", where, str(error or "")[:200])
         if cause == faults.TIMEOUT:
             waited = self.link.timeout_s if error is None or elapsed >= self.link.timeout_s * 0.99 else elapsed
-            msg = (f"pipeline rank {me}: {where} waited {_seconds(waited)} s for its sends and receives; still "
+            msg = (f"pipeline rank {me}: {where} waited {faults.duration(waited)} for its sends and receives; still "
                    f"missing: {missing} (the peer, {name(first.peer)}, did not post the matching operation: it "
                    f"failed, stopped, or runs a different plan)")
             verdict = faults.diagnose([first.peer], self.started, name)
             if verdict.gone and verdict.gone != [first.peer]:
                 msg += f"; {verdict.text}"
             raise CommFailure(msg) from None
+        when = f"when posting {missing}" if doing == "posting" else \
+            f"after {faults.duration(elapsed)} of waiting, with {missing} incomplete"
         if cause in faults.LOST_CAUSES:
             verdict = faults.diagnose([first.peer], self.started, name)
-            raise CommFailure(
-                f"pipeline rank {me}: {where}: {cause} by {name(first.peer)} after {_seconds(elapsed)} s of {doing}, "
-                f"with {missing} incomplete; {verdict.text}") from None
-        raise CommFailure(f"pipeline rank {me}: {where}: {doing} for {missing} (with {name(first.peer)}) failed "
-                          f"after {_seconds(elapsed)} s: {type(error).__name__}: {_first_line(error)}") from None
-
-
-def _seconds(t: float) -> str:
-    return f"{round(t, 1):g}" if t >= 1 else f"{t:.2g}"
+            raise CommFailure(f"pipeline rank {me}: {where}: {cause} by {name(first.peer)} {when}; "
+                              f"{verdict.text}") from None
+        raise CommFailure(f"pipeline rank {me}: {where}: {type(error).__name__} from the backend {when} (peer "
+                          f"{name(first.peer)}): {_first_line(error)}") from None
 
 
 def _first_line(error: Optional[BaseException]) -> str:

@@ -62,12 +62,10 @@ def _pipeline(rank: int, path: str, pipe_group, ep_group):
     return pipe, step, ep
 
 
-def _fail_in_pair(stage, how: str) -> None:  # noqa: C901 - one closure per hook
-    """Make the first layer's attention fail once it runs inside an overlapped pair."""
-    layer = stage.layers[0]
-    original = layer.attention
+def _fail_in_pair(stages, how: str) -> None:
+    """Make the first layer's attention of ``stages`` fail once it runs inside an overlapped pair (the
+    forward half of a pair): raise, or (``how="exit"``) end the process in that attention's backward."""
     pair = OverlappedMoEStage.overlapped_forward_backward
-
     state = {"in_pair": False}
 
     def in_pair(cls, *args):
@@ -77,16 +75,19 @@ def _fail_in_pair(stage, how: str) -> None:  # noqa: C901 - one closure per hook
         finally:
             state["in_pair"] = False
 
-    def attention(x, context=None):
-        h, u = original(x, context)
-        if state["in_pair"]:
-            if how == "raise":
-                raise RuntimeError("attention exploded on purpose")
-            h = _ExitInBackward.apply(h)
-        return h, u
+    def failing(original):
+        def attention(x, context=None):
+            h, u = original(x, context)
+            if state["in_pair"]:
+                if how == "raise":
+                    raise RuntimeError("attention exploded on purpose")
+                h = _ExitInBackward.apply(h)
+            return h, u
+        return attention
 
     OverlappedMoEStage.overlapped_forward_backward = classmethod(in_pair)
-    layer.attention = attention
+    for stage in stages:
+        stage.layers[0].attention = failing(stage.layers[0].attention)
 
 
 def ep_faults(rank: int, world: int, paths: List[str], kill: bool, pid_dir: str, victim: int = 1,
@@ -99,7 +100,7 @@ def ep_faults(rank: int, world: int, paths: List[str], kill: bool, pid_dir: str,
         pipe_group, ep_group = _groups(rank)
         pipe, step, ep = _pipeline(rank, path, pipe_group, ep_group)
         if rank == victim:
-            _fail_in_pair(pipe.module[0], "raise")
+            _fail_in_pair(pipe.module, "raise")
         out[path] = outcome(step)
         if ep is not None:
             ep.close()
@@ -107,7 +108,7 @@ def ep_faults(rank: int, world: int, paths: List[str], kill: bool, pid_dir: str,
         pipe_group, ep_group = _groups(rank)
         pipe, step, ep = _pipeline(rank, kill_path, pipe_group, ep_group)
         if rank == victim:
-            _fail_in_pair(pipe.module[0], "exit")
+            _fail_in_pair(pipe.module, "exit")
         out["kill"] = outcome(step)
         time.sleep(0.2)
     return out

@@ -48,8 +48,9 @@ def build(schedule: str, rank: int, world: int, seed: int = 1):
         n = chunks
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randn(n * MB, HIDDEN, generator=g), torch.randn(n * MB, HIDDEN, generator=g)
-    feeds = schedule in ("dualpipe", "dualpipev") and rank in ends or schedule not in ("dualpipe", "dualpipev") and rank == 0
-    loses = rank in ends if schedule in ("dualpipe", "dualpipev") else rank == world - 1
+    two = schedule in ("dualpipe", "dualpipev")
+    feeds = rank in ends if two else rank == 0
+    loses = rank in ends if two else rank == world - 1
 
     def step():
         return pipe.step(*([x] if feeds else []), num_chunks=chunks, criterion=criterion if loses else None,
@@ -87,6 +88,7 @@ def raise_matrix(rank: int, world: int, cases: List[Tuple[str, str, int]]) -> Di
 def killed_step(rank: int, world: int, schedule: str, site: str, victim: int, nth: int, pid_dir: str) -> Dict:
     """A clean step, then one in which ``victim``'s process exits at the ``nth`` ``site``."""
     write_pid(pid_dir, rank)
+    fault_models.patch_communication()
     _, step = build(schedule, rank, world)
     first = outcome(step)
     if first["type"] is not None:
