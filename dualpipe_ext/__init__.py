@@ -30,7 +30,18 @@ _SUBMODULES = ("moe", "overlap", "integrations")
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["__version__"]
 
 
+_CORE_MISSING = ("dualpipe_ext._C, the C++ core that plans and checks schedules, is not built: pip install -e . "
+                 "(needs a C++17 compiler; torch is not needed to build it)")
+
+
 def __getattr__(name: str) -> Any:
+    if name == "_C":  # reached only while the extension is not imported yet (or not built)
+        try:
+            return importlib.import_module("dualpipe_ext._C")
+        except ModuleNotFoundError as e:
+            if e.name != "dualpipe_ext._C":
+                raise
+            raise ImportError(_CORE_MISSING) from None
     if name in _SUBMODULES:
         return importlib.import_module(f"dualpipe_ext.{name}")
     module = _EXPORTS.get(name)

@@ -5,8 +5,9 @@
     dualpipe-ext trace RANK0.json RANK1.json ... [--chrome OUT.json] [--svg OUT.svg] [--predict]
     dualpipe-ext demo [--steps N] [--schedule dualpipe|dualpipev] [--ep-path collective|buffer] ...
 
-Also runnable as ``python -m dualpipe_ext.cli``. Bad input ends with one line on standard
-error and exit status 2; set ``DUALPIPE_EXT_DEBUG=1`` to see tracebacks.
+Also runnable as ``python -m dualpipe_ext.cli``. Bad input, and an optional package that a
+command needs but is not installed (matplotlib for PNG and PDF pictures), end with one line
+on standard error and exit status 2; set ``DUALPIPE_EXT_DEBUG=1`` to see tracebacks.
 """
 from __future__ import annotations
 
@@ -156,10 +157,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         from dualpipe_ext.demo.__main__ import main as demo_main
 
         return demo_main(argv[1:])
-    args = _parser().parse_args(argv)
+    try:
+        parser = _parser()
+    except ImportError as e:  # the C++ core is not built
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:
         if os.environ.get("DUALPIPE_EXT_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

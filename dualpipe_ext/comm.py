@@ -12,6 +12,7 @@ message naming the mismatch instead of corrupting or hanging its peer.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -29,12 +30,20 @@ TENSOR_DTYPE: Optional[torch.dtype] = None
 
 def parse_shapes(shapes: Sequence[Sequence[int]], what: str = "set_p2p_tensor_shapes") -> List[Shape]:
     """Check a list of shapes (one per tensor of a message); ``ValueError`` saying what is wrong."""
+    if not isinstance(shapes, (list, tuple, torch.Size)):
+        raise ValueError(f"{what} expects a list of shapes (one per tensor), e.g. [(micro_batch, hidden)], got "
+                         f"{type(shapes).__name__} {shapes!r}")
     if isinstance(shapes, torch.Size) or (len(shapes) > 0 and isinstance(shapes[0], int)):
         raise ValueError(f"{what} expects a list of shapes (one per tensor), got {tuple(shapes)}; "
                          f"wrap a single shape in a list: [{tuple(shapes)}]")
     parsed = []
     for s in shapes:
-        shape = tuple(int(d) for d in s)
+        try:
+            if not isinstance(s, (list, tuple, torch.Size)) or any(isinstance(d, bool) for d in s):
+                raise TypeError
+            shape = tuple(operator.index(d) for d in s)
+        except TypeError:
+            raise ValueError(f"{what}: each shape must be a tuple of ints, got {s!r}") from None
         if any(d < 0 for d in shape):
             raise ValueError(f"{what}: negative dimension in {shape}")
         parsed.append(shape)

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 
+from .faults import checked
 from .streams import stream_ops
 
 __all__ = ["InFlight"]
@@ -37,13 +38,15 @@ class InFlight:
     """An operation in flight; ``wait()`` gives its result (once computed, the same object again)."""
 
     __slots__ = ("_works", "_event", "_device", "_finish", "_keep", "_ready_ns", "_done", "_result", "issued_ns",
-                 "_advance")
+                 "_advance", "what")
 
     def __init__(self, finish: Optional[Callable[[], Any]] = None, *, works: Sequence[Any] = (),
                  event: Any = None, device: Optional[torch.device] = None, keep_alive: Sequence[Any] = (),
                  delay_s: float = 0.0, result: Any = None,
-                 advance: Optional[Callable[[], Tuple[Sequence[Any], Callable[[], Any]]]] = None) -> None:
+                 advance: Optional[Callable[[], Tuple[Sequence[Any], Callable[[], Any]]]] = None,
+                 what: str = "an exchange in flight") -> None:
         self._advance = advance
+        self.what = what  # what a failure message says failed
         self._works = [w for w in works if w is not None]
         self._event, self._device = event, device
         self._finish = finish
@@ -71,7 +74,7 @@ class InFlight:
         if self._advance is None:
             return
         for w in self._works:
-            w.wait()
+            checked(self.what, w.wait)
         advance, self._advance = self._advance, None
         works, self._finish = advance()
         self._works = [w for w in works if w is not None]
@@ -93,7 +96,7 @@ class InFlight:
             return self._result
         self.progress()
         for w in self._works:
-            w.wait()
+            checked(self.what, w.wait)
         if self._event is not None:
             ops = stream_ops(self._device)
             ops.wait(ops.current(self._device), self._event)

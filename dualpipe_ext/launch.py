@@ -14,7 +14,9 @@ rank. It is how the tests, benchmarks and examples start their ranks::
 
 A failure names the ranks that raised (with their tracebacks), that exited without a result,
 or that did not finish in time; every process still running is killed before it is raised,
-so none outlives the call.
+so none outlives the call. The group's key-value store lives in the calling process (as
+torchrun's agent holds it), so it outlives any rank: ranks that lose a peer can still read
+who reported what (:mod:`dualpipe_ext.faults`).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import socket
 import time
 import traceback
 from datetime import timedelta
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 __all__ = ["LaunchError", "free_port", "run_ranks"]
 
@@ -43,10 +45,10 @@ class LaunchError(RuntimeError):
     """Some ranks raised, exited without a result or did not finish; raised after all are stopped."""
 
     def __init__(self, errors: Dict[int, str], exited: Dict[int, int], unfinished: List[int],
-                 timeout_s: float) -> None:
+                 timeout_s: float, results: Optional[Dict[int, Any]] = None, grace_s: float = _GRACE_S) -> None:
         lines = []
         if unfinished:
-            limit = f"{timeout_s:g} s" + (f", or {_GRACE_S:g} s after a failure" if errors or exited else "")
+            limit = f"{timeout_s:g} s" + (f", or {grace_s:g} s after a failure" if errors or exited else "")
             lines.append(f"ranks {unfinished} did not finish in time ({limit}) and were killed")
         lines += [f"rank {r} exited with code {code} without a result" for r, code in sorted(exited.items())]
         lines += [f"rank {r} raised:\n{tb}" for r, tb in sorted(errors.items())]
@@ -54,6 +56,7 @@ class LaunchError(RuntimeError):
         self.errors = errors  # rank -> traceback of what it raised
         self.exited = exited  # rank -> exit code of a process that ended without a result
         self.unfinished = unfinished  # ranks killed before they finished
+        self.results = results or {}  # rank -> result of the ranks that did finish
 
 
 def free_port() -> int:
@@ -64,7 +67,7 @@ def free_port() -> int:
 
 
 def _rank_main(fn: Callable, rank: int, world: int, port: int, args: tuple, out: "mp.Queue", backend: str,
-               init: bool, barrier: bool, init_timeout_s: float) -> None:
+               init: bool, barrier: bool, init_timeout_s: float, store_port: int) -> None:
     """Body of one spawned process: environment, process group, ``fn``, result or traceback."""
     os.environ.update({"MASTER_ADDR": _HOST, "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
@@ -78,7 +81,9 @@ def _rank_main(fn: Callable, rank: int, world: int, port: int, args: tuple, out:
         if init:
             if backend == "nccl":
                 torch.cuda.set_device(rank % torch.cuda.device_count())
-            dist.init_process_group(backend, init_method=f"tcp://{_HOST}:{port}", rank=rank, world_size=world,
+            store = dist.TCPStore(_HOST, store_port, world, is_master=False,
+                                  timeout=timedelta(seconds=init_timeout_s))
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                                     timeout=timedelta(seconds=init_timeout_s))
         result = fn(rank, world, *args)
         if init and barrier:
@@ -94,7 +99,8 @@ def _rank_main(fn: Callable, rank: int, world: int, port: int, args: tuple, out:
 
 
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 120.0, backend: str = "gloo",
-              init: bool = True, barrier: bool = True, init_timeout_s: float = 60.0) -> List[Any]:
+              init: bool = True, barrier: bool = True, init_timeout_s: float = 60.0,
+              grace_s: float = _GRACE_S) -> List[Any]:
     """Call ``fn(rank, world, *args)`` on ``world`` spawned processes; return the results by rank.
 
     ``fn`` and ``args`` must pickle (``fn`` a module-level function); results travel back
@@ -103,20 +109,37 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float =
 
     ``init=False`` leaves ``init_process_group`` to ``fn`` (on the port in ``MASTER_PORT``).
     ``barrier=False`` skips the closing barrier, for groups that ``fn`` leaves broken on
-    purpose. ``backend="nccl"`` gives rank ``r`` the GPU ``r % device_count``.
+    purpose. ``backend="nccl"`` gives rank ``r`` the GPU ``r % device_count``. ``init_timeout_s``
+    is the process group's timeout (its collectives' and the store's).
 
     Raises :class:`LaunchError` naming the ranks that raised, exited or did not finish
-    within ``timeout_s``, after killing every process still running.
+    within ``timeout_s`` (or ``grace_s`` after the first rank failed), after killing every
+    process still running; its ``results`` holds what the other ranks returned.
     """
-    if world < 1:
-        raise ValueError(f"run_ranks needs at least one rank, got world={world}")
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"run_ranks needs a positive int number of ranks, got world={world!r}")
+    if not callable(fn) or "<lambda>" in getattr(fn, "__qualname__", "") or "<locals>" in getattr(
+            fn, "__qualname__", ""):
+        raise ValueError(f"run_ranks runs a module-level function (spawned processes import it by name), got "
+                         f"{getattr(fn, '__qualname__', type(fn).__name__)}")
+    if not isinstance(backend, str):
+        raise ValueError(f"backend must be a torch.distributed backend name ('gloo', 'nccl'), got {backend!r}")
+    import torch.distributed as dist
+
+    if init and not dist.is_backend_available(backend):
+        raise ValueError(f"backend {backend!r} is not available in this torch build (gloo: CPU; nccl: CUDA GPUs)")
     import torch
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
+    store, store_port = None, 0
+    if init:  # the store in this process, so that it outlives the ranks
+        store = dist.TCPStore(_HOST, 0, world, is_master=True, timeout=timedelta(seconds=init_timeout_s),
+                              wait_for_workers=False)
+        store_port = store.port
     procs = [ctx.Process(target=_rank_main, args=(fn, r, world, port, args, out, backend, init, barrier,
-                                                  init_timeout_s), daemon=True)
+                                                  init_timeout_s, store_port), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
@@ -124,7 +147,7 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float =
     errors: Dict[int, str] = {}
     exited: Dict[int, int] = {}
     try:
-        deadline = _collect(procs, out, results, errors, exited, timeout_s)
+        deadline = _collect(procs, out, results, errors, exited, timeout_s, grace_s)
         for p in procs:  # the results are in; let the processes wind down
             p.join(timeout=max(0.1, deadline - time.monotonic()))
     finally:
@@ -133,14 +156,16 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float =
                 p.kill()
                 p.join()
         out.close()
+        del store
     unfinished = [r for r in range(world) if r not in results and r not in errors and r not in exited]
+    loaded = {r: torch.load(io.BytesIO(v), weights_only=False) for r, v in results.items()}
     if errors or exited or unfinished:
-        raise LaunchError(errors, exited, unfinished, timeout_s)
-    return [torch.load(io.BytesIO(results[r]), weights_only=False) for r in range(len(procs))]
+        raise LaunchError(errors, exited, unfinished, timeout_s, loaded, grace_s)
+    return [loaded[r] for r in range(len(procs))]
 
 
 def _collect(procs: List[Any], out: "mp.Queue", results: Dict[int, bytes], errors: Dict[int, str],
-             exited: Dict[int, int], timeout_s: float) -> float:
+             exited: Dict[int, int], timeout_s: float, grace_s: float) -> float:
     """Read the ranks' reports until all are in, the deadline passes or the failed ranks' grace ends.
 
     Returns the deadline that held when it stopped.
@@ -159,7 +184,7 @@ def _collect(procs: List[Any], out: "mp.Queue", results: Dict[int, bytes], error
         else:
             (results if status == "ok" else errors)[rank] = value
             if status != "ok":
-                deadline = min(deadline, time.monotonic() + _GRACE_S)
+                deadline = min(deadline, time.monotonic() + grace_s)
             continue
         for r, p in enumerate(procs):
             if r in results or r in errors or r in exited or p.exitcode is None:
@@ -167,6 +192,6 @@ def _collect(procs: List[Any], out: "mp.Queue", results: Dict[int, bytes], error
             exited_at.setdefault(r, now)
             if now - exited_at[r] >= _EXIT_DRAIN_S:
                 exited[r] = p.exitcode
-                deadline = min(deadline, time.monotonic() + _GRACE_S)
+                deadline = min(deadline, time.monotonic() + grace_s)
     return deadline
 

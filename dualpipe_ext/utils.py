@@ -47,6 +47,9 @@ class WeightGradStore:
 
     @classmethod
     def put(cls, func: Callable[[], None]) -> None:
+        if not callable(func):  # found now, not when a W runs it much later
+            raise TypeError(f"WeightGradStore.put takes a function of no arguments (the weight-gradient work), got "
+                            f"{type(func).__name__}")
         cls.cache.append(func)
 
     @classmethod

@@ -49,7 +49,9 @@ def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
     on_cuda = all(t.is_cuda for t in tensors)
     if impl == "triton":
         if not triton_available():
-            raise ValueError("impl='triton' needs Triton, which is not importable")
+            raise ImportError("impl='triton' needs the 'triton' package, which is not installed: "
+                              "pip install -e \".[triton]\" (impl='auto' and 'torch' run the PyTorch reference "
+                              "without it)")
         if not on_cuda and not _interpreting():
             raise ValueError(
                 "impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 (set before importing triton) for CPU tensors"

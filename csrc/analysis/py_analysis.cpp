@@ -11,7 +11,21 @@ namespace dpx {
 void register_analysis(py::module_& m) {
   m.def("validate", &validate, py::arg("plan"),
         "Check that a plan is sound (matching communication, no deadlock, inputs present, every micro-batch "
-        "once); raises ValueError naming the broken rule, with the failing cells marked in a rank-by-step grid.");
+        "once); raises ValueError naming the broken rule and the first offending action, with the failing "
+        "cells marked in a rank-by-step grid.");
+  m.def(
+      "check_plan",
+      [](const Plan& plan) -> py::object {
+        try {
+          validate(plan);
+        } catch (const PlanError& e) {
+          return py::make_tuple(e.rule, e.rank, e.step, e.token, std::string(e.what()));
+        }
+        return py::none();
+      },
+      py::arg("plan"),
+      "validate() as data: None for a sound plan, else (rule, rank, step, token, message) of the first "
+      "offending action (rank and step -1 when the rule names none).");
 
   py::class_<Costs>(m, "Costs")
       .def(py::init([](double F, double B, double W, double FB, double P2P, double overhead) {

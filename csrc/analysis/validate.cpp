@@ -18,12 +18,32 @@ std::string ordinal(int k) {  // 0 -> "1st"
   return S(n) + suffix;
 }
 
-[[noreturn]] void fail(const Plan& plan, const std::string& rule, const std::string& detail,
-                       const std::vector<Cell>& marks = {}) {
+bool in_plan(const Plan& plan, Cell c) {
+  return c.rank >= 0 && c.rank < static_cast<int>(plan.actions.size()) && c.step >= 0 &&
+         c.step < static_cast<int>(plan.actions[c.rank].size());
+}
+
+// `offending`: the first offending action (see PlanError); {-1, -1} for none. The grid marks
+// `marks` (the offending action among them).
+[[noreturn]] void fail_at(const Plan& plan, const std::string& rule, const std::string& detail,
+                          const std::vector<Cell>& marks, Cell offending) {
   std::string msg = "invalid " + (plan.schedule.empty() ? std::string("custom") : plan.schedule) + " plan (" +
                     S(plan.ranks) + " ranks, " + S(plan.chunks) + " chunks): " + rule + ": " + detail;
+  std::string token;
+  if (in_plan(plan, offending)) {
+    token = to_string(plan.actions[offending.rank][offending.step]);
+    msg += "\n  first offending action: rank " + S(offending.rank) + ", step " + S(offending.step) + ": " + token;
+  } else {
+    offending = Cell{-1, -1};
+  }
   if (!plan.actions.empty()) msg += "\n" + render_grid(plan, marks);
-  throw std::invalid_argument(msg);
+  throw PlanError(msg, rule, offending.rank, offending.step, token);
+}
+
+// The offending action is the first marked cell (none without marks).
+[[noreturn]] void fail(const Plan& plan, const std::string& rule, const std::string& detail,
+                       const std::vector<Cell>& marks = {}) {
+  fail_at(plan, rule, detail, marks, marks.empty() ? Cell{-1, -1} : marks.front());
 }
 
 bool is_backward(ActionType t) {
@@ -105,8 +125,8 @@ void check_dataflow(const Plan& plan, bool forward_only) {
       const std::string kind = fwd ? "F" : "B";
       const int done = (fwd ? s.fwd : s.bwd)[c];
       if (done >= 0)
-        fail(plan, "exactly once", kind + mb_name(m, c) + " runs twice on rank " + S(r) + " (steps " + S(done) +
-                                       " and " + S(cell.step) + ")", {Cell{r, done}, cell});
+        fail_at(plan, "exactly once", kind + mb_name(m, c) + " runs twice on rank " + S(r) + " (steps " + S(done) +
+                                          " and " + S(cell.step) + ")", {Cell{r, done}, cell}, cell);
       if (!fwd && s.fwd[c] < 0)
         fail(plan, "dependency", describe(plan, cell) + " runs before its forward F" + mb_name(m, c), {cell});
       const int peer = fwd ? info.prev_rank : info.next_rank;
@@ -124,8 +144,8 @@ void check_dataflow(const Plan& plan, bool forward_only) {
         fail(plan, "dependency", describe(plan, cell) + " runs without its " + input + ": no recv" + kind +
                                      mb_name(m, c) + "<" + S(peer) + " before it", {cell});
       if (!(fwd ? s.ready_f : s.ready_b)[c])
-        fail(plan, "dependency", describe(plan, cell) + " runs before a wait completes its receive at step " +
-                                     S(recv), {Cell{r, recv}, cell});
+        fail_at(plan, "dependency", describe(plan, cell) + " runs before a wait completes its receive at step " +
+                                        S(recv), {Cell{r, recv}, cell}, cell);
     };
     // A send or receive: its peer follows the stage table, a send's data exist, each happens once.
     auto check_comm = [&](const Action& a, Cell cell) {
@@ -148,8 +168,8 @@ void check_dataflow(const Plan& plan, bool forward_only) {
                                      mb_name(a.module, a.mb) + " has not run", {cell});
       int& at = (send ? (fwd ? s.send_f : s.send_b) : (fwd ? s.recv_f : s.recv_b))[a.mb];
       if (at >= 0)
-        fail(plan, "exactly once", describe(plan, cell) + (send ? " sends" : " receives") + " again (first at step " +
-                                       S(at) + ")", {Cell{r, at}, cell});
+        fail_at(plan, "exactly once", describe(plan, cell) + (send ? " sends" : " receives") +
+                                          " again (first at step " + S(at) + ")", {Cell{r, at}, cell}, cell);
       at = cell.step;
     };
 

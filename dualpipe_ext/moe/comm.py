@@ -13,6 +13,9 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from dualpipe_ext._checks import check_group
+from dualpipe_ext.faults import checked
+
 __all__ = ["group_size", "group_rank", "exchange_control", "exchange_control_async", "gather_rows",
            "gather_rows_async", "all_to_all", "all_to_all_routes", "all_to_all_async"]
 
@@ -22,7 +25,9 @@ def _active(group) -> bool:
 
 
 def group_size(group=None) -> int:
-    """Ranks in ``group`` (1 when torch.distributed is not initialised)."""
+    """Ranks in ``group`` (1 when torch.distributed is not initialised). Raises for a ``group`` that is not a
+    process group this process belongs to."""
+    check_group("the expert-parallel group", group)
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(group)
     return 1
@@ -55,7 +60,7 @@ def exchange_control(rows: torch.Tensor, group=None) -> torch.Tensor:
     """
     get, work = exchange_control_async(rows, group)
     if work is not None:
-        work.wait()
+        checked("the control exchange of expert parallelism", work.wait)
     return get()
 
 
@@ -90,7 +95,7 @@ def gather_rows(row: torch.Tensor, group=None, device: torch.device = torch.devi
     """
     get, work = gather_rows_async(row, group, device)
     if work is not None:
-        work.wait()
+        checked("the control all_reduce of expert parallelism", work.wait)
     return get()
 
 
@@ -99,7 +104,8 @@ def _a2a(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group, as
     comm = _comm_device(group, x.device)
     send = x.to(comm).contiguous()
     out = torch.empty((sum(out_splits),) + tuple(x.shape[1:]), dtype=x.dtype, device=comm)
-    work = dist.all_to_all_single(out, send, out_splits, in_splits, group=group, async_op=async_op)
+    work = checked("an expert-parallel all_to_all_single", lambda: dist.all_to_all_single(
+        out, send, out_splits, in_splits, group=group, async_op=async_op))
     return out, (work if async_op else None)
 
 
@@ -110,7 +116,7 @@ def _a2a_pending(x: torch.Tensor, out_splits: List[int], in_splits: List[int], g
         pending.append(work)
     if out.device != x.device:  # gloo moves CPU tensors: only happens for CPU inputs without async
         if work is not None:
-            work.wait()
+            checked("an expert-parallel all_to_all_single", work.wait)
         out = out.to(x.device)
     return out
 

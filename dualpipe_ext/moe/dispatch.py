@@ -214,7 +214,7 @@ def dispatch(
 
         return works, finish
 
-    pending = InFlight(works=[control_work], advance=advance)
+    pending = InFlight(works=[control_work], advance=advance, what="moe.dispatch")
     return pending if async_op else pending.wait()
 
 
@@ -283,7 +283,7 @@ def combine(
 
         return works, finish
 
-    pending = InFlight(works=[control_work], advance=advance)
+    pending = InFlight(works=[control_work], advance=advance, what="moe.combine")
     return pending if async_op else pending.wait()
 
 
@@ -296,10 +296,12 @@ def combine_backward(grad_out: torch.Tensor, handle: DispatchHandle, async_op: b
     """
     from dualpipe_ext.kernels.permute import permute
 
+    _check_handle("combine_backward", handle)
+    _check_rows("combine_backward", "grad_out", grad_out, handle.num_tokens)
     send = permute(grad_out, handle.send_pos, sum(handle.num_send_per_rank), num_sms=num_sms)
     works: list = []
     rows = all_to_all_async(send, handle.num_recv_per_rank, handle.num_send_per_rank, handle.group, works)
-    pending = InFlight(rows, works=works)
+    pending = InFlight(rows, works=works, what="moe.combine_backward")
     return pending if async_op else pending.wait()
 
 
@@ -315,6 +317,19 @@ def dispatch_backward(grad_recv_x: torch.Tensor, grad_recv_weights: torch.Tensor
     """
     from dualpipe_ext.kernels.combine import combine as combine_rows
 
+    _check_handle("dispatch_backward", handle)
+    _check_rows("dispatch_backward", "grad_recv_x", grad_recv_x, handle.num_recv)
+    if not isinstance(topk_idx, torch.Tensor) or topk_idx.dtype != torch.int64 or topk_idx.dim() != 2 \
+            or topk_idx.shape[0] != handle.num_tokens:
+        raise ValueError(f"dispatch_backward: topk_idx must be the dispatched [{handle.num_tokens}, num_topk] int64 "
+                         f"tensor, got {getattr(topk_idx, 'dtype', type(topk_idx).__name__)} "
+                         f"{tuple(getattr(topk_idx, 'shape', ()))}")
+    want = (handle.num_recv, topk_idx.shape[1])
+    if (not isinstance(grad_recv_weights, torch.Tensor) or grad_recv_weights.dtype != torch.float32
+            or tuple(grad_recv_weights.shape) != want):
+        raise ValueError(f"dispatch_backward: grad_recv_weights must be [{want[0]}, {want[1]}] float32, got "
+                         f"{getattr(grad_recv_weights, 'dtype', type(grad_recv_weights).__name__)} "
+                         f"{tuple(getattr(grad_recv_weights, 'shape', ()))}")
     works: list = []
     rows = all_to_all_async(grad_recv_x, handle.num_send_per_rank, handle.num_recv_per_rank, handle.group, works)
     wrows = all_to_all_async(grad_recv_weights.contiguous(), handle.num_send_per_rank, handle.num_recv_per_rank,
@@ -324,8 +339,20 @@ def dispatch_backward(grad_recv_x: torch.Tensor, grad_recv_weights: torch.Tensor
         grad_x = combine_rows(rows(), handle.send_pos, None, num_sms=num_sms)
         return grad_x, _weights_grad(wrows(), handle, topk_idx)
 
-    pending = InFlight(finish, works=works)
+    pending = InFlight(finish, works=works, what="moe.dispatch_backward")
     return pending if async_op else pending.wait()
+
+
+def _check_handle(op: str, handle: Any) -> None:
+    if not isinstance(handle, DispatchHandle):
+        raise ValueError(f"{op}: handle must be the DispatchHandle returned by dispatch, got {type(handle).__name__}")
+
+
+def _check_rows(op: str, name: str, t: Any, rows: int) -> None:
+    """``t`` must be a [rows, hidden] float tensor (shape and dtype only: no host read)."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != rows or t.dtype not in _FLOATS:
+        raise ValueError(f"{op}: {name} must be a [{rows}, hidden] float tensor, got "
+                         f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
 
 
 def _weights_grad(grad_send_w: torch.Tensor, handle: DispatchHandle, topk_idx: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,15 @@ from torch import nn
 
 from dualpipe_ext.utils import WeightGradStore
 
-from .grouped_mm import grouped_mm, grouped_wgrad
+from .grouped_mm import BACKENDS, grouped_mm, grouped_wgrad
 
 __all__ = ["linear", "grouped_linear", "GroupedExperts", "SharedExperts", "experts_forward"]
+
+
+def _positive(owner: str, **values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
 
 
 @torch.no_grad()
@@ -104,6 +110,9 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden: int, intermediate: int, backend: str = "auto",
                  device=None, dtype=None) -> None:
         super().__init__()
+        _positive("GroupedExperts", num_experts=num_experts, hidden=hidden, intermediate=intermediate)
+        if backend not in BACKENDS:
+            raise ValueError(f"GroupedExperts: backend must be one of {BACKENDS}, got {backend!r}")
         self.num_experts, self.hidden, self.intermediate, self.backend = num_experts, hidden, intermediate, backend
         self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden, device=device, dtype=dtype))
         self.down = nn.Parameter(torch.empty(num_experts, hidden, intermediate, device=device, dtype=dtype))
@@ -115,6 +124,15 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x: [num_rows, hidden] grouped by expert; num_tokens_per_expert: [num_experts] int64."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.hidden:
+            raise ValueError(f"GroupedExperts input must be [num_rows, {self.hidden}], got "
+                             f"{tuple(getattr(x, 'shape', ())) or type(x).__name__}")
+        counts = num_tokens_per_expert
+        if (not isinstance(counts, torch.Tensor) or counts.dtype not in (torch.int64, torch.int32)
+                or tuple(counts.shape) != (self.num_experts,)):
+            raise ValueError(f"num_tokens_per_expert must be a [{self.num_experts}] int64 tensor (rows per expert), "
+                             f"got {getattr(counts, 'dtype', type(counts).__name__)} "
+                             f"{tuple(getattr(counts, 'shape', ()))}")
         group_ends = torch.cumsum(num_tokens_per_expert, 0)
         h = grouped_linear(x, self.gate_up, group_ends, self.backend)
         gate, up = h.split(self.intermediate, dim=-1)
@@ -126,13 +144,17 @@ class SharedExperts(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, device=None, dtype=None) -> None:
         super().__init__()
-        self.intermediate = intermediate
+        _positive("SharedExperts", hidden=hidden, intermediate=intermediate)
+        self.hidden, self.intermediate = hidden, intermediate
         self.gate_up = nn.Parameter(torch.empty(2 * intermediate, hidden, device=device, dtype=dtype))
         self.down = nn.Parameter(torch.empty(hidden, intermediate, device=device, dtype=dtype))
         nn.init.uniform_(self.gate_up, -1 / math.sqrt(hidden), 1 / math.sqrt(hidden))
         nn.init.uniform_(self.down, -1 / math.sqrt(intermediate), 1 / math.sqrt(intermediate))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.hidden:
+            raise ValueError(f"SharedExperts input must be [..., {self.hidden}], got "
+                             f"{tuple(getattr(x, 'shape', ())) or type(x).__name__}")
         gate, up = linear(x, self.gate_up).split(self.intermediate, dim=-1)
         return linear(F.silu(gate) * up, self.down)
 
@@ -156,6 +178,17 @@ def experts_forward(
     """
     from dualpipe_ext.kernels.expand_reduce import expand, reduce
 
+    if not isinstance(experts, GroupedExperts):
+        raise TypeError(f"experts_forward takes the layer's GroupedExperts first, got {type(experts).__name__}")
+    for name, t, dtype in (("recv_x", recv_x, None), ("recv_idx", recv_idx, torch.int64),
+                           ("recv_weights", recv_weights, torch.float32)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or (dtype is not None and t.dtype != dtype):
+            want = f"[num_recv, {'hidden' if dtype is None else 'num_topk'}]" + (f" {dtype}" if dtype else "")
+            raise ValueError(f"experts_forward: {name} must be a {want} tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    if recv_idx.shape != recv_weights.shape or recv_idx.shape[0] != recv_x.shape[0]:
+        raise ValueError(f"experts_forward: recv_x {tuple(recv_x.shape)}, recv_idx {tuple(recv_idx.shape)} and "
+                         f"recv_weights {tuple(recv_weights.shape)} must agree on num_recv (and num_topk)")
     num_rows = recv_idx.shape[0] * min(recv_idx.shape[1], experts.num_experts) if capacity else None
     expanded = expand(recv_x, recv_idx, experts.num_experts, num_rows=num_rows, num_sms=num_sms)
     expert_out = experts(expanded.expanded_x, expanded.num_tokens_per_local_expert)

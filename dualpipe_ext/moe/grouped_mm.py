@@ -25,7 +25,8 @@ import torch
 
 from dualpipe_ext.sm_budget import compute_sms
 
-__all__ = ["BACKENDS", "grouped_mm", "grouped_wgrad", "pick_backend", "cutlass_grouped_mm", "cuda_extension"]
+__all__ = ["BACKENDS", "grouped_mm", "grouped_wgrad", "pick_backend", "cutlass_grouped_mm", "cuda_extension",
+           "require_cuda_extension"]
 
 BACKENDS = ("auto", "torch", "cutlass", "triton", "loop")
 
@@ -38,6 +39,16 @@ def cuda_extension():
     except ImportError:
         return None
     return _cuda
+
+
+def require_cuda_extension():
+    """``dualpipe_ext._cuda``, or an ImportError of one line saying how to build it."""
+    ext = cuda_extension()
+    if ext is None:
+        raise ImportError("gemm backend 'cutlass' needs the CUDA extension dualpipe_ext._cuda, which is not built: "
+                          "DUALPIPE_EXT_CUDA=1 pip install --no-build-isolation -e . (needs nvcc and a CUDA build "
+                          "of torch; backend 'auto' picks another path without it)")
+    return ext
 
 
 def _sm90(device: torch.device) -> bool:
@@ -88,9 +99,7 @@ def cutlass_grouped_mm(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tenso
 
     if not x.is_cuda:
         return grouped_gemm_reference(x, w, group_ends)
-    ext = cuda_extension()
-    if ext is None:
-        raise RuntimeError("the CUTLASS grouped GEMM needs dualpipe_ext._cuda: reinstall with DUALPIPE_EXT_CUDA=1")
+    ext = require_cuda_extension()
     with torch.cuda.device(x.device):
         return ext.grouped_mm_bf16(x, w, group_ends.to(torch.int32), torch.cuda.current_stream().cuda_stream,
                                    compute_sms(x.device) or 0)

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from dualpipe_ext import faults
 from dualpipe_ext.debug import checks_enabled
 
 from .comm import group_rank, group_size
@@ -40,7 +41,7 @@ class MoEConfig:
     def __post_init__(self) -> None:
         for name in ("hidden", "moe_intermediate", "num_experts", "topk", "n_group", "topk_group"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
         if self.topk > self.num_experts:
             raise ValueError(f"MoEConfig.topk ({self.topk}) must not exceed num_experts ({self.num_experts})")
@@ -76,7 +77,12 @@ class MoE(nn.Module):
     def __init__(self, config: MoEConfig, group=None, *, num_sms: Optional[int] = None, ep: Optional[EPBuffer] = None,
                  device=None, dtype=None):
         super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"MoE takes a dualpipe_ext.moe.MoEConfig, got {type(config).__name__}")
+        if num_sms is not None and (isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1):
+            raise ValueError(f"MoE: num_sms must be None or a positive int, got {num_sms!r}")
         world = group_size(group)
+        faults.publish_process()  # so that peers can tell whether this process exited, after a failure
         if config.num_experts % world:
             raise ValueError(f"num_experts ({config.num_experts}) must be divisible by the expert-parallel size ({world})")
         if ep is not None:
@@ -155,8 +161,25 @@ class MoE(nn.Module):
         return dispatch_backward(grad_recv_x, grad_recv_weights, handle, handle.topk_idx, async_op=async_op,
                                  num_sms=self.num_sms)
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ValueError unless ``x`` is a float [..., hidden] tensor on the layer's device (and, outside
+        autocast, of its experts' dtype). Metadata only: no host read."""
+        h = self.config.hidden
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"MoE input must be a [..., {h}] tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != h:
+            raise ValueError(f"MoE input must be [..., {h}] (hidden size {h}), got shape {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"MoE input must be a float tensor, got {x.dtype}")
+        if x.device != self.gate.device:
+            raise ValueError(f"MoE input is on {x.device}, the layer on {self.gate.device}")
+        want = self.experts.gate_up.dtype
+        if x.dtype != want and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"MoE input has dtype {x.dtype}, the layer's experts {want}: cast one to the other")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., hidden] -> [..., hidden], same dtype."""
+        self.check_input(x)
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         topk_idx, topk_weights = self.route(x)
@@ -186,7 +209,7 @@ def _check_ep(ep: EPBuffer, config: MoEConfig, group) -> None:
     import torch.distributed as dist
 
     if not isinstance(ep, EPBuffer):
-        raise ValueError(f"MoE(ep=...) takes an EPBuffer, got {type(ep).__name__}")
+        raise ValueError(f"MoE(ep=...) takes an EPBuffer (or None for the collective path), got {type(ep).__name__}")
     mine = dist.get_process_group_ranks(group if group is not None else dist.distributed_c10d._get_default_group())
     if dist.get_process_group_ranks(ep.group) != mine:
         raise ValueError(f"MoE: the EPBuffer serves the ranks {dist.get_process_group_ranks(ep.group)}, the layer's "

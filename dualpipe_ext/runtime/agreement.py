@@ -12,11 +12,14 @@ ranks, where it measured faster).
 """
 from __future__ import annotations
 
+import time
 from datetime import timedelta
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+
+from dualpipe_ext import faults
 
 __all__ = ["PipelineError", "agree"]
 
@@ -31,29 +34,55 @@ class PipelineError(RuntimeError):
     """A pipeline step failed on some rank; raised on every rank with the same message."""
 
 
-def _wait(work, timeout_s: float, what: str, rank: int) -> None:
+# How messages name global ranks, and the global ranks of the group (for the fault board).
+Names = Tuple[Callable[[int], str], Sequence[int]]
+
+
+def _wait(work, timeout_s: float, what: str, rank: int, names: Optional[Names], peer: int = -1) -> None:
+    """Wait for ``work``; a failure raises PipelineError with its true cause (``peer``: global rank, if known)."""
+    begin, since = time.monotonic(), time.time()
     try:
         done = work.wait(timedelta(seconds=timeout_s))
     except RuntimeError as e:
-        raise PipelineError(f"rank {rank}: {what} did not complete within {timeout_s:g} s: some rank of the "
-                            f"pipeline did not reach it ({e})") from None
+        _raise(e, time.monotonic() - begin, since, timeout_s, what, rank, names, peer)
     if done is False:
-        raise PipelineError(f"rank {rank}: {what} did not complete within {timeout_s:g} s")
+        _raise(None, time.monotonic() - begin, since, timeout_s, what, rank, names, peer)
+
+
+def _raise(error: Optional[BaseException], elapsed: float, since: float, timeout_s: float, what: str, rank: int,
+           names: Optional[Names], peer: int) -> None:
+    cause = faults.cause_of(error) if error is not None else faults.TIMEOUT
+    name, members = names if names is not None else ((lambda g: f"global rank {g}"), ())
+    faults.report(peer, cause or "error", what, str(error or "")[:200])
+    verdict = faults.diagnose([peer] if peer >= 0 else [], since, name, members)
+    if cause == faults.TIMEOUT:
+        head = (f"pipeline rank {rank}: {what} did not complete within {timeout_s:g} s: some rank of the pipeline "
+                f"did not reach it")
+        raise PipelineError(head + (f"; {verdict.text}" if verdict.gone else "")) from None
+    if cause in faults.LOST_CAUSES:
+        who = f" by {name(peer)}" if peer >= 0 else ""
+        raise PipelineError(f"pipeline rank {rank}: {what} failed after {faults.duration(elapsed)}: {cause}{who}; "
+                            f"{verdict.text}") from None
+    raise PipelineError(f"pipeline rank {rank}: {what} failed after {faults.duration(elapsed)}: "
+                        f"{type(error).__name__}: "
+                        f"{str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}") from None
 
 
 def agree(group: dist.ProcessGroup, device: torch.device, rank: int, kind: int, message: Optional[str],
-          values: Sequence[Tuple[str, int]] = (), timeout_s: float = 60.0, what: str = "step") -> None:
+          values: Sequence[Tuple[str, int]] = (), timeout_s: float = 300.0, what: str = "step",
+          names: Optional[Names] = None) -> None:
     """Exchange this rank's error (``kind``, ``message``) and ``values`` with every rank of ``group``.
 
     Raises the same exception on every rank when any rank reported an error or when the
     ranks passed different ``values`` (pairs of name and integer, e.g. ``("num_chunks", 8)``).
-    ``rank`` is this rank's name in messages (its pipeline rank).
+    ``rank`` is this rank's name in messages (its pipeline rank); ``names`` words the ranks of a
+    failed collective (a function of the global rank, and the group's global ranks).
     """
     flags = [kind]
     for _, v in values:
         flags += [int(v), -int(v)]
     t = torch.tensor(flags, dtype=torch.int64, device=device)
-    summary = _max_over_ranks(group, t, timeout_s, f"the error agreement of the {what}", rank)
+    summary = _max_over_ranks(group, t, timeout_s, f"the error agreement of the {what}", rank, names)
     worst = summary[0]
     disagree = [f"{name} (from {-summary[2 + 2 * i]} to {summary[1 + 2 * i]})"
                 for i, (name, _) in enumerate(values) if summary[1 + 2 * i] != -summary[2 + 2 * i]]
@@ -70,11 +99,13 @@ def agree(group: dist.ProcessGroup, device: torch.device, rank: int, kind: int, 
         rows[me, 0] = kind
         rows[me, 1] = rank
         rows[me, 2:2 + len(data)] = torch.tensor(list(data), dtype=torch.int32)
-    _wait(dist.all_reduce(rows, group=group, async_op=True), timeout_s, f"the error report of the {what}", rank)
+    _wait(dist.all_reduce(rows, group=group, async_op=True), timeout_s, f"the error report of the {what}", rank,
+          names)
     raise _combined(rows.cpu())
 
 
-def _max_over_ranks(group: dist.ProcessGroup, t: torch.Tensor, timeout_s: float, what: str, rank: int) -> List[int]:
+def _max_over_ranks(group: dist.ProcessGroup, t: torch.Tensor, timeout_s: float, what: str, rank: int,
+                    names: Optional[Names]) -> List[int]:
     """Elementwise maximum of ``t`` over the ranks of ``group``."""
     size = group.size()
     if size == 1:
@@ -82,17 +113,17 @@ def _max_over_ranks(group: dist.ProcessGroup, t: torch.Tensor, timeout_s: float,
     # Measured on 2 CPU cores (median of 60): 4 ranks all_reduce 1.7 ms, pairwise 3.3 ms;
     # 8 ranks all_reduce 8.6 ms, pairwise 5.0 ms.
     if dist.get_backend(group) != "gloo" or size <= 4:
-        _wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s, what, rank)
+        _wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s, what, rank, names)
         return t.tolist()
     me = group.rank()
     bufs = [torch.empty_like(t) for _ in range(size)]
     works = []
     for peer in range(size):
         if peer != me:
-            works.append(group.recv([bufs[peer]], peer, _TAG))
-            works.append(group.send([t], peer, _TAG))
-    for w in works:
-        _wait(w, timeout_s, what, rank)
+            works.append((peer, group.recv([bufs[peer]], peer, _TAG)))
+            works.append((peer, group.send([t], peer, _TAG)))
+    for peer, w in works:
+        _wait(w, timeout_s, what, rank, names, dist.get_global_rank(group, peer))
     bufs[me] = t
     return torch.stack(bufs).amax(0).tolist()
 

@@ -1,7 +1,8 @@
 """One rank's plan in the form the executor walks: a list of :class:`Op`, and its stage links.
 
 Compiled once per (plan, rank, rank mapping) and cached by the pipeline, so that the walk
-itself touches only tuples and ints: an op's ``kind`` indexes the executor's dispatch
+itself touches only tuples and ints. Compiling validates the plan first (the C++ validator):
+the executor runs no plan that the validator rejects. an op's ``kind`` indexes the executor's dispatch
 table, its peers are already translated to the ranks the process group uses, and its
 ``token`` (the action's text form, for errors, records and the profiler) is printed once.
 """
@@ -11,6 +12,7 @@ from enum import IntEnum
 from typing import List, NamedTuple, Sequence
 
 from dualpipe_ext import _C
+from dualpipe_ext.schedules.analysis import validate
 
 __all__ = ["CompiledPlan", "Kind", "Op", "Receive"]
 
@@ -68,6 +70,12 @@ class CompiledPlan:
     """One rank's ops, plus what the stage table says about its local modules."""
 
     def __init__(self, plan: "_C.Plan", rank: int, to_global: Sequence[int], to_group: Sequence[int]) -> None:
+        validate(plan)  # PlanError naming the first offending action
+        if not 0 <= rank < plan.ranks:
+            raise ValueError(f"rank {rank} is not a rank of the plan ({plan.ranks} ranks)")
+        if len(to_global) != plan.ranks or len(to_group) != plan.ranks:
+            raise ValueError(f"the rank tables have {len(to_global)} and {len(to_group)} entries, the plan "
+                             f"{plan.ranks} ranks")
         self.schedule = plan.schedule
         self.ranks = plan.ranks
         self.chunks = plan.chunks

@@ -10,9 +10,11 @@ rank (the bottom of DualPipeV's V) hand their tensors over directly, as the stag
 Failures inside a step do not leave peers waiting: the failing rank records the error and
 keeps walking its plan in "drain" mode, skipping compute and sending zeros of the declared
 shapes, so every send and receive still matches; the pipeline then reports the error on
-every rank (see :mod:`dualpipe_ext.runtime.agreement`). Only a peer that stops
-communicating altogether makes a wait time out, and that error names this rank, the
-action and the operations still missing.
+every rank (see :mod:`dualpipe_ext.runtime.agreement`); the error also goes to the fault
+board (:mod:`dualpipe_ext.faults`), so that ranks outside this pipeline (expert-parallel
+peers) can name it. Only a peer that stops communicating altogether makes a wait fail
+(:class:`~dualpipe_ext.runtime.transport.CommFailure`): a timeout naming this rank, the action
+and the operations still missing, or a broken connection naming the rank that is gone.
 """
 from __future__ import annotations
 
@@ -22,10 +24,11 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import torch
 import torch.nn as nn
 
+from dualpipe_ext import faults
 from dualpipe_ext.comm import P2PSpec
 from dualpipe_ext.runtime.compiled import CompiledPlan, Kind, Op
 from dualpipe_ext.runtime.timeline import Recorder, _now
-from dualpipe_ext.runtime.transport import LinkConfig, StepComm
+from dualpipe_ext.runtime.transport import CommFailure, LinkConfig, StepComm
 from dualpipe_ext.utils import WeightGradStore, run_backward
 
 __all__ = ["Executor", "StepFailure", "StepResult", "StepState"]
@@ -109,43 +112,62 @@ class Executor:
         profiling = torch._C._autograd._profiler_enabled()
         error: Optional[str] = None
         peak = 0
-        comm.start()
-        for index, op in enumerate(st.plan.ops):
-            kind = op.kind
-            if kind == _WAIT:
-                if rec is not None:
-                    start = _now()
-                comm.wait(index, op.token)
-                if rec is not None:
-                    rec.add("wait", "comm", start, _now(), index)
-            elif kind >= _RECV_F:
-                if error is None:
-                    try:
-                        comm_ops[kind - _RECV_F](st, index, op)
-                    except StepFailure as e:
-                        error = f"action {index} '{op.token}': {e}"
-                if error is not None:
-                    comm.drain(index, op)
-            elif error is None:
-                if kind <= _FB and not st.forward_only:  # a forward adds the graph it builds
-                    peak = max(peak, st.held + (kind == _F or kind == _FB))
-                try:
+        try:
+            comm.start()
+            for index, op in enumerate(st.plan.ops):
+                kind = op.kind
+                if kind == _WAIT:
                     if rec is not None:
                         start = _now()
-                    if profiling:
-                        with torch.profiler.record_function(op.token):
-                            compute[kind](st, op)
-                    else:
-                        compute[kind](st, op)
+                    comm.wait(index, op.token)
                     if rec is not None:
-                        rec.add(op.token, "compute", start, _now(), index)
-                except Exception as e:  # noqa: BLE001 - any failure is reported on every rank
-                    error = f"action {index} '{op.token}': {type(e).__name__}: {e}"
-        comm.finish()
-        if not st.forward_only:
-            self.peak_activations = peak
+                        rec.add("wait", "comm", start, _now(), index)
+                elif kind >= _RECV_F:
+                    if error is None:
+                        try:
+                            comm_ops[kind - _RECV_F](st, index, op)
+                        except CommFailure:
+                            raise
+                        except StepFailure as e:
+                            error = self._failure(st, index, op, f"{e}")
+                        except Exception as e:  # noqa: BLE001 - reported on every rank
+                            error = self._failure(st, index, op, f"{type(e).__name__}: {e}", e)
+                    if error is not None:
+                        comm.drain(index, op)
+                elif error is None:
+                    if kind <= _FB and not st.forward_only:  # a forward adds the graph it builds
+                        peak = max(peak, st.held + (kind == _F or kind == _FB))
+                    try:
+                        if rec is not None:
+                            start = _now()
+                        if profiling:
+                            with torch.profiler.record_function(op.token):
+                                compute[kind](st, op)
+                        else:
+                            compute[kind](st, op)
+                        if rec is not None:
+                            rec.add(op.token, "compute", start, _now(), index)
+                    except Exception as e:  # noqa: BLE001 - any failure is reported on every rank
+                        error = self._failure(st, index, op, f"{type(e).__name__}: {e}", e)
+            comm.finish()
+            if not st.forward_only:
+                self.peak_activations = peak
+        except CommFailure as e:
+            if error is not None:  # this rank had failed first; say both
+                raise CommFailure(f"pipeline rank {self.link.rank}: {error}; then {e}") from None
+            raise
         return error
 
+    def _failure(self, st: StepState, index: int, op: Op, text: str, exc: Optional[BaseException] = None) -> str:
+        """The error of this rank's action ``index``: put on the fault board, with who failed first
+        when the exception is about a lost peer (an expert-parallel exchange inside the stage)."""
+        where = f"action {index} '{op.token}'"
+        if exc is not None and faults.looks_lost(exc) and not isinstance(exc, faults.PeerLostError):
+            note = faults.describe_failure(exc, st.comm.started, self.link.name)
+            if note:
+                text += f" [{note}]"
+        faults.report(-1, faults.RAISED, where, text)
+        return f"{where}: {text}"
 
     # Compute ----------------------------------------------------------------------------
 

@@ -19,14 +19,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from dualpipe_ext import comm
+from dualpipe_ext import comm, faults
+from dualpipe_ext._checks import check_group, check_int, check_module
 from dualpipe_ext.runtime.agreement import INPUT, NONE, STEP, PipelineError, agree
 from dualpipe_ext.runtime.compiled import CompiledPlan
 from dualpipe_ext.runtime.config import RuntimeConfig
 from dualpipe_ext.runtime.executor import Executor
 from dualpipe_ext.runtime.timeline import Recorder
-from dualpipe_ext.runtime.transport import LinkConfig
-from dualpipe_ext.schedules import Plan, get_plan, schedule_info, schedule_names, validate
+from dualpipe_ext.runtime.transport import CommFailure, LinkConfig
+from dualpipe_ext.schedules import Plan, PlanError, get_plan, schedule_info, schedule_names, validate
 
 __all__ = ["DualPipe", "DualPipeV", "PipelineSchedule"]
 
@@ -61,15 +62,23 @@ class _Pipeline(nn.Module):
                  config: Optional[RuntimeConfig], p2p_shapes: Optional[Sequence[Sequence[int]]],
                  p2p_dtype: Optional[torch.dtype]) -> None:
         super().__init__()
+        cls = type(self).__name__
+        for i, m in enumerate(modules):
+            check_module(f"{cls}: modules[{i}]", m)
         self.module = nn.ModuleList(modules)
-        self.batch_dim = batch_dim
+        self.batch_dim = check_int(f"{cls}: batch_dim", batch_dim, minimum=0)
+        if config is not None and not isinstance(config, RuntimeConfig):
+            raise TypeError(f"{cls}: config must be a dualpipe_ext.RuntimeConfig, got {type(config).__name__}")
         self.config = config or RuntimeConfig()
+        check_group(f"{cls}: process_group", process_group, required=True)
         self.group = process_group or dist.distributed_c10d._get_default_group()
         self.num_ranks = self.group.size()
         group_rank = self.group.rank()
         if rank_mapping is None:
             rank_mapping = list(range(self.num_ranks))
-        if sorted(rank_mapping) != list(range(self.num_ranks)):
+        if (not isinstance(rank_mapping, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                    for v in rank_mapping)
+                or sorted(rank_mapping) != list(range(self.num_ranks))):
             raise ValueError(f"rank_mapping must be a permutation of 0..{self.num_ranks - 1} (entry i = pipeline "
                              f"rank of group rank i), got {list(rank_mapping)}")
         self.rank_mapping = list(rank_mapping)
@@ -86,18 +95,35 @@ class _Pipeline(nn.Module):
         self._agreed: Tuple[Tuple[str, int], ...] = ()  # values every rank's step must share
         if isinstance(schedule, Plan):
             self._adopt(schedule, len(modules))
+        elif not isinstance(schedule, str):
+            names = ", ".join(_schedules_with(len(modules)))
+            raise TypeError(f"{cls}: schedule must be a schedule name (one of {names}) or a dualpipe_ext.schedules."
+                            f"Plan, got {type(schedule).__name__} {schedule!r}")
         else:
             self._check_schedule(schedule, len(modules))
             self.schedule = schedule
         self.device = _device_of(modules)
+        if dist.get_backend(self.group) == "nccl" and self.device.type != "cuda":
+            raise ValueError(f"{cls}: an NCCL process group moves CUDA tensors, but the stages' parameters are on "
+                             f"{self.device}: move the stages to the GPU, or use a gloo group for CPU stages")
+        self._has_params = any(True for m in modules for _ in m.parameters())
         self.timeline = Recorder(self.config.record)
         self.timeline.rank = self.rank
         self.timeline.global_rank = dist.get_rank()
         eager = self.config.eager_comm and dist.get_backend(self.group) == "gloo"
         lookahead = 1 << 30 if self.config.recv_lookahead is None else self.config.recv_lookahead
-        link = LinkConfig(self.group, self.rank, self.device, self.config.comm_timeout_s, eager, lookahead)
+        link = LinkConfig(self.group, self.rank, self.device, self.config.comm_timeout_s, eager, lookahead,
+                          self.rank_name)
+        faults.publish_process()
         self.executor = Executor(modules, link, self.timeline)
         self.overlapped_forward_backward = self.executor.overlapped
+
+    def rank_name(self, global_rank: int) -> str:
+        """How messages name a process: "pipeline rank 1", with its global rank when that differs."""
+        if global_rank in self._to_global:
+            p = self._to_global.index(global_rank)
+            return f"pipeline rank {p}" + ("" if p == global_rank else f" (global rank {global_rank})")
+        return f"global rank {global_rank}"
 
     def _check_schedule(self, name: str, num_modules: int) -> None:
         valid = _schedules_with(num_modules)
@@ -107,8 +133,14 @@ class _Pipeline(nn.Module):
 
     def _adopt(self, plan: Plan, num_modules: int) -> None:
         """Take a user's plan: sound (the C++ validator), of this group's size and module count."""
-        validate(plan)
-        validate(plan.forward_only())
+        if not isinstance(plan, Plan):
+            raise TypeError(f"schedule must be a schedule name or a dualpipe_ext.schedules.Plan, got "
+                            f"{type(plan).__name__}")
+        for p in (plan, plan.forward_only()):
+            try:
+                validate(p)
+            except PlanError as e:  # a ValueError as before; the rule and the first offending action in __cause__
+                raise ValueError(str(e)) from e
         if plan.ranks != self.num_ranks:
             raise ValueError(f"the plan is for {plan.ranks} pipeline ranks, the process group has {self.num_ranks}")
         if plan.num_modules != num_modules:
@@ -120,6 +152,9 @@ class _Pipeline(nn.Module):
             p = plan.forward_only() if forward_only else plan
             self._compiled[(plan.chunks, forward_only)] = CompiledPlan(p, self.rank, self._to_global, self._to_group)
         self._agreed = (("the plan (checksum)", _fingerprint(plan)),)
+
+    def _agreement_names(self) -> Tuple[Callable[[int], str], List[int]]:
+        return self.rank_name, [dist.get_global_rank(self.group, g) for g in range(self.num_ranks)]
 
     def set_p2p_tensor_shapes(self, shapes: Sequence[Sequence[int]]) -> None:
         """This pipeline's message shapes (one per tensor), instead of the process-wide default."""
@@ -159,6 +194,9 @@ class _Pipeline(nn.Module):
                 return (f"criterion is required on pipeline rank {self.rank}, which computes the loss of a training "
                         f"step: pass step(..., criterion=fn, labels=[...]), called as criterion(*outputs, *labels)")
             if criterion is not None:
+                if not callable(criterion):
+                    return (f"criterion on pipeline rank {self.rank} must be callable, called as "
+                            f"criterion(*outputs, *labels); got {type(criterion).__name__}")
                 if not isinstance(labels, (list, tuple)):
                     labels = [labels]
                 if not labels and self.config.require_labels:
@@ -182,6 +220,9 @@ class _Pipeline(nn.Module):
                 return f"{what}[{i}] must be a tensor or None, got {type(t).__name__}"
             if t.dim() <= self.batch_dim:
                 return f"{what}[{i}] has shape {tuple(t.shape)}, which has no batch dimension {self.batch_dim}"
+            if self._has_params and t.device != self.device and what == "inputs":
+                return (f"{what}[{i}] is on {t.device}, but the stages of pipeline rank {self.rank} are on "
+                        f"{self.device}: move the batch there first")
             sizes.append(t.shape[self.batch_dim])
         if sizes and any(s != sizes[0] for s in sizes):
             return f"{what} disagree on the batch size (dimension {self.batch_dim}): {sizes}"
@@ -217,30 +258,35 @@ class _Pipeline(nn.Module):
             labels = [labels]
         cp, kind, message = None, NONE, None
         p2p = comm.resolve(self._p2p_shapes, self._p2p_dtype)  # a P2PSpec, or what is not declared
-        try:
-            cp = self._plan(int(num_chunks), forward_only)
-        except ValueError as e:
-            kind, message = INPUT, f"num_chunks={num_chunks}: {e}"
+        try:  # a bad num_chunks is reported through the agreement, so that every rank raises
+            num_chunks = check_int("num_chunks", num_chunks, minimum=0)
+            cp = self._plan(num_chunks, forward_only)
+        except (TypeError, ValueError) as e:
+            kind, message = INPUT, str(e) if isinstance(e, TypeError) else f"num_chunks={num_chunks!r}: {e}"
+            num_chunks = num_chunks if isinstance(num_chunks, int) else -1
         if cp is not None:
             message = p2p if isinstance(p2p, str) else self._check(cp, inputs, criterion, labels, forward_only)
             kind = INPUT if message else NONE
         if cfg.check_errors:
             values = (("num_chunks", int(num_chunks)), ("torch.is_grad_enabled()", int(not forward_only)))
             agree(self.group, self.device, self.rank, kind, message, values=values + self._agreed,
-                  timeout_s=cfg.comm_timeout_s, what="step arguments")
+                  timeout_s=cfg.comm_timeout_s, what="step arguments", names=self._agreement_names())
         elif message:
             raise ValueError(message)
 
         mbs = cp.mbs_per_module
         feeds = {m: self._split(inputs, mbs) for m in range(cp.num_modules) if cp.is_first[m]}
         loss_labels = {m: self._split(labels, mbs) for m in range(cp.num_modules) if cp.is_last[m]}
-        error, losses, outputs = self.executor.run(cp, p2p, feeds, loss_labels, criterion, return_outputs,
-                                                   forward_only)
+        try:
+            error, losses, outputs = self.executor.run(cp, p2p, feeds, loss_labels, criterion, return_outputs,
+                                                       forward_only)
+        except CommFailure as e:  # a peer is gone or silent: no agreement is possible, raise here
+            raise PipelineError(str(e)) from None
         if error is not None:
             error = f"pipeline rank {self.rank}: {error}"
         if cfg.check_errors:
             agree(self.group, self.device, self.rank, STEP if error else NONE, error,
-                  timeout_s=cfg.comm_timeout_s, what="step")
+                  timeout_s=cfg.comm_timeout_s, what="step", names=self._agreement_names())
         elif error:
             raise PipelineError(error)
 
@@ -271,9 +317,13 @@ class _TwoModulePipeline(_Pipeline):
                  config: Optional[RuntimeConfig] = None, *, schedule: Optional[Schedule] = None,
                  p2p_shapes: Optional[Sequence[Sequence[int]]] = None, p2p_dtype: Optional[torch.dtype] = None
                  ) -> None:
+        if not isinstance(modules, (list, tuple)):
+            raise TypeError(f"{type(self).__name__} takes this rank's two stage modules as a tuple (module0, module1), "
+                            f"got {type(modules).__name__}")
         if len(modules) != 2:
             raise ValueError(f"{type(self).__name__} needs two modules per rank (module0, module1), got {len(modules)}")
         schedule = self.default_schedule if schedule is None else schedule
+        check_group(f"{type(self).__name__}: process_group", process_group, required=True)
         self._check_group_size(schedule, (process_group or dist.distributed_c10d._get_default_group()).size())
         super().__init__(schedule, modules, batch_dim, process_group, rank_mapping, config, p2p_shapes, p2p_dtype)
 

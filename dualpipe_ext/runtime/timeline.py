@@ -59,6 +59,8 @@ class Recorder:
     """Collects the events of one rank. Cheap enough to leave on: one tuple per action."""
 
     def __init__(self, enabled: bool = False) -> None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"Recorder(enabled) must be True or False, got {enabled!r}")
         self.enabled = enabled
         self.rank = -1
         self.global_rank = -1

@@ -6,22 +6,36 @@ With ``eager_comm`` on gloo, where every send and receive is an independent oper
 things happen earlier without changing what is sent or computed: receives are posted up to
 ``lookahead`` waits ahead, so that a sender finds its receiver ready, and a ``wait`` blocks
 only on its receives, while sends complete in the background and are checked at later
-waits and at the end of the step. A wait that does not complete within the timeout raises
-a :class:`PipelineError` naming this rank, the action and the operations still missing.
+waits and at the end of the step.
+
+Failures raise :class:`CommFailure` with the true cause and time: a wait that does not
+complete within the timeout names this rank, the action, the operations still missing and
+their peers; a connection that breaks (the peer's process exited, or the peer stopped after
+losing another rank) names the peer and, from the fault board (:mod:`dualpipe_ext.faults`),
+the rank that is really gone. Either is reported to the board before it is raised, so that
+ranks further away can name the right one too.
 """
 from __future__ import annotations
 
+import time
 from datetime import timedelta
-from typing import Any, Dict, List, NamedTuple, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from dualpipe_ext import faults
 from dualpipe_ext.comm import P2PSpec
 from dualpipe_ext.runtime.agreement import PipelineError
 from dualpipe_ext.runtime.compiled import CompiledPlan, Kind, Op
 
-__all__ = ["LinkConfig", "StepComm"]
+__all__ = ["CommFailure", "LinkConfig", "StepComm"]
+
+
+class CommFailure(PipelineError):
+    """A send, receive or wait of the step failed (a peer is gone or silent); the step cannot go on.
+
+    Internal: the pipeline raises it to the caller as a plain :class:`PipelineError`."""
 
 
 class LinkConfig(NamedTuple):
@@ -33,6 +47,7 @@ class LinkConfig(NamedTuple):
     timeout_s: float  # per wait
     eager: bool  # post receives ahead, complete sends in the background (gloo only)
     lookahead: int  # with eager: waits ahead that receives are posted
+    name: Callable[[int], str] = lambda g: f"rank {g}"  # words a global rank: "pipeline rank 1"
 
 
 class Transfer(NamedTuple):
@@ -49,6 +64,7 @@ class InFlight(NamedTuple):
     works: List[Any]
     desc: str  # the action's token, for timeout messages
     free: Sequence[torch.Tensor] = ()
+    peer: int = -1  # global rank on the other side
 
 
 class PostedReceive(NamedTuple):
@@ -71,6 +87,7 @@ class StepComm:
         self.next_receive = 0  # eager: position in plan.receives of the next receive to post
         self.receiving: List[InFlight] = []  # eager: receives the next wait completes
         self.sending: List[InFlight] = []  # eager: posted sends in flight
+        self.started = faults.begin_window()  # reports on the fault board older than this are from earlier incidents
 
     def start(self) -> None:
         """Post the receives that the first waits complete (eager only)."""
@@ -85,7 +102,7 @@ class StepComm:
             if index not in self.posted:  # beyond the look-ahead: post it now
                 self._post_receives_through(index)
             posted = self.posted.pop(index)
-            self.receiving.append(InFlight(posted.works, op.token))
+            self.receiving.append(InFlight(posted.works, op.token, (), op.peer))
             return posted.buffers
         bufs = self.p2p.empty(self.link.device, op.kind == Kind.RECV_F and not self.forward_only)
         self.pending.append(Transfer(op, bufs))
@@ -120,7 +137,10 @@ class StepComm:
         op = self.plan.ops[index]
         bufs = self.p2p.empty(self.link.device, op.kind == Kind.RECV_F and not self.forward_only)
         recv, peer = self.link.group.recv, op.group_peer
-        self.posted[index] = PostedReceive(bufs, [recv([b], peer, 0) for b in bufs])
+        try:
+            self.posted[index] = PostedReceive(bufs, [recv([b], peer, 0) for b in bufs])
+        except RuntimeError as e:
+            self._failed(index, op.token, [InFlight([], op.token, (), op.peer)], e, time.monotonic(), "posting")
 
     # Waiting ------------------------------------------------------------------------------
 
@@ -142,8 +162,12 @@ class StepComm:
                 ops.append(dist.P2POp(fn, t, tr.op.peer, group))
                 descs.append(tr.op.token)
             free.extend(tr.free)
-        works = dist.batch_isend_irecv(ops)
-        self._wait_all([InFlight([w], d) for w, d in zip(works, descs)], index, token)
+        try:
+            works = dist.batch_isend_irecv(ops)
+        except RuntimeError as e:
+            self._failed(index, token, [InFlight([], tr.op.token, (), tr.op.peer) for tr in pending], e,
+                         time.monotonic(), "posting")
+        self._wait_all([InFlight([w], d, (), p.peer) for w, d, p in zip(works, descs, ops)], index, token)
         _release(free)
 
     def finish(self) -> None:
@@ -156,10 +180,14 @@ class StepComm:
 
     def _wait_eager(self, index: int, token: str) -> None:
         send = self.link.group.send
-        for tr in self.pending:
+        pending, self.pending = self.pending, []
+        for tr in pending:
             peer = tr.op.group_peer
-            self.sending.append(InFlight([send([t], peer, 0) for t in tr.tensors], tr.op.token, tr.free))
-        self.pending = []
+            try:
+                works = [send([t], peer, 0) for t in tr.tensors]
+                self.sending.append(InFlight(works, tr.op.token, tr.free, tr.op.peer))
+            except RuntimeError as e:
+                self._failed(index, token, [InFlight([], tr.op.token, (), tr.op.peer)], e, time.monotonic(), "posting")
         if self.link.lookahead > 0 and index < len(self.plan.ops):
             self._post_receives(self.plan.wait_ordinal[index] + self.link.lookahead)
         if self.receiving:
@@ -175,30 +203,60 @@ class StepComm:
         _release(entry.free)
 
     def _wait_all(self, entries: Sequence[InFlight], index: int, token: str) -> None:
-        if not self.wait_with_timeout:
-            for entry in entries:
+        """Wait for every work of ``entries``; within one timeout for all of them together on CPU."""
+        begin = time.monotonic()
+        if not self.wait_with_timeout:  # CUDA: NCCL's own timeout and watchdog bound the wait
+            for i, entry in enumerate(entries):
                 for w in entry.works:
-                    w.wait()
+                    try:
+                        w.wait()
+                    except RuntimeError as e:
+                        self._failed(index, token, entries[i:], e, begin)
             return
-        timeout = self.timeout
+        deadline = begin + self.link.timeout_s
         for i, entry in enumerate(entries):
             for w in entry.works:
+                remaining = max(deadline - time.monotonic(), 0.001)
                 try:
-                    ok = w.wait(timeout)
+                    ok = w.wait(timedelta(seconds=remaining))
                 except RuntimeError as e:
-                    self._timed_out(index, token, entries[i:], e)
+                    self._failed(index, token, entries[i:], e, begin)
                 if ok is False:
-                    self._timed_out(index, token, entries[i:], None)
+                    self._failed(index, token, entries[i:], None, begin)
 
-    def _timed_out(self, index: int, token: str, entries: Sequence[InFlight], cause) -> None:
-        # entries[0] timed out; later ones may or may not have completed.
-        first = entries[0].desc
-        later = {e.desc for e in entries[1:] if not all(w.is_completed() for w in e.works)} - {first}
+    def _failed(self, index: int, token: str, entries: Sequence[InFlight], error: Optional[BaseException],
+                begin: float, doing: str = "waiting") -> None:
+        """Raise the CommFailure of ``entries[0]`` (whose work failed or timed out), after reporting it."""
+        elapsed = time.monotonic() - begin
+        cause = faults.cause_of(error) if error is not None else faults.TIMEOUT
+        first = entries[0]
+        later = {e.desc for e in entries[1:] if not all(w.is_completed() for w in e.works)} - {first.desc}
+        missing = ", ".join([first.desc] + sorted(later))
         where = f"action {index} '{token}'" if index < len(self.plan.ops) else "the end of the step"
-        raise PipelineError(
-            f"pipeline rank {self.link.rank}: {where} waited {self.link.timeout_s:g} s for its sends and receives; "
-            f"still missing: {', '.join([first] + sorted(later))} (the peer did not post the matching operation: "
-            f"it failed, stopped, or runs a different plan)" + (f"; backend: {cause}" if cause else ""))
+        me, name = self.link.rank, self.link.name
+        faults.report(first.peer, cause or "error", where, str(error or "")[:200])
+        if cause == faults.TIMEOUT:
+            waited = self.link.timeout_s if error is None or elapsed >= self.link.timeout_s * 0.99 else elapsed
+            msg = (f"pipeline rank {me}: {where} waited {faults.duration(waited)} for its sends and receives; still "
+                   f"missing: {missing} (the peer, {name(first.peer)}, did not post the matching operation: it "
+                   f"failed, stopped, or runs a different plan)")
+            verdict = faults.diagnose([first.peer], self.started, name)
+            if verdict.gone and verdict.gone != [first.peer]:
+                msg += f"; {verdict.text}"
+            raise CommFailure(msg) from None
+        when = f"when posting {missing}" if doing == "posting" else \
+            f"after {faults.duration(elapsed)} of waiting, with {missing} incomplete"
+        if cause in faults.LOST_CAUSES:
+            verdict = faults.diagnose([first.peer], self.started, name)
+            raise CommFailure(f"pipeline rank {me}: {where}: {cause} by {name(first.peer)} {when}; "
+                              f"{verdict.text}") from None
+        raise CommFailure(f"pipeline rank {me}: {where}: {type(error).__name__} from the backend {when} (peer "
+                          f"{name(first.peer)}): {_first_line(error)}") from None
+
+
+def _first_line(error: Optional[BaseException]) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else ""
 
 
 def _release(tensors: Sequence[torch.Tensor]) -> None:

@@ -13,8 +13,13 @@ trace notation. What is here:
 """
 from __future__ import annotations
 
-from dualpipe_ext._C import Action, ActionType, Plan, ScheduleInfo, StageInfo
-from dualpipe_ext.schedules.analysis import Costs, Simulation, closed_form_bubble, simulate, validate
+from dualpipe_ext import _C  # one line saying how to build it, when it is not built
+Action = _C.Action
+ActionType = _C.ActionType
+Plan = _C.Plan
+ScheduleInfo = _C.ScheduleInfo
+StageInfo = _C.StageInfo
+from dualpipe_ext.schedules.analysis import Costs, PlanError, Simulation, closed_form_bubble, simulate, validate
 from dualpipe_ext.schedules.registry import get_plan, schedule_info, schedule_names, trace
 
 __all__ = [
@@ -22,6 +27,7 @@ __all__ = [
     "ActionType",
     "Costs",
     "Plan",
+    "PlanError",
     "ScheduleInfo",
     "Simulation",
     "StageInfo",

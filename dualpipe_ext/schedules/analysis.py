@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from dualpipe_ext import _C
 
-__all__ = ["Costs", "Simulation", "closed_form_bubble", "simulate", "validate"]
+__all__ = ["Costs", "PlanError", "Simulation", "closed_form_bubble", "simulate", "validate"]
 
 
 _COST_FIELDS = ("F", "B", "W", "FB", "P2P", "overhead")
@@ -98,9 +98,25 @@ class Simulation:
     peak_activations: List[int]  # most live micro-batch activations per rank (units of one stage)
 
 
+class PlanError(ValueError):
+    """An unsound plan: the broken ``rule`` and the first offending action (``rank``, ``step``, ``token``;
+    -1, -1, "" when the rule names no action). The message has the rank-by-step grid."""
+
+    def __init__(self, message: str, rule: str, rank: int, step: int, token: str) -> None:
+        super().__init__(message)
+        self.rule, self.rank, self.step, self.token = rule, rank, step, token
+
+
 def validate(plan: "_C.Plan") -> None:
-    """Raise ``ValueError`` naming the broken rule, with a rank-by-step grid marking the failing cells."""
-    _C.validate(plan)
+    """Raise :class:`PlanError` (a ``ValueError``) naming the broken rule and the first offending action,
+    with a rank-by-step grid marking the failing cells. The order of the checks, which decides which
+    action is first, is in ``csrc/analysis/validate.h``."""
+    if not isinstance(plan, _C.Plan):
+        raise TypeError(f"validate expects a dualpipe_ext.schedules.Plan, got {type(plan).__name__}")
+    issue = _C.check_plan(plan)
+    if issue is not None:
+        rule, rank, step, token, message = issue
+        raise PlanError(message, rule, rank, step, token)
 
 
 def _floats(values: Optional[Sequence[float]]) -> List[float]:
@@ -116,6 +132,8 @@ def simulate(plan: "_C.Plan", costs: Costs = Costs(), *, eager_comm: bool = Fals
     waits. ``start``/``tail``: per rank, when its program begins and how long it spends after
     its last action (default zeros).
     """
+    if not isinstance(plan, _C.Plan):
+        raise TypeError(f"simulate expects a dualpipe_ext.schedules.Plan, got {type(plan).__name__}")
     if not isinstance(costs, Costs):
         raise TypeError(f"costs must be dualpipe_ext.schedules.Costs, got {type(costs).__name__}")
     res = _C.simulate(plan, costs._c(), eager_comm=bool(eager_comm), start=_floats(start), tail=_floats(tail))
@@ -141,5 +159,9 @@ def closed_form_bubble(name: str, ranks: int, costs: Costs = Costs()) -> float:
     schedule registry beside the generators; the simulator reproduces them with ``P2P = 0``
     (see tests/schedules/test_bubbles.py for the exact conditions).
     """
-    return _C.closed_form_bubble(name, int(ranks), F=float(costs.F), B=float(costs.B), W=float(costs.W),
-                                 FB=float(costs.FB))
+    from dualpipe_ext.schedules.registry import check_count, check_name
+
+    if not isinstance(costs, Costs):
+        raise TypeError(f"costs must be dualpipe_ext.schedules.Costs, got {type(costs).__name__}")
+    return _C.closed_form_bubble(check_name(name), check_count("ranks", ranks), F=float(costs.F), B=float(costs.B),
+                                 W=float(costs.W), FB=float(costs.FB))

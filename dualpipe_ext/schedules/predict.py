@@ -31,7 +31,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
-from dualpipe_ext._C import ActionType, Plan
+from dualpipe_ext import _C  # one line saying how to build it, when it is not built
+ActionType = _C.ActionType
+Plan = _C.Plan
 from dualpipe_ext.schedules.analysis import Costs, simulate
 from dualpipe_ext.schedules.registry import get_plan
 from dualpipe_ext.schedules.tokens import compute_parts

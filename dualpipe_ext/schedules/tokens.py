@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Tuple
 
-from dualpipe_ext._C import Action, ActionType
+from dualpipe_ext import _C  # one line saying how to build it, when it is not built
+Action = _C.Action
+ActionType = _C.ActionType
 
 __all__ = ["Part", "compute_parts", "parse_action"]
 

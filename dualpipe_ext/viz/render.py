@@ -1,4 +1,5 @@
-"""Paint a :class:`~dualpipe_ext.viz.layout.Drawing` with matplotlib (Agg, imported lazily)."""
+"""Write a :class:`~dualpipe_ext.viz.layout.Drawing`: SVG by :mod:`dualpipe_ext.viz.svg` (no optional
+package), PNG and PDF painted with matplotlib (Agg, imported lazily; ``pip install -e ".[plot]"``)."""
 from __future__ import annotations
 
 import os
@@ -14,10 +15,17 @@ _GRID = "#D5D8DC"
 
 def render(drawing: Drawing, path: str) -> str:
     """Write the picture to ``path`` (``.svg``, ``.png`` or ``.pdf``, chosen by suffix); returns ``path``."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"the picture's path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
+    path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     if ext not in FORMATS:
         raise ValueError(f"cannot write {path!r}: expected a file name ending in one of {', '.join(FORMATS)}")
-    import matplotlib
+    if ext == ".svg":
+        from dualpipe_ext.viz.svg import write_svg
+
+        return write_svg(drawing, path)
+    matplotlib = _require_matplotlib(ext)
 
     matplotlib.use("Agg", force=False)
     from matplotlib.collections import PatchCollection
@@ -82,6 +90,16 @@ def render(drawing: Drawing, path: str) -> str:
         else:
             fig.savefig(path, dpi=_DPI, metadata={"Date": None} if ext == ".svg" else None)
     return path
+
+
+def _require_matplotlib(ext: str):
+    """``import matplotlib``, or an ImportError of one line naming it and the extra that installs it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(f"writing a {ext} picture needs matplotlib, which is not installed: "
+                          f"pip install -e \".[plot]\" (or write an .svg, which needs nothing)") from None
+    return matplotlib
 
 
 def _save_png(fig, path: str) -> None:
