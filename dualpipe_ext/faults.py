@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 import torch.distributed as dist
 
 __all__ = ["LOST_CAUSES", "PeerLostError", "Verdict", "cause_of", "checked", "diagnose", "describe_failure", "duration",
-           "looks_lost", "pid_alive", "publish_process", "report", "begin_window", "window"]
+           "looks_lost", "pid_alive", "publish_process", "raised_by", "report", "begin_window", "window"]
 
 T = TypeVar("T")
 
@@ -264,6 +264,18 @@ def diagnose(suspects: Sequence[int], since: float, name: Callable[[int], str] =
                      "process of a rank, as with init_method='tcp://' or 'env://'; with torchrun, or a store outside "
                      "the ranks, every rank names the rank that is gone)")
     return Verdict(gone, "; ".join(parts), reachable)
+
+
+def raised_by(ranks: Sequence[int], since: float) -> Dict[int, str]:
+    """The failures that ranks of ``ranks`` (global) put on the board since ``since``: rank -> "its action
+    12 'F0.1+B1.0': RuntimeError: ...". Empty when none did or the store is unreachable."""
+    store = _store()
+    reports = _board(store, since) if store is not None else None
+    out: Dict[int, str] = {}
+    for r in reports or ():
+        if r.cause == RAISED and r.by in ranks and r.by not in out:
+            out[r.by] = f"its {r.where}: {r.detail}"
+    return out
 
 
 def looks_lost(exc: BaseException) -> bool:

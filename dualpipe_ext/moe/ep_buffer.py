@@ -36,6 +36,7 @@ from typing import Any, Callable, Deque, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from dualpipe_ext import faults
 from dualpipe_ext.debug import checks_enabled
 from dualpipe_ext.kernels._common import new_output
 from dualpipe_ext.inflight import InFlight
@@ -156,6 +157,7 @@ class EPBuffer:
         # kernels; CPU: the receive launched at wait(), after a wait launch (the interpreter runs a
         # launch's programs one after another). Tests set it on CPU too, to run the CUDA kernels' waits.
         self._fused = self.device.type == "cuda"
+        self._global = [dist.get_global_rank(self.group, p) for p in range(self.world)]
         self._rings = (_Ring(num_slots), _Ring(num_slots))
         self._ordinal = 0
         self._broken: Optional[str] = None
@@ -360,16 +362,24 @@ class EPBuffer:
             missing = [p for p in range(world) if status[p]]
             waited = time.monotonic() - start
             dead = [p for p in missing if not pid_alive(self._mem.pids[p])]
-            if dead or waited >= self.timeout_s:
+            raised = faults.raised_by([self._global[p] for p in missing], faults.window())
+            if dead or raised or waited >= self.timeout_s:
                 status[:world] = 0
                 status[2 * world] = 0
                 what = "the data of" if kind == self._kx.DATA else "the peers to finish reading the previous use of"
                 self._fail(f"{label} waited {waited:.1f} s for {what} its slot; " + "; ".join(
-                    f"rank {p} (pid {self._mem.pids[p]}) has exited" if p in dead else
-                    f"rank {p} did not signal (it hangs, or issued a different sequence of exchanges)"
-                    for p in missing))
+                    self._peer_state(p, p in dead, raised.get(self._global[p])) for p in missing))
             status[:world] = 0
             status[2 * world] = 0
+
+    def _peer_state(self, p: int, dead: bool, raised: Optional[str]) -> str:
+        """What became of missing peer ``p`` (a rank of the group), in words."""
+        who = f"rank {p} (global rank {self._global[p]}, pid {self._mem.pids[p]})"
+        if raised is not None:
+            return f"{who} failed at {raised}"
+        if dead:
+            return f"{who} has exited"
+        return f"{who} did not signal (it hangs, or issued a different sequence of exchanges)"
 
     def _raise_on_status(self, label: str, detail: Optional[str], force: int = 0) -> None:
         status, world = self._mem.status_np, self.world

@@ -79,7 +79,7 @@ def test_peer_that_exits_is_named_without_waiting_for_the_timeout():
     results = run_ranks(_exit_worker, 3, timeout_s=120, barrier=False)
     for err, elapsed, after in results[:2]:
         kind, msg = err
-        assert kind == "EPBufferError" and "rank 2 (pid" in msg and "has exited" in msg, msg
+        assert kind == "EPBufferError" and "rank 2 (global rank 2, pid" in msg and "has exited" in msg, msg
         assert elapsed < 20  # the peer's exit is seen long before the 60 s timeout
         assert after[0] == "EPBufferError" and "unusable" in after[1]
     assert not glob.glob("/dev/shm/dualpipe_ext_ep_*")
@@ -99,7 +99,7 @@ def _silent_worker(rank, world):
 def test_silent_peer_times_out_naming_it():
     (err, elapsed), _ = run_ranks(_silent_worker, 2, timeout_s=120, barrier=False)
     kind, msg = err
-    assert kind == "EPBufferError" and "rank 1 did not signal" in msg, msg
+    assert kind == "EPBufferError" and "rank 1 (global rank 1, pid" in msg and "did not signal" in msg, msg
     waited = float(msg.split("waited ")[1].split(" s")[0])
     assert 1.5 <= waited < 3 and 1.5 <= elapsed < 5
 
