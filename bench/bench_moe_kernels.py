@@ -4,7 +4,7 @@ For each kernel: median time (CUDA events, warm-up, rotating inputs so the L2 ca
 not flatter), bytes moved per call, GB/s and its fraction of the device-to-device copy
 bandwidth measured in the same run, and the speed-up over the reference on the same inputs.
 Settings: DeepSeek-V3 (4096 tokens, hidden 7168, 256 experts, top-8 of 8 groups / top-4
-groups, EP 8 simulated as num_ranks=8) and a smaller one.
+groups, EP 8 simulated as world=8) and a smaller one.
 
     python bench/bench_moe_kernels.py [--csv results.csv]
 
@@ -41,7 +41,7 @@ class Setting:
     topk: int
     n_group: int  # expert groups of the group-limited gate
     topk_group: int  # groups each token may use
-    num_ranks: int  # expert-parallel ranks simulated by the layout
+    world: int  # expert-parallel ranks simulated by the layout
 
 
 SETTINGS = [
@@ -89,12 +89,12 @@ def make_inputs(s: Setting, device, seed: int) -> dict:
     logits = torch.randn(s.num_tokens, s.num_experts, generator=gen).to(device)
     bias = (torch.rand(s.num_experts, generator=gen) * 0.01).to(device)
     topk_idx, topk_weights = route_reference(logits, s.topk, "sigmoid", s.n_group, s.topk_group, bias)
-    layout = dispatch_layout_reference(topk_idx, s.num_experts, s.num_ranks)
+    layout = dispatch_layout_reference(topk_idx, s.num_experts, s.world)
     num_rows = int(layout.num_tokens_per_rank.sum())
     x = torch.randn(s.num_tokens, s.hidden, generator=gen, dtype=torch.float32).to(device, torch.bfloat16)
     sent = torch.randn(num_rows, s.hidden, generator=gen, dtype=torch.float32).to(device, torch.bfloat16)
     # expert side of rank 0: the tokens it received, indices local to its experts
-    num_local = s.num_experts // s.num_ranks
+    num_local = s.num_experts // s.world
     on_rank0 = layout.is_token_in_rank[:, 0]
     recv_idx = topk_idx[on_rank0]
     recv_idx = torch.where(recv_idx < num_local, recv_idx, -1)
@@ -119,7 +119,7 @@ def cases(s: Setting):
                                check_inputs=False, impl=impl)
 
     def layout_case(impl):
-        return lambda d: dispatch_layout(d["topk_idx"], s.num_experts, s.num_ranks, check_indices=False, impl=impl)
+        return lambda d: dispatch_layout(d["topk_idx"], s.num_experts, s.world, check_indices=False, impl=impl)
 
     def permute_case(impl):
         return lambda d: permute(d["x"], d["send_pos"], d["num_rows"], check_pos=False, impl=impl)
@@ -130,7 +130,7 @@ def cases(s: Setting):
     def reduce_case(impl):
         return lambda d: combine(d["expert_out"], d["expand_pos"], d["recv_weights"], check_pos=False, impl=impl)
 
-    t, h, e, k, r = s.num_tokens, s.hidden, s.num_experts, s.topk, s.num_ranks
+    t, h, e, k, r = s.num_tokens, s.hidden, s.num_experts, s.topk, s.world
     return [
         ("route", route_case, lambda d: t * e * 4 + e * 4 + t * k * 12),
         ("dispatch_layout", layout_case, lambda d: t * k * 8 + t * r * 9 + (e + r) * 8),
@@ -158,14 +158,14 @@ def main() -> int:
     for s in SMOKE_SETTINGS if SMOKE else SETTINGS:
         inputs = [make_inputs(s, device, seed) for seed in range(num_inputs)]
         for name, make, num_bytes in cases(s):
-            ms = {impl: time_ms(make(impl), [(d,) for d in inputs], warmup, repeats) for impl in ("triton", "torch")}
+            ms = {impl: time_ms(make(impl), [(d,) for d in inputs], warmup, repeats) for impl in ("triton", "reference")}
             gbps = num_bytes(inputs[0]) / ms["triton"] / 1e6
-            rows.append([s.name, name, f"{ms['triton']:.3f}", f"{ms['torch']:.3f}", f"{ms['torch'] / ms['triton']:.2f}x",
+            rows.append([s.name, name, f"{ms['triton']:.3f}", f"{ms['reference']:.3f}", f"{ms['reference'] / ms['triton']:.2f}x",
                          f"{gbps:.0f}", f"{100 * gbps / copy_gbps:.0f} %"])
             records.append(dict(date=datetime.date.today().isoformat(), device=device_name, torch=torch.__version__,
-                                setting=s.name, kernel=name, triton_ms=ms["triton"], torch_ms=ms["torch"],
+                                setting=s.name, kernel=name, triton_ms=ms["triton"], reference_ms=ms["reference"],
                                 gbps=gbps, copy_gbps=copy_gbps))
-    print(table(["setting", "kernel", "triton ms", "torch ms", "speed-up", "GB/s", "of copy"], rows))
+    print(table(["setting", "kernel", "triton ms", "reference ms", "speed-up", "GB/s", "of copy"], rows))
     if args.csv:
         new = not os.path.exists(args.csv)
         with open(args.csv, "a", newline="") as f:

@@ -13,7 +13,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-IMPLS = ("auto", "triton", "torch")
+IMPLS = ("auto", "triton", "reference")
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,17 +40,17 @@ def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
 
     "auto" picks Triton when the tensors are on CUDA and Triton imports, or when
     ``DUALPIPE_EXT_TRITON=1`` is set (with ``TRITON_INTERPRET=1`` that runs the kernels on
-    CPU tensors); "triton" and "torch" force one side.
+    CPU tensors); "triton" and "reference" force one side.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "torch":
+    if impl == "reference":
         return False
     on_cuda = all(t.is_cuda for t in tensors)
     if impl == "triton":
         if not triton_available():
             raise ImportError("impl='triton' needs the 'triton' package, which is not installed: "
-                              "pip install -e \".[triton]\" (impl='auto' and 'torch' run the PyTorch reference "
+                              "pip install -e \".[triton]\" (impl='auto' and 'reference' run the PyTorch reference "
                               "without it)")
         if not on_cuda and not _interpreting():
             raise ValueError(
@@ -73,9 +73,9 @@ def persistent_grid(num_items: int, num_sms: Optional[int]) -> int:
     return max(1, min(num_items, num_sms))
 
 
-def check_num_sms(num_sms: Optional[int]) -> None:
+def check_num_sms(num_sms: Optional[int], name: str = "num_sms") -> None:
     if num_sms is not None and (not isinstance(num_sms, int) or isinstance(num_sms, bool) or num_sms < 1):
-        raise ValueError(f"num_sms must be a positive int or None, got {num_sms!r}")
+        raise ValueError(f"{name} must be a positive int or None, got {num_sms!r}")
 
 
 def next_pow2(n: int) -> int:

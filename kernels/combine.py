@@ -64,7 +64,7 @@ def combine(
         weights: optional [num_tokens, num_cols] float32, aligned with ``pos``.
         num_sms: cap on the persistent grid (programs), None for one program per block of tokens.
         check_pos: verify position range (costs a device-to-host sync on CUDA).
-        impl: "auto" | "triton" | "torch".
+        impl: "auto" | "triton" | "reference".
     Returns:
         [num_tokens, hidden] in the dtype of ``rows``; tokens with no valid position get 0.
     """

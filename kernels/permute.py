@@ -66,7 +66,7 @@ def permute(
         num_rows: rows of the output buffer.
         num_sms: cap on the persistent grid (programs), None for one program per block of tokens.
         check_pos: verify position range (costs a device-to-host sync on CUDA).
-        impl: "auto" | "triton" | "torch".
+        impl: "auto" | "triton" | "reference".
     Returns:
         [num_rows, hidden] in the dtype of ``x``.
     """

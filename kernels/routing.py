@@ -94,7 +94,7 @@ def route(
         norm_topk_prob: normalise the chosen weights to sum 1 before scaling (None: for
             sigmoid only, as DeepSeek-V3; True with softmax: Mixtral, Qwen3-MoE).
         check_inputs: check logits for NaN (a device-to-host sync on CUDA).
-        impl: "auto" | "triton" | "torch".
+        impl: "auto" | "triton" | "reference".
     Returns:
         topk_idx [num_tokens, topk] int64 and topk_weights [num_tokens, topk] float32.
     """

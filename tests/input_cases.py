@@ -71,7 +71,7 @@ CASES: Dict[str, Tuple[str, str, str]] = {
     "moe.route(logits.long(), 2)": ("moe", "ValueError", "logits must have dtype in"),
     "moe.route(logits, 0)": ("moe", "ValueError", "topk must be a positive int"),
     "moe.route(logits, 2, bias=zeros(3))": ("moe", "ValueError", "bias must have shape [8] (one per expert)"),
-    "moe.route(logits, 2, impl='x')": ("moe", "ValueError", "impl must be one of ('auto', 'triton', 'torch')"),
+    "moe.route(logits, 2, impl='x')": ("moe", "ValueError", "impl must be one of ('auto', 'triton', 'reference')"),
     "moe.dispatch(..., group='g')": ("moe", "TypeError", "the expert-parallel group must be a torch.distributed"),
     "moe.dispatch(..., group=<group without this rank>)": ("moe", "ValueError", "is not a member of the process"),
     "moe.dispatch(x, topk_idx.int(), ...)": ("moe", "ValueError", "topk_idx must be a [num_tokens, num_topk] int64"),

@@ -19,12 +19,12 @@ def test_partition_sets_the_compute_budget_and_restores_it(monkeypatch):
         assert budget is None and sm_budget.compute_sms(dev) is None
 
 
-def test_grouped_gemms_take_the_budget(monkeypatch):
-    from dualpipe_ext.kernels import grouped_gemm as kernels
+def test_grouped_mms_take_the_budget(monkeypatch):
+    from dualpipe_ext.kernels import grouped_mm as kernels
     from dualpipe_ext.moe import grouped_mm
 
     seen = []
-    monkeypatch.setattr(kernels, "grouped_gemm", lambda *a, num_sms=None, **k: seen.append(("fwd", num_sms)) or
+    monkeypatch.setattr(kernels, "grouped_mm", lambda *a, num_sms=None, **k: seen.append(("fwd", num_sms)) or
                         torch.zeros(a[0].shape[0], a[1].shape[1]))
     monkeypatch.setattr(kernels, "grouped_wgrad", lambda *a, num_sms=None, **k: seen.append(("wgrad", num_sms)) or
                         torch.zeros(a[2].shape[0], a[0].shape[1], a[1].shape[1]))

@@ -51,7 +51,7 @@ def kernels(dev):
 
     from dualpipe_ext.kernels.combine import combine, combine_reference
     from dualpipe_ext.kernels.dispatch_layout import dispatch_layout, dispatch_layout_reference
-    from dualpipe_ext.kernels.grouped_gemm import grouped_gemm, grouped_gemm_reference, grouped_wgrad, \
+    from dualpipe_ext.kernels.grouped_mm import grouped_mm, grouped_mm_reference, grouped_wgrad, \
         grouped_wgrad_reference
     from dualpipe_ext.kernels.permute import permute, permute_reference
     from dualpipe_ext.kernels.routing import route, route_reference
@@ -76,7 +76,7 @@ def kernels(dev):
     ww = torch.randn(4, 512, 256, device=dev, dtype=torch.bfloat16, generator=g) / 16
     ends = torch.tensor(counts, device=dev).cumsum(0)
     n = sum(counts)
-    _close(grouped_gemm(xx, ww, ends, impl="triton", num_sms=8)[:n], grouped_gemm_reference(xx, ww, ends)[:n],
+    _close(grouped_mm(xx, ww, ends, impl="triton", num_sms=8)[:n], grouped_mm_reference(xx, ww, ends)[:n],
            "grouped GEMM", 2e-2, 2e-2)
     gg = torch.randn(sum(counts) + 7, 512, device=dev, dtype=torch.bfloat16, generator=g)
     _close(grouped_wgrad(gg, xx, ends, impl="triton"), grouped_wgrad_reference(gg[:n], xx[:n], ends),
@@ -87,7 +87,7 @@ def kernels(dev):
 def gemm_backends(dev):
     import torch
 
-    from dualpipe_ext.kernels.grouped_gemm import grouped_gemm_reference
+    from dualpipe_ext.kernels.grouped_mm import grouped_mm_reference
     from dualpipe_ext.moe.grouped_mm import cuda_extension, grouped_mm, pick_backend
 
     if dev.type != "cuda":
@@ -97,7 +97,7 @@ def gemm_backends(dev):
     x = torch.randn(sum(counts) + 16, 512, device=dev, dtype=torch.bfloat16, generator=g)
     w = torch.randn(4, 1024, 512, device=dev, dtype=torch.bfloat16, generator=g) / 20
     ends = torch.tensor(counts, device=dev).cumsum(0)
-    n, ref = sum(counts), grouped_gemm_reference(x, w, ends)
+    n, ref = sum(counts), grouped_mm_reference(x, w, ends)
     seen = []
     for backend in ("torch", "cutlass"):
         if backend == "torch" and not hasattr(torch, "_grouped_mm") or backend == "cutlass" and cuda_extension() is None:

@@ -1,11 +1,11 @@
 // Torch binding of the CUDA sources: dualpipe_ext._cuda.
-// Checks every input at the boundary, then calls the torch-free kernels (grouped_gemm_sm90.h).
+// Checks every input at the boundary, then calls the torch-free kernels (grouped_mm_sm90.h).
 // Uses no c10/cuda header: the Python wrapper passes the current stream and makes the
 // tensors' device current, so this file also compiles against a CPU build of torch.
 #include <cuda_runtime_api.h>
 #include <torch/extension.h>
 
-#include "grouped_gemm_sm90.h"
+#include "grouped_mm_sm90.h"
 
 namespace {
 
@@ -36,9 +36,9 @@ at::Tensor grouped_mm_bf16(const at::Tensor& x, const at::Tensor& w, const at::T
               "grouped_mm_bf16: cannot query the SM count");
   TORCH_CHECK(sm_count_limit >= 0, "grouped_mm_bf16: sm_count must be >= 0, got ", sm_count_limit);
   if (sm_count_limit > 0 && sm_count_limit < sm_count) sm_count = static_cast<int>(sm_count_limit);
-  const size_t bytes = dualpipe_grouped_gemm_bf16_sm90_workspace_bytes(num_groups, sm_count);
+  const size_t bytes = dualpipe_grouped_mm_bf16_sm90_workspace_bytes(num_groups, sm_count);
   auto workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
-  const char* err = dualpipe_grouped_gemm_bf16_sm90_run(
+  const char* err = dualpipe_grouped_mm_bf16_sm90_run(
       xc.data_ptr(), wc.data_ptr(), out.data_ptr(), group_ends.data_ptr<int32_t>(), num_groups,
       static_cast<int>(w.size(1)), static_cast<int>(x.size(1)), workspace.data_ptr(), x.get_device(), sm_count,
       reinterpret_cast<cudaStream_t>(stream));

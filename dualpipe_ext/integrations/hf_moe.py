@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dualpipe_ext.moe import MoE, MoEConfig
-from dualpipe_ext.moe.comm import group_size
+from dualpipe_ext.moe.collectives import group_size
 
 from ._deps import require_transformers
 
@@ -189,10 +189,10 @@ def _check_options(options: Dict[str, Any]) -> None:
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"replace_moe: unknown option(s) {unknown}; the MoE constructor takes {accepted}")
-    if "num_sms" in options:
+    if "num_comm_sms" in options:
         from dualpipe_ext.kernels._common import check_num_sms
 
-        check_num_sms(options["num_sms"])
+        check_num_sms(options["num_comm_sms"], "num_comm_sms")
 
 
 def _check_group(group: Optional[dist.ProcessGroup]) -> int:
@@ -243,7 +243,7 @@ def replace_moe(model: nn.Module, group: Optional[dist.ProcessGroup] = None, **o
         model: a transformers 5.x model (any module holding supported blocks).
         group: expert-parallel process group; None is the default group (all ranks once
             torch.distributed is initialised, else this process alone), as for ``MoE``.
-        options: passed to the ``MoE`` constructor (e.g. ``num_sms=``).
+        options: passed to the ``MoE`` constructor (e.g. ``num_comm_sms=``).
     Raises:
         TypeError: an MoE block of an unsupported class (named), or no MoE block at all.
         ValueError: a bad ``group`` or option, experts that do not split over the group, or a

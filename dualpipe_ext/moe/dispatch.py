@@ -34,7 +34,7 @@ import torch
 
 from dualpipe_ext.inflight import InFlight
 
-from .comm import (all_to_all, all_to_all_async, all_to_all_routes, exchange_control_async, gather_rows_async,
+from .collectives import (all_to_all, all_to_all_async, all_to_all_routes, exchange_control_async, gather_rows_async,
                    group_rank, group_size)
 
 __all__ = ["DispatchHandle", "dispatch", "combine", "combine_backward", "dispatch_backward"]
@@ -46,7 +46,7 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 class DispatchHandle:
     """What ``combine`` needs to send expert outputs back; plain data and one tensor."""
 
-    send_pos: torch.Tensor  # [num_tokens, num_ranks] int64: row of token t in the send buffer, -1 if not sent to r
+    send_pos: torch.Tensor  # [num_tokens, world] int64: row of token t in the send buffer, -1 if not sent to r
     num_send_per_rank: Tuple[int, ...]  # rows this rank sent to each rank
     num_recv_per_rank: Tuple[int, ...]  # rows this rank received from each rank (received rows are in this order)
     num_experts: int  # experts over the whole group

@@ -6,7 +6,7 @@ input gradient); ``grouped_wgrad(grad, x, group_ends)``: ``dw[g] = grad[rows of 
 
 - "torch": ``torch._grouped_mm`` (CUDA sm90+, bf16, 16-byte aligned sizes);
 - "cutlass": the CUTLASS sm90 kernel of ``dualpipe_ext._cuda`` when it was built (bf16);
-- "triton": ``kernels.grouped_gemm`` (CUDA, or CPU tensors with ``DUALPIPE_EXT_TRITON=1`` under
+- "triton": ``kernels.grouped_mm`` (CUDA, or CPU tensors with ``DUALPIPE_EXT_TRITON=1`` under
   ``TRITON_INTERPRET=1``);
 - "loop": one matmul per group (CPU, and anything else); it reads the group ends on the host.
 
@@ -92,13 +92,13 @@ def _loop(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor) -> torch.T
 def cutlass_grouped_mm(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
     """``out[rows of g] = x[rows of g] @ w[g]^T`` by the CUTLASS sm90 kernel (bf16, CUDA).
 
-    CPU tensors run the PyTorch reference (``kernels.grouped_gemm.grouped_gemm_reference``),
+    CPU tensors run the PyTorch reference (``kernels.grouped_mm.grouped_mm_reference``),
     which defines what the kernel computes. x [rows, k], w [groups, n, k], group_ends [groups].
     """
-    from dualpipe_ext.kernels.grouped_gemm import grouped_gemm_reference
+    from dualpipe_ext.kernels.grouped_mm import grouped_mm_reference
 
     if not x.is_cuda:
-        return grouped_gemm_reference(x, w, group_ends)
+        return grouped_mm_reference(x, w, group_ends)
     ext = require_cuda_extension()
     with torch.cuda.device(x.device):
         return ext.grouped_mm_bf16(x, w, group_ends.to(torch.int32), torch.cuda.current_stream().cuda_stream,
@@ -117,9 +117,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor, backe
     if which == "cutlass":
         return cutlass_grouped_mm(x, w, group_ends)
     if which == "triton":
-        from dualpipe_ext.kernels.grouped_gemm import grouped_gemm
+        from dualpipe_ext.kernels.grouped_mm import grouped_mm
 
-        return grouped_gemm(x, w.contiguous(), group_ends, num_sms=compute_sms(x.device), impl="triton")
+        return grouped_mm(x, w.contiguous(), group_ends, num_sms=compute_sms(x.device), impl="triton")
     return _loop(x, w, group_ends)
 
 
@@ -130,7 +130,7 @@ def grouped_wgrad(grad: torch.Tensor, x: torch.Tensor, group_ends: torch.Tensor,
     if which == "torch" and _aligned(grad.shape[1], x.shape[1]):
         return torch._grouped_mm(grad.t(), x, offs=group_ends.to(torch.int32))
     if which == "triton":
-        from dualpipe_ext.kernels.grouped_gemm import grouped_wgrad as triton_wgrad
+        from dualpipe_ext.kernels.grouped_mm import grouped_wgrad as triton_wgrad
 
         return triton_wgrad(grad.contiguous(), x.contiguous(), group_ends, num_sms=compute_sms(x.device),
                             impl="triton")

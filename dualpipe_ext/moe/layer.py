@@ -10,7 +10,7 @@ from torch import nn
 from dualpipe_ext import faults
 from dualpipe_ext.debug import checks_enabled
 
-from .comm import group_rank, group_size
+from .collectives import group_rank, group_size
 from .dispatch import combine, combine_backward, dispatch, dispatch_backward
 from .ep_buffer import EPBuffer
 from .experts import GroupedExperts, SharedExperts, experts_forward, linear
@@ -71,23 +71,25 @@ class MoE(nn.Module):
     Tokens move through the collective path (``moe.dispatch``/``moe.combine``, any backend,
     any number of hosts) or, with ``ep=EPBuffer(group, ...)``, through the device-side one:
     no collective and no host read in forward or backward, the expert side working on the
-    buffer's capacity-sized rows.
+    buffer's capacity-sized rows. ``num_comm_sms`` is the grid of its token-moving kernels
+    (packing, combining, expanding; None: unbounded), the SMs it leaves the experts' GEMMs.
     """
 
-    def __init__(self, config: MoEConfig, group=None, *, num_sms: Optional[int] = None, ep: Optional[EPBuffer] = None,
-                 device=None, dtype=None):
+    def __init__(self, config: MoEConfig, group=None, *, num_comm_sms: Optional[int] = None,
+                 ep: Optional[EPBuffer] = None, device=None, dtype=None):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"MoE takes a dualpipe_ext.moe.MoEConfig, got {type(config).__name__}")
-        if num_sms is not None and (isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1):
-            raise ValueError(f"MoE: num_sms must be None or a positive int, got {num_sms!r}")
+        if num_comm_sms is not None and (isinstance(num_comm_sms, bool) or not isinstance(num_comm_sms, int)
+                                         or num_comm_sms < 1):
+            raise ValueError(f"MoE: num_comm_sms must be None or a positive int, got {num_comm_sms!r}")
         world = group_size(group)
         faults.publish_process()  # so that peers can tell whether this process exited, after a failure
         if config.num_experts % world:
             raise ValueError(f"num_experts ({config.num_experts}) must be divisible by the expert-parallel size ({world})")
         if ep is not None:
             _check_ep(ep, config, group)
-        self.config, self.group, self.num_sms, self.ep = config, group, num_sms, ep
+        self.config, self.group, self.num_comm_sms, self.ep = config, group, num_comm_sms, ep
         self.num_local_experts = config.num_experts // world
         self.first_local_expert = group_rank(group) * self.num_local_experts
         self.gate = nn.Parameter(torch.empty(config.num_experts, config.hidden, device=device, dtype=dtype))
@@ -133,24 +135,24 @@ class MoE(nn.Module):
         if self.ep is not None:
             return self.ep.dispatch(x, topk_idx, topk_weights, self.config.num_experts, async_op=async_op)
         return dispatch(x, topk_idx, topk_weights, self.config.num_experts, self.group, async_op=async_op,
-                        num_sms=self.num_sms)
+                        num_sms=self.num_comm_sms)
 
     def experts_forward(self, recv_x: torch.Tensor, recv_idx: torch.Tensor, recv_weights: torch.Tensor) -> torch.Tensor:
         """This rank's routed experts on the received rows: [num_recv, hidden] in the dtype of recv_x."""
-        return experts_forward(self.experts, recv_x, recv_idx, recv_weights, num_sms=self.num_sms,
+        return experts_forward(self.experts, recv_x, recv_idx, recv_weights, num_sms=self.num_comm_sms,
                                capacity=self.ep is not None)
 
     def combine(self, y: torch.Tensor, handle, async_op: bool = False):
         """Expert outputs back to their tokens: [num_tokens, hidden] (or an in-flight object)."""
         if self.ep is not None:
             return self.ep.combine(y, handle, async_op=async_op)
-        return combine(y, handle, async_op=async_op, num_sms=self.num_sms)
+        return combine(y, handle, async_op=async_op, num_sms=self.num_comm_sms)
 
     def combine_backward(self, grad_out: torch.Tensor, handle, async_op: bool = False):
         """Gradient of ``combine`` [num_tokens, hidden] -> the received rows' gradients (or an InFlight)."""
         if self.ep is not None:
             return self.ep.combine_backward(grad_out, handle, async_op=async_op)
-        return combine_backward(grad_out, handle, async_op=async_op, num_sms=self.num_sms)
+        return combine_backward(grad_out, handle, async_op=async_op, num_sms=self.num_comm_sms)
 
     def dispatch_backward(self, grad_recv_x: torch.Tensor, grad_recv_weights: torch.Tensor, handle,
                           async_op: bool = False):
@@ -159,7 +161,7 @@ class MoE(nn.Module):
         if self.ep is not None:
             return self.ep.dispatch_backward(grad_recv_x, grad_recv_weights, handle, async_op=async_op)
         return dispatch_backward(grad_recv_x, grad_recv_weights, handle, handle.topk_idx, async_op=async_op,
-                                 num_sms=self.num_sms)
+                                 num_sms=self.num_comm_sms)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError unless ``x`` is a float [..., hidden] tensor on the layer's device (and, outside

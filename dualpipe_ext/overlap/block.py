@@ -47,7 +47,7 @@ class MoEBlock(nn.Module):
         nn.init.normal_(self.wqkv, std=h ** -0.5)
         nn.init.normal_(self.wo, std=h ** -0.5)
         self.norm2 = nn.Parameter(torch.ones(h, device=device, dtype=dtype))
-        self.moe = MoE(config.moe, group, num_sms=self.overlap.num_comm_sms, ep=ep, device=device, dtype=dtype)
+        self.moe = MoE(config.moe, group, num_comm_sms=self.overlap.num_comm_sms, ep=ep, device=device, dtype=dtype)
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape

@@ -15,7 +15,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from dualpipe_ext.kernels import combine, dispatch_layout, ep_exchange, grouped_gemm, permute, routing  # noqa: E402
+from dualpipe_ext.kernels import combine, dispatch_layout, ep_exchange, grouped_mm, permute, routing  # noqa: E402
 
 I32, C = "i32", "constexpr"
 
@@ -46,8 +46,8 @@ def kernels():
     yield dispatch_layout._layout_pos_kernel, layout, dict(BLOCK_T=64, K_PAD=8, COL_BLOCK=32)
     gemm = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "grad_ptr": "*bf16", "dw_ptr": "*bf16",
             "group_ends_ptr": "*i64", "tile_ends_ptr": "*i32", "N": "i32", "K": "i32"}
-    yield grouped_gemm.grouped_gemm_kernel, gemm, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, UPCAST=False)
-    yield grouped_gemm.grouped_wgrad_kernel, gemm, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, UPCAST=False)
+    yield grouped_mm.grouped_mm_kernel, gemm, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, UPCAST=False)
+    yield grouped_mm.grouped_wgrad_kernel, gemm, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, UPCAST=False)
     # the device-side exchanges, with the waits inside the kernels as CUDA runs them
     ex = {"table_ptr": "*i64", "status_ptr": "*i64", "x_ptr": "*bf16", "pos_ptr": "*i64", "counts_ptr": "*i64",
           "idx_ptr": "*i64", "w_ptr": "*fp32", "out_x_ptr": "*bf16", "out_idx_ptr": "*i64", "out_w_ptr": "*fp32",

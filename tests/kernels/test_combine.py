@@ -7,9 +7,9 @@ from dualpipe_ext.kernels.combine import combine, combine_reference
 from dualpipe_ext.kernels.dispatch_layout import dispatch_layout_reference
 
 
-def _layout(num_tokens, num_topk, num_experts, num_ranks, skew=None, drop=0.0):
+def _layout(num_tokens, num_topk, num_experts, world, skew=None, drop=0.0):
     topk_idx = random_topk_idx(num_tokens, num_topk, num_experts, skew=skew, drop=drop)
-    layout = dispatch_layout_reference(topk_idx, num_experts, num_ranks)
+    layout = dispatch_layout_reference(topk_idx, num_experts, world)
     return layout.send_pos, int(layout.num_tokens_per_rank.sum())
 
 
@@ -24,7 +24,7 @@ def _same_precision_combine(rows, pos, weights):
 
 
 SHAPES = [
-    # num_tokens, hidden, num_topk, num_experts, num_ranks, drop, skew
+    # num_tokens, hidden, num_topk, num_experts, world, drop, skew
     (0, 16, 2, 8, 2, 0.0, None),
     (1, 97, 1, 4, 4, 0.0, None),
     (97, 123, 8, 64, 8, 0.1, None),
@@ -34,10 +34,10 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("num_tokens,hidden,num_topk,num_experts,num_ranks,drop,skew", SHAPES)
+@pytest.mark.parametrize("num_tokens,hidden,num_topk,num_experts,world,drop,skew", SHAPES)
 @pytest.mark.parametrize("weighted", [False, True])
-def test_combine_fp32(num_tokens, hidden, num_topk, num_experts, num_ranks, drop, skew, weighted):
-    pos, num_rows = _layout(num_tokens, num_topk, num_experts, num_ranks, skew, drop)
+def test_combine_fp32(num_tokens, hidden, num_topk, num_experts, world, drop, skew, weighted):
+    pos, num_rows = _layout(num_tokens, num_topk, num_experts, world, skew, drop)
     rows = torch.randn(num_rows, hidden)
     weights = torch.rand(pos.shape) if weighted else None
     with poison_outputs():

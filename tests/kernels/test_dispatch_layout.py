@@ -6,7 +6,7 @@ from dualpipe_ext.kernels._common import poison_outputs
 from dualpipe_ext.kernels.dispatch_layout import dispatch_layout, dispatch_layout_reference
 
 CASES = [
-    # num_tokens, num_topk, num_experts, num_ranks, drop, skew
+    # num_tokens, num_topk, num_experts, world, drop, skew
     (0, 2, 8, 2, 0.0, None),
     (1, 1, 4, 4, 0.0, None),
     (1, 8, 64, 8, 0.0, None),
@@ -21,25 +21,25 @@ CASES = [
 ]
 
 
-def _loop_layout(topk_idx, num_experts, num_ranks):
+def _loop_layout(topk_idx, num_experts, world):
     """Token-by-token definition, to check the reference itself."""
-    per_rank = num_experts // num_ranks
+    per_rank = num_experts // world
     num_tokens = topk_idx.shape[0]
     per_expert = [0] * num_experts
-    in_rank = [[False] * num_ranks for _ in range(num_tokens)]
+    in_rank = [[False] * world for _ in range(num_tokens)]
     for t in range(num_tokens):
         for e in topk_idx[t].tolist():
             if e >= 0:
                 per_expert[e] += 1
                 in_rank[t][e // per_rank] = True
-    send_pos = [[-1] * num_ranks for _ in range(num_tokens)]
+    send_pos = [[-1] * world for _ in range(num_tokens)]
     row = 0
-    for r in range(num_ranks):
+    for r in range(world):
         for t in range(num_tokens):
             if in_rank[t][r]:
                 send_pos[t][r] = row
                 row += 1
-    per_rank_counts = [sum(in_rank[t][r] for t in range(num_tokens)) for r in range(num_ranks)]
+    per_rank_counts = [sum(in_rank[t][r] for t in range(num_tokens)) for r in range(world)]
     return per_expert, per_rank_counts, in_rank, send_pos
 
 
@@ -53,12 +53,12 @@ def test_reference_matches_token_loop():
     assert ref.send_pos.tolist() == send_pos
 
 
-@pytest.mark.parametrize("num_tokens,num_topk,num_experts,num_ranks,drop,skew", CASES)
-def test_triton_matches_reference(num_tokens, num_topk, num_experts, num_ranks, drop, skew):
+@pytest.mark.parametrize("num_tokens,num_topk,num_experts,world,drop,skew", CASES)
+def test_triton_matches_reference(num_tokens, num_topk, num_experts, world, drop, skew):
     topk_idx = random_topk_idx(num_tokens, num_topk, num_experts, drop=drop, skew=skew)
     with poison_outputs():
-        out = dispatch_layout(topk_idx, num_experts, num_ranks)  # Triton: DUALPIPE_EXT_TRITON=1
-    ref = dispatch_layout_reference(topk_idx, num_experts, num_ranks)
+        out = dispatch_layout(topk_idx, num_experts, world)  # Triton: DUALPIPE_EXT_TRITON=1
+    ref = dispatch_layout_reference(topk_idx, num_experts, world)
     for name, got, want in zip(ref._fields, out, ref):
         assert got.dtype == want.dtype and got.shape == want.shape, name
         assert torch.equal(got, want), name
@@ -69,13 +69,13 @@ def test_triton_matches_reference(num_tokens, num_topk, num_experts, num_ranks, 
 
 def test_torch_impl_is_reference():
     topk_idx = random_topk_idx(40, 2, 8)
-    a = dispatch_layout(topk_idx, 8, 2, impl="torch")
+    a = dispatch_layout(topk_idx, 8, 2, impl="reference")
     b = dispatch_layout(topk_idx, 8, 2, impl="triton")
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize(
-    "topk_idx,num_experts,num_ranks,match",
+    "topk_idx,num_experts,world,match",
     [
         (torch.tensor([[0, 8]]), 8, 2, r"\[0, 8\)"),
         (torch.tensor([[0, -2]]), 8, 2, "-1"),
@@ -85,9 +85,9 @@ def test_torch_impl_is_reference():
         (torch.tensor([[0, 1]]), 0, 1, "positive"),
     ],
 )
-def test_bad_input(topk_idx, num_experts, num_ranks, match):
+def test_bad_input(topk_idx, num_experts, world, match):
     with pytest.raises(ValueError, match=match):
-        dispatch_layout(topk_idx, num_experts, num_ranks)
+        dispatch_layout(topk_idx, num_experts, world)
 
 
 def test_bad_impl():
@@ -100,4 +100,4 @@ def test_auto_runs_triton_here():
     from dualpipe_ext.kernels._common import use_triton
 
     assert use_triton("auto", torch.zeros(1))
-    assert not use_triton("torch", torch.zeros(1))
+    assert not use_triton("reference", torch.zeros(1))

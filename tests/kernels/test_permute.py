@@ -7,7 +7,7 @@ from dualpipe_ext.kernels.dispatch_layout import dispatch_layout_reference
 from dualpipe_ext.kernels.permute import permute, permute_reference, unpermute, unpermute_reference
 
 SHAPES = [
-    # num_tokens, hidden, num_topk, num_experts, num_ranks, skew
+    # num_tokens, hidden, num_topk, num_experts, world, skew
     (0, 16, 2, 8, 2, None),
     (1, 97, 1, 4, 4, None),
     (97, 123, 8, 64, 8, None),
@@ -17,16 +17,16 @@ SHAPES = [
 ]
 
 
-def _layout(num_tokens, num_topk, num_experts, num_ranks, skew=None, drop=0.0):
+def _layout(num_tokens, num_topk, num_experts, world, skew=None, drop=0.0):
     topk_idx = random_topk_idx(num_tokens, num_topk, num_experts, skew=skew, drop=drop)
-    layout = dispatch_layout_reference(topk_idx, num_experts, num_ranks)
+    layout = dispatch_layout_reference(topk_idx, num_experts, world)
     return layout.send_pos, int(layout.num_tokens_per_rank.sum())
 
 
-@pytest.mark.parametrize("num_tokens,hidden,num_topk,num_experts,num_ranks,skew", SHAPES)
+@pytest.mark.parametrize("num_tokens,hidden,num_topk,num_experts,world,skew", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_permute_bitwise(num_tokens, hidden, num_topk, num_experts, num_ranks, skew, dtype):
-    send_pos, num_rows = _layout(num_tokens, num_topk, num_experts, num_ranks, skew)
+def test_permute_bitwise(num_tokens, hidden, num_topk, num_experts, world, skew, dtype):
+    send_pos, num_rows = _layout(num_tokens, num_topk, num_experts, world, skew)
     x = torch.randn(num_tokens, hidden).to(dtype)
     with poison_outputs():
         out = permute(x, send_pos, num_rows)

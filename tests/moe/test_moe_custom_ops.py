@@ -10,11 +10,11 @@ from dualpipe_ext.kernels.dispatch_layout import dispatch_layout_reference
 from dualpipe_ext.kernels.permute import permute, permute_op, unpermute, unpermute_op
 
 
-def _layout(num_tokens=13, num_topk=3, num_experts=8, num_ranks=4, seed=0):
+def _layout(num_tokens=13, num_topk=3, num_experts=8, world=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     idx = torch.rand(num_tokens, num_experts, generator=g).argsort(1)[:, :num_topk].contiguous()
     idx[::3, -1] = -1  # unused slots
-    layout = dispatch_layout_reference(idx, num_experts, num_ranks)
+    layout = dispatch_layout_reference(idx, num_experts, world)
     return layout.send_pos, int(layout.num_tokens_per_rank.sum())
 
 

@@ -13,7 +13,7 @@ import torch
 
 from ._common import FLOAT_DTYPES, _interpreting, check_tensor, new_output, persistent_grid, use_triton
 
-__all__ = ["grouped_gemm", "grouped_gemm_reference", "grouped_wgrad", "grouped_wgrad_reference"]
+__all__ = ["grouped_mm", "grouped_mm_reference", "grouped_wgrad", "grouped_wgrad_reference"]
 
 try:
     import triton
@@ -57,7 +57,7 @@ if triton is not None:
                  acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
-    def grouped_gemm_kernel(
+    def grouped_mm_kernel(
         x_ptr, w_ptr, out_ptr, group_ends_ptr, tile_ends_ptr,
         num_groups, N, K, max_row_tiles, num_col_tiles,
         stride_xm, stride_xk, stride_wg, stride_wn, stride_wk, stride_om, stride_on,
@@ -112,8 +112,8 @@ if triton is not None:
 
 def _built():
     if triton is None:
-        raise ImportError("the Triton grouped GEMM needs triton: pip install triton")
-    return grouped_gemm_kernel, grouped_wgrad_kernel
+        raise ImportError("the Triton grouped GEMM needs the 'triton' package: pip install -e \".[triton]\"")
+    return grouped_mm_kernel, grouped_wgrad_kernel
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor) -> None:
@@ -128,7 +128,7 @@ def _check(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor) -> None:
         raise ValueError(f"x, w, group_ends must share a device, got {x.device}, {w.device}, {group_ends.device}")
 
 
-def grouped_gemm_reference(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
     """Per-group loop in PyTorch with fp32 accumulation."""
     _check(x, w, group_ends)
     ends = group_ends.tolist()
@@ -143,7 +143,7 @@ def grouped_gemm_reference(x: torch.Tensor, w: torch.Tensor, group_ends: torch.T
     return out
 
 
-def grouped_gemm(
+def grouped_mm(
     x: torch.Tensor,
     w: torch.Tensor,
     group_ends: torch.Tensor,
@@ -167,7 +167,7 @@ def grouped_gemm(
         [num_rows, n], dtype of ``x``.
     """
     if not use_triton(impl, x, w, group_ends):
-        return grouped_gemm_reference(x, w, group_ends)
+        return grouped_mm_reference(x, w, group_ends)
     _check(x, w, group_ends)
     num_rows, k = x.shape
     num_groups, n, _ = w.shape
@@ -209,7 +209,7 @@ def grouped_wgrad(
     num_sms: Optional[int] = None,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Weight gradient of ``grouped_gemm``: ``dw[g] = grad[rows of g]^T @ x[rows of g]``.
+    """Weight gradient of ``grouped_mm``: ``dw[g] = grad[rows of g]^T @ x[rows of g]``.
 
     Args:
         grad: [num_rows, n] float, the output gradient; x: [num_rows, k], same dtype.

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from dualpipe_ext.kernels.grouped_gemm import grouped_gemm_reference
+from dualpipe_ext.kernels.grouped_mm import grouped_mm_reference
 
 
 def _operands(counts, n, k, seed=0, dtype=torch.float32):
@@ -29,18 +29,18 @@ _INTERP_SCRIPT = r"""
 import os, sys, torch
 os.environ["TRITON_INTERPRET"] = "1"
 from dualpipe_ext.kernels._common import poison_outputs
-from dualpipe_ext.kernels.grouped_gemm import grouped_gemm, grouped_gemm_reference
+from dualpipe_ext.kernels.grouped_mm import grouped_mm, grouped_mm_reference
 for seed, counts, n, k in [(0, [5, 0, 17, 3], 24, 40), (1, [0, 0, 33], 8, 16), (2, [1], 97, 7)]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(sum(counts), k, generator=g)
     w = torch.randn(len(counts), n, k, generator=g)
     ends = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
     with poison_outputs():
-        got = grouped_gemm(x, w, ends, block_m=16, block_n=16, block_k=16, impl="triton")
-    ref = grouped_gemm_reference(x, w, ends)
+        got = grouped_mm(x, w, ends, block_m=16, block_n=16, block_k=16, impl="triton")
+    ref = grouped_mm_reference(x, w, ends)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
 # capacity-sized rows: rows past the last end are not computed (left poisoned) and ignored by the wgrad
-from dualpipe_ext.kernels.grouped_gemm import grouped_wgrad, grouped_wgrad_reference
+from dualpipe_ext.kernels.grouped_mm import grouped_wgrad, grouped_wgrad_reference
 for seed, counts, pad, n, k in [(3, [4, 0, 9], 6, 24, 40), (4, [0, 0], 3, 8, 16), (5, [37], 0, 97, 7)]:
     g = torch.Generator().manual_seed(seed)
     rows = sum(counts) + pad
@@ -51,24 +51,24 @@ for seed, counts, pad, n, k in [(3, [4, 0, 9], 6, 24, 40), (4, [0, 0], 3, 8, 16)
     w = torch.randn(len(counts), n, k, generator=g)
     ends = torch.cumsum(torch.tensor(counts), 0)
     with poison_outputs():
-        out = grouped_gemm(x, w, ends, block_m=16, block_n=16, block_k=16, impl="triton")
+        out = grouped_mm(x, w, ends, block_m=16, block_n=16, block_k=16, impl="triton")
         dw = grouped_wgrad(grad, x, ends, block_m=16, block_n=16, block_k=16, impl="triton")
     valid = sum(counts)
-    torch.testing.assert_close(out[:valid], grouped_gemm_reference(x, w, ends)[:valid], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out[:valid], grouped_mm_reference(x, w, ends)[:valid], rtol=1e-5, atol=1e-4)
     assert torch.isnan(out[valid:]).all()  # untouched
     ref = grouped_wgrad_reference(grad[:valid], x[:valid], ends)
     torch.testing.assert_close(dw, ref, rtol=1e-5, atol=1e-4)
     assert not torch.isnan(dw).any()
     # a persistent grid smaller than the tiles (an SM budget) computes the same
     with poison_outputs():
-        out2 = grouped_gemm(x, w, ends, block_m=16, block_n=16, block_k=16, num_sms=2, impl="triton")
+        out2 = grouped_mm(x, w, ends, block_m=16, block_n=16, block_k=16, num_sms=2, impl="triton")
         dw2 = grouped_wgrad(grad, x, ends, block_m=16, block_n=16, block_k=16, num_sms=3, impl="triton")
     assert torch.equal(out2[:valid], out[:valid]) and torch.equal(dw2, dw)
 print("ok")
 """
 
 
-def test_triton_grouped_gemm_matches_reference_in_interpreter():
+def test_triton_grouped_mm_matches_reference_in_interpreter():
     # the interpreter must be enabled before triton is imported: run in a fresh process
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], env=env, capture_output=True, text=True, timeout=240)
@@ -81,17 +81,17 @@ def test_reference_and_cutlass_wrapper_on_cpu():
     counts = [3, 0, 9, 1]
     x, w, ends = _operands(counts, 8, 16)
     expected = _per_group(x, w, counts)
-    torch.testing.assert_close(grouped_gemm_reference(x, w, ends).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped_mm_reference(x, w, ends).double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cutlass_grouped_mm(x, w, ends.int()).double(), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="end at most at num_rows"):
-        grouped_gemm_reference(x, w, ends + 1)  # past the rows
+        grouped_mm_reference(x, w, ends + 1)  # past the rows
     with pytest.raises(ValueError, match="non-decreasing"):
-        grouped_gemm_reference(x, w, ends.flip(0))
-    short = grouped_gemm_reference(x, w, ends - 1)  # capacity-sized: the rows past the last end are zero
+        grouped_mm_reference(x, w, ends.flip(0))
+    short = grouped_mm_reference(x, w, ends - 1)  # capacity-sized: the rows past the last end are zero
     torch.testing.assert_close(short[:-1].double(), _per_group(x[:-1], w, [2, 0, 9, 1]), rtol=1e-5, atol=1e-5)
     assert torch.all(short[-1] == 0)
     with pytest.raises(ValueError, match="w must be"):
-        grouped_gemm_reference(x, w[:, :, :4], ends)
+        grouped_mm_reference(x, w[:, :, :4], ends)
 
 
 @pytest.mark.parametrize("backend", ["loop", "auto"])

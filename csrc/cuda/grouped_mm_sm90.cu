@@ -7,8 +7,8 @@
 // [ends[g-1], ends[g]) with ends [num_groups] int32 on the device (cumulative row counts).
 //
 // This file includes no torch header: the torch binding (bindings.cpp) calls the two C
-// functions declared in grouped_gemm_sm90.h.
-#include "grouped_gemm_sm90.h"
+// functions declared in grouped_mm_sm90.h.
+#include "grouped_mm_sm90.h"
 
 #include <cuda_runtime.h>
 
@@ -129,28 +129,28 @@ typename Gemm::Arguments make_arguments(const GroupArrays& a, int num_groups, in
 
 using namespace dualpipe_ext_cuda;
 
-extern "C" size_t dualpipe_grouped_gemm_bf16_sm90_workspace_bytes(int num_groups, int sm_count) {
+extern "C" size_t dualpipe_grouped_mm_bf16_sm90_workspace_bytes(int num_groups, int sm_count) {
   GroupArrays none{};
   auto args = make_arguments(none, num_groups, 0, sm_count);
   return arrays_bytes(num_groups) + align_up(Gemm::get_workspace_size(args));
 }
 
-extern "C" const char* dualpipe_grouped_gemm_bf16_sm90_run(const void* x, const void* w, void* out,
+extern "C" const char* dualpipe_grouped_mm_bf16_sm90_run(const void* x, const void* w, void* out,
                                                            const int32_t* ends, int num_groups, int n, int k,
                                                            void* workspace, int device_id, int sm_count,
                                                            cudaStream_t stream) {
   if (num_groups <= 0) return nullptr;
-  if (k % kAlign != 0 || n % kAlign != 0) return "grouped_gemm_sm90: n and k must be multiples of 8 (16-byte TMA)";
+  if (k % kAlign != 0 || n % kAlign != 0) return "grouped_mm_sm90: n and k must be multiples of 8 (16-byte TMA)";
   GroupArrays a = carve(workspace, num_groups);
   fill_group_arrays<<<(num_groups + 127) / 128, 128, 0, stream>>>(
       a, static_cast<const Element*>(x), static_cast<const Element*>(w), static_cast<Element*>(out), ends,
       num_groups, n, k);
-  if (cudaGetLastError() != cudaSuccess) return "grouped_gemm_sm90: launching fill_group_arrays failed";
+  if (cudaGetLastError() != cudaSuccess) return "grouped_mm_sm90: launching fill_group_arrays failed";
   Gemm gemm;
   auto args = make_arguments(a, num_groups, device_id, sm_count);
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return "grouped_gemm_sm90: CUTLASS cannot implement";
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return "grouped_mm_sm90: CUTLASS cannot implement";
   if (gemm.initialize(args, a.cutlass_workspace, stream) != cutlass::Status::kSuccess)
-    return "grouped_gemm_sm90: CUTLASS initialize failed";
-  if (gemm.run(stream) != cutlass::Status::kSuccess) return "grouped_gemm_sm90: CUTLASS run failed";
+    return "grouped_mm_sm90: CUTLASS initialize failed";
+  if (gemm.run(stream) != cutlass::Status::kSuccess) return "grouped_mm_sm90: CUTLASS run failed";
   return nullptr;
 }
