@@ -14,15 +14,11 @@ import torch
 
 from .ep_common import ACK, COMBINE, DATA, Channel, _common, _consts, launch_wait
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the reference works without Triton
-    triton = None
+from ._triton import tl, triton  # None without Triton: the references run without it
 
 if triton is not None:
     from .combine import _round_to
-    from .ep_common import _read_meta, _region, _signal_all, _wait_counters, _write_meta
+    from .ep_common import _begin_recv, _region, _signal_all, _wait_counters, _write_meta
 
 __all__ = ["launch_put_combine", "launch_recv_combine", "combine_exchange_reference"]
 
@@ -71,11 +67,8 @@ if triton is not None:
                              WEIGHTS: tl.constexpr, WP: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
                              BLOCK_H: tl.constexpr, ACC: tl.constexpr, WAIT: tl.constexpr, HAS_POLL: tl.constexpr):
         pid, num_programs = tl.program_id(0), tl.num_programs(0)
-        if WAIT:
-            _wait_counters(table_ptr, me, world, sig_word, zero_word, data_target, status_ptr, timeout_ns, max_spins,
-                           WP, HAS_POLL)
-        if pid == 0:
-            _read_meta(table_ptr, me, world, meta_word, status_ptr, num_experts, num_topk, count_ptr, WP)
+        _begin_recv(table_ptr, status_ptr, me, world, sig_word, zero_word, data_target, meta_word, num_experts,
+                    num_topk, count_ptr, timeout_ns, max_spins, WP, WAIT, HAS_POLL)
         rows = _region(table_ptr, me, cx_off, out_ptr.dtype.element_ty)
         k = tl.arange(0, KP)
         k_ok = k < num_topk

@@ -11,11 +11,7 @@ import torch
 
 from ._common import next_pow2
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the references work without Triton
-    triton = None
+from ._triton import tl, triton  # None without Triton: the references run without it
 
 __all__ = ["ExchangeLayout", "Channel", "DISPATCH", "COMBINE", "DATA", "ACK", "META_FIELDS", "HAS_POLL", "launch_wait",
            "compact_positions"]
@@ -167,6 +163,18 @@ if triton is not None:
         tl.store(count_out_ptr + p, counts, mask=live)
         status = tl.load(status_ptr).to(tl.pointer_type(tl.int64))
         tl.store(status + world + p, error, mask=live & (error != 0))
+
+    @triton.jit
+    def _begin_recv(table_ptr, status_ptr, me, world, sig_word, zero_word, data_target, meta_word, num_experts,
+                    num_topk, count_out_ptr, timeout_ns, max_spins, WP: tl.constexpr, WAIT: tl.constexpr,
+                    HAS_POLL: tl.constexpr):
+        """Start of every receive kernel: wait for the senders' data (unless a wait launch did),
+        then program 0 reads the metadata."""
+        if WAIT:
+            _wait_counters(table_ptr, me, world, sig_word, zero_word, data_target, status_ptr, timeout_ns, max_spins,
+                           WP, HAS_POLL)
+        if tl.program_id(0) == 0:
+            _read_meta(table_ptr, me, world, meta_word, status_ptr, num_experts, num_topk, count_out_ptr, WP)
 
     @triton.jit
     def _wait_kernel(table_ptr, status_ptr, me, world, word, zero_word, target, timeout_ns, max_spins,

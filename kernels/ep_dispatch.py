@@ -13,14 +13,10 @@ import torch
 
 from .ep_common import ACK, DATA, DISPATCH, Channel, _common, _consts, launch_wait
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the reference works without Triton
-    triton = None
+from ._triton import tl, triton  # None without Triton: the references run without it
 
 if triton is not None:
-    from .ep_common import _read_meta, _region, _signal_all, _wait_counters, _words, _write_meta
+    from .ep_common import _begin_recv, _region, _signal_all, _wait_counters, _words, _write_meta
 
 __all__ = ["launch_put_dispatch", "launch_recv_dispatch", "dispatch_exchange_reference"]
 
@@ -80,11 +76,8 @@ if triton is not None:
                               ROUTES: tl.constexpr, WP: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
                               BLOCK_H: tl.constexpr, WAIT: tl.constexpr, HAS_POLL: tl.constexpr):
         pid, num_programs = tl.program_id(0), tl.num_programs(0)
-        if WAIT:
-            _wait_counters(table_ptr, me, world, sig_word, zero_word, data_target, status_ptr, timeout_ns, max_spins,
-                           WP, HAS_POLL)
-        if pid == 0:
-            _read_meta(table_ptr, me, world, meta_word, status_ptr, num_experts, num_topk, count_ptr, WP)
+        _begin_recv(table_ptr, status_ptr, me, world, sig_word, zero_word, data_target, meta_word, num_experts,
+                    num_topk, count_ptr, timeout_ns, max_spins, WP, WAIT, HAS_POLL)
         meta = _words(table_ptr, me, meta_word)
         src_x = _region(table_ptr, me, dx_off, out_x_ptr.dtype.element_ty)
         k = tl.arange(0, KP)

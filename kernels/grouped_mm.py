@@ -15,11 +15,7 @@ from ._common import FLOAT_DTYPES, _interpreting, check_tensor, new_output, pers
 
 __all__ = ["grouped_mm", "grouped_mm_reference", "grouped_wgrad", "grouped_wgrad_reference"]
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the reference paths work without Triton
-    triton = None
+from ._triton import tl, triton  # None without Triton: the references run without it
 
 if triton is not None:
 

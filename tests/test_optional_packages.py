@@ -98,7 +98,7 @@ def test_kernels_fall_back_without_triton_and_say_what_to_install_when_forced(wi
     assert without_optional["route_auto"] == [5, 2]
     assert without_optional["moe_layer"] == [3, 4]
     _one_line(without_optional["route_triton"], "'triton'", 'pip install -e ".[triton]"')
-    _one_line(without_optional["ep_buffer"], "EPBuffer needs Triton", "pip install triton")
+    _one_line(without_optional["ep_buffer"], "EPBuffer needs the 'triton' package", 'pip install -e ".[triton]"')
 
 
 def test_the_transformers_integration_names_transformers_and_its_extra(without_optional):

@@ -40,15 +40,7 @@ class OpBuilder {
   OpBuilder(std::vector<Op>& ops, int run, const PlanCosts& costs) : ops_(ops), run_(run), costs_(costs) {}
 
   int add(bool comm, Component c, Pass p, int layer, std::vector<int> deps) {
-    Op o;
-    o.comm = comm;
-    o.component = c;
-    o.pass = p;
-    o.run = run_;
-    o.layer = layer;
-    o.deps = std::move(deps);
-    o.cost = comm ? costs_.comm : cost(c);
-    ops_.push_back(o);
+    ops_.push_back(Op{comm, c, p, run_, layer, comm ? costs_.comm : cost(c), std::move(deps)});
     return static_cast<int>(ops_.size()) - 1;
   }
 
@@ -276,32 +268,24 @@ std::vector<OverlapStep> deepseek_plan(int num_layers) {
   const auto C = StepKind::kCompute, I = StepKind::kIssue, Wt = StepKind::kWait;
   const auto A = Component::kAttn, M = Component::kMlp, D = Component::kDispatch, K = Component::kCombine;
   const auto F = Pass::kF, B = Pass::kB, W = Pass::kW;
-  std::vector<OverlapStep> out;
-  auto push = [&](StepKind k, Component c, Pass p, int l) {
-    OverlapStep s;
-    s.kind = k;
-    s.component = c;
-    s.pass = p;
-    s.run = p == F ? 0 : 1;
-    s.layer = l;
-    out.push_back(s);
+  struct Slot {
+    StepKind kind;
+    Component component;
+    Pass pass;
+    int layer_back;  // layer of the step: the forward's f minus this (the backward's layer for B and W)
   };
+  // One pair of layers: forward layer f with backward layer b (DeepSeek-V3's order).
+  static const Slot kPair[] = {{I, K, B, 0}, {Wt, K, F, 1}, {C, A, F, 0}, {I, D, F, 0}, {Wt, K, B, 0},
+                               {C, M, B, 0}, {I, D, B, 0}, {C, M, W, 0}, {Wt, D, F, 0}, {C, M, F, 0},
+                               {I, K, F, 0}, {Wt, D, B, 0}, {C, A, B, 0}, {C, A, W, 0}};
+  std::vector<OverlapStep> out;
+  auto push = [&](StepKind k, Component c, Pass p, int l) { out.push_back(OverlapStep{k, c, p, p == F ? 0 : 1, l, {}}); };
   for (int i = 0; i < num_layers; ++i) {
     const int f = i, b = num_layers - 1 - i;
-    push(I, K, B, b);
-    if (f > 0) push(Wt, K, F, f - 1);
-    push(C, A, F, f);
-    push(I, D, F, f);
-    push(Wt, K, B, b);
-    push(C, M, B, b);
-    push(I, D, B, b);
-    push(C, M, W, b);
-    push(Wt, D, F, f);
-    push(C, M, F, f);
-    push(I, K, F, f);
-    push(Wt, D, B, b);
-    push(C, A, B, b);
-    push(C, A, W, b);
+    for (const Slot& s : kPair) {
+      if (s.pass != F) push(s.kind, s.component, s.pass, b);
+      else if (f - s.layer_back >= 0) push(s.kind, s.component, s.pass, f - s.layer_back);
+    }
   }
   push(Wt, K, F, num_layers - 1);
   fill_partners(out);

@@ -19,13 +19,7 @@ void register_overlap(pybind11::module_& m) {
       .value("COMPUTE", StepKind::kCompute).value("ISSUE", StepKind::kIssue).value("WAIT", StepKind::kWait);
   py::class_<RunSpec>(m, "RunSpec")
       .def(py::init([](bool backward, int num_layers, bool prologue, bool epilogue, bool shared) {
-             RunSpec r;
-             r.backward = backward;
-             r.num_layers = num_layers;
-             r.prologue = prologue;
-             r.epilogue = epilogue;
-             r.shared = shared;
-             return r;
+             return RunSpec{backward, num_layers, prologue, epilogue, shared};
            }),
            py::arg("backward"), py::arg("num_layers"), py::arg("prologue") = false, py::arg("epilogue") = false,
            py::arg("shared") = false)
@@ -41,14 +35,7 @@ void register_overlap(pybind11::module_& m) {
       });
   py::class_<PlanCosts>(m, "PlanCosts")
       .def(py::init([](double attn, double mlp, double shared, double prologue, double epilogue, double comm) {
-             PlanCosts c;
-             c.attn = attn;
-             c.mlp = mlp;
-             c.shared = shared;
-             c.prologue = prologue;
-             c.epilogue = epilogue;
-             c.comm = comm;
-             return c;
+             return PlanCosts{attn, mlp, shared, prologue, epilogue, comm};
            }),
            py::arg("attn") = 1.0, py::arg("mlp") = 1.0, py::arg("shared") = 0.5, py::arg("prologue") = 1.0,
            py::arg("epilogue") = 1.0, py::arg("comm") = 1.0)
@@ -60,14 +47,7 @@ void register_overlap(pybind11::module_& m) {
       .def_readwrite("comm", &PlanCosts::comm);
   py::class_<OverlapStep>(m, "OverlapStep")
       .def(py::init([](StepKind k, Component c, Pass p, int layer, std::vector<int> under, int run) {
-             OverlapStep s;
-             s.kind = k;
-             s.component = c;
-             s.pass = p;
-             s.layer = layer;
-             s.under = std::move(under);
-             s.run = run < 0 ? (p == Pass::kF ? 0 : 1) : run;
-             return s;
+             return OverlapStep{k, c, p, run < 0 ? (p == Pass::kF ? 0 : 1) : run, layer, std::move(under)};
            }),
            py::arg("kind"), py::arg("component"), py::arg("pass_"), py::arg("layer"),
            py::arg("under") = std::vector<int>{}, py::arg("run") = -1)

@@ -10,50 +10,40 @@ namespace dpx {
 namespace {
 
 Plan linear_layout(const std::string& name, int ranks, int chunks) {
-  Plan p;
-  p.schedule = name;
-  p.ranks = ranks;
-  p.chunks = chunks;
-  p.num_modules = 1;
-  p.mbs_per_module = chunks;
-  p.stages.assign(ranks, std::vector<StageInfo>(1));
+  Plan p = empty_plan(name, ranks, chunks, 1, chunks);
+  place_down(p, 0);
+  return p;
+}
+
+// Rank r runs `warmup(r)` forwards, then alternates a forward and a backward, then runs the
+// backwards that are left.
+template <typename Warmup>
+Plan warmup_steady_cooldown(const std::string& name, int ranks, int chunks, Warmup warmup) {
+  Plan p = linear_layout(name, ranks, chunks);
   for (int r = 0; r < ranks; ++r) {
-    StageInfo& s = p.stages[r][0];
-    s.stage = r;
-    if (r > 0) s.prev_rank = r - 1, s.prev_module = 0;
-    if (r < ranks - 1) s.next_rank = r + 1, s.next_module = 0;
+    Builder b(p, r);
+    const int w = warmup(r);
+    for (int i = 0; i < w; ++i) b.forward_chunk(0);
+    for (int i = 0; i < chunks - w; ++i) {
+      b.forward_chunk(0);
+      b.backward_chunk(0);
+    }
+    for (int i = 0; i < w; ++i) b.backward_chunk(0);
+    p.actions[r] = b.finish();
   }
-  p.actions.resize(ranks);
   return p;
 }
 
 }  // namespace
 
+// GPipe: every forward, then every backward.
 Plan make_gpipe(int ranks, int chunks) {
-  Plan p = linear_layout("gpipe", ranks, chunks);
-  for (int r = 0; r < ranks; ++r) {
-    Builder b(p, r);
-    for (int i = 0; i < chunks; ++i) b.forward_chunk(0);
-    for (int i = 0; i < chunks; ++i) b.backward_chunk(0);
-    p.actions[r] = b.finish();
-  }
-  return p;
+  return warmup_steady_cooldown("gpipe", ranks, chunks, [chunks](int) { return chunks; });
 }
 
 Plan make_1f1b(int ranks, int chunks) {
-  Plan p = linear_layout("1f1b", ranks, chunks);
-  for (int r = 0; r < ranks; ++r) {
-    Builder b(p, r);
-    const int warmup = std::min(ranks - 1 - r, chunks);
-    for (int i = 0; i < warmup; ++i) b.forward_chunk(0);
-    for (int i = 0; i < chunks - warmup; ++i) {
-      b.forward_chunk(0);
-      b.backward_chunk(0);
-    }
-    for (int i = 0; i < warmup; ++i) b.backward_chunk(0);
-    p.actions[r] = b.finish();
-  }
-  return p;
+  return warmup_steady_cooldown("1f1b", ranks, chunks,
+                                [ranks, chunks](int r) { return std::min(ranks - 1 - r, chunks); });
 }
 
 // ZB-H1: 1F1B's order and memory, with the backward split into its input half (B..z) and

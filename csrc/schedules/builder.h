@@ -6,10 +6,47 @@
 #pragma once
 
 #include <array>
+#include <string>
 
 #include "plan/action.h"
 
 namespace dpx {
+
+// A plan of `ranks` x `num_modules` stages with no links and no actions yet: what every
+// layout starts from before it places its stages.
+inline Plan empty_plan(const std::string& name, int ranks, int chunks, int num_modules, int mbs_per_module) {
+  Plan p;
+  p.schedule = name;
+  p.ranks = ranks;
+  p.chunks = chunks;
+  p.num_modules = num_modules;
+  p.mbs_per_module = mbs_per_module;
+  p.stages.assign(ranks, std::vector<StageInfo>(num_modules));
+  p.actions.resize(ranks);
+  return p;
+}
+
+// Module `m` of rank r as stage `first_stage + r` of a pipeline that runs from rank 0 to the
+// last rank, each stage linked to module `m` of its neighbours.
+inline void place_down(Plan& p, int m, int first_stage = 0) {
+  for (int r = 0; r < p.ranks; ++r) {
+    StageInfo& s = p.stages[r][m];
+    s.stage = first_stage + r;
+    if (r > 0) s.prev_rank = r - 1, s.prev_module = m;
+    if (r < p.ranks - 1) s.next_rank = r + 1, s.next_module = m;
+  }
+}
+
+// Module `m` of rank r as stage `first_stage + ranks - 1 - r` of a pipeline that runs from
+// the last rank back to rank 0.
+inline void place_up(Plan& p, int m, int first_stage = 0) {
+  for (int r = 0; r < p.ranks; ++r) {
+    StageInfo& s = p.stages[r][m];
+    s.stage = first_stage + p.ranks - 1 - r;
+    if (r < p.ranks - 1) s.prev_rank = r + 1, s.prev_module = m;
+    if (r > 0) s.next_rank = r - 1, s.next_module = m;
+  }
+}
 
 class Builder {
  public:

@@ -16,50 +16,23 @@ namespace {
 // DualPipe: module 0 of rank r is stage r of the forward-direction pipeline, module 1 is
 // stage R-1-r of the reverse-direction pipeline.
 Plan dualpipe_layout(int ranks, int chunks) {
-  Plan p;
-  p.schedule = "dualpipe";
-  p.ranks = ranks;
-  p.chunks = chunks;
-  p.num_modules = 2;
-  p.mbs_per_module = chunks / 2;
-  p.stages.assign(ranks, std::vector<StageInfo>(2));
-  for (int r = 0; r < ranks; ++r) {
-    StageInfo& f = p.stages[r][0];
-    f.stage = r;
-    f.pipeline = 0;
-    if (r > 0) f.prev_rank = r - 1, f.prev_module = 0;
-    if (r < ranks - 1) f.next_rank = r + 1, f.next_module = 0;
-    StageInfo& b = p.stages[r][1];
-    b.stage = ranks - 1 - r;
-    b.pipeline = 1;
-    if (r < ranks - 1) b.prev_rank = r + 1, b.prev_module = 1;
-    if (r > 0) b.next_rank = r - 1, b.next_module = 1;
-  }
+  Plan p = empty_plan("dualpipe", ranks, chunks, 2, chunks / 2);
+  place_down(p, 0);
+  place_up(p, 1);
+  for (int r = 0; r < ranks; ++r) p.stages[r][1].pipeline = 1;
   return p;
 }
 
 // DualPipeV: one V-shaped pipeline of 2R stages; rank r holds stages r and 2R-1-r, and
 // the last rank hands stage R-1's output to stage R locally.
 Plan dualpipev_layout(int ranks, int chunks) {
-  Plan p;
-  p.schedule = "dualpipev";
-  p.ranks = ranks;
-  p.chunks = chunks;
-  p.num_modules = 2;
-  p.mbs_per_module = chunks;
-  p.stages.assign(ranks, std::vector<StageInfo>(2));
-  for (int r = 0; r < ranks; ++r) {
-    StageInfo& down = p.stages[r][0];
-    down.stage = r;
-    if (r > 0) down.prev_rank = r - 1, down.prev_module = 0;
-    if (r < ranks - 1) down.next_rank = r + 1, down.next_module = 0;
-    else down.next_rank = r, down.next_module = 1;
-    StageInfo& up = p.stages[r][1];
-    up.stage = 2 * ranks - 1 - r;
-    if (r < ranks - 1) up.prev_rank = r + 1, up.prev_module = 1;
-    else up.prev_rank = r, up.prev_module = 0;
-    if (r > 0) up.next_rank = r - 1, up.next_module = 1;
-  }
+  Plan p = empty_plan("dualpipev", ranks, chunks, 2, chunks);
+  place_down(p, 0);
+  place_up(p, 1, ranks);
+  StageInfo& turn_down = p.stages[ranks - 1][0];
+  StageInfo& turn_up = p.stages[ranks - 1][1];
+  turn_down.next_rank = ranks - 1, turn_down.next_module = 1;
+  turn_up.prev_rank = ranks - 1, turn_up.prev_module = 0;
   return p;
 }
 
@@ -153,7 +126,6 @@ Plan make_dualpipe(int ranks, int chunks) {
                                 ", got " + std::to_string(chunks));
   Plan p = dualpipe_layout(ranks, chunks);
   const int half = ranks / 2;
-  p.actions.resize(ranks);
   for (int r = 0; r < ranks; ++r) {
     const int half_rank = std::min(r, ranks - 1 - r);
     const bool middle = r == half - 1 || r == half;
@@ -168,7 +140,6 @@ Plan make_dualpipev(int ranks, int chunks) {
     throw std::invalid_argument("dualpipev on " + std::to_string(ranks) + " ranks needs at least " +
                                 std::to_string(2 * ranks) + " chunks, got " + std::to_string(chunks));
   Plan p = dualpipev_layout(ranks, chunks);
-  p.actions.resize(ranks);
   for (int r = 0; r < ranks; ++r)
     p.actions[r] = eight_phases(p, r, r, ranks, chunks, r == ranks - 1, 0);
   return p;

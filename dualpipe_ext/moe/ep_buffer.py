@@ -42,7 +42,7 @@ from dualpipe_ext.kernels._common import new_output
 from dualpipe_ext.inflight import InFlight
 from dualpipe_ext.streams import CommScope
 
-from .ep_memory import allocate, pid_alive
+from .ep_memory import allocate
 
 __all__ = ["EPBuffer", "EPHandle", "EPBufferError"]
 
@@ -297,6 +297,10 @@ class EPBuffer:
             return 13, f"the handle must come from this buffer's dispatch, got {type(handle).__name__}"
         if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != rows:
             return 12, f"{name} must be [{rows}, {self.hidden}], got {tuple(getattr(t, 'shape', ()))}"
+        return self._check_payload(t, name)
+
+    def _check_payload(self, t: torch.Tensor, name: str) -> Tuple[int, Optional[str]]:
+        """Host check that a 2-d tensor of rows fits the buffer's hidden size, dtype and device."""
         if t.shape[1] != self.hidden:
             return 3, f"{name} has hidden size {t.shape[1]}, the buffer {self.hidden}"
         if t.dtype != self.dtype:
@@ -361,7 +365,7 @@ class EPBuffer:
                 return
             missing = [p for p in range(world) if status[p]]
             waited = time.monotonic() - start
-            dead = [p for p in missing if not pid_alive(self._mem.pids[p])]
+            dead = [p for p in missing if not faults.pid_alive(self._mem.pids[p])]
             raised = faults.raised_by([self._global[p] for p in missing], faults.window())
             if dead or raised or waited >= self.timeout_s:
                 status[:world] = 0
@@ -412,7 +416,7 @@ def _check_kernels_available(device: torch.device) -> None:
     from dualpipe_ext.kernels._common import _interpreting, triton_available
 
     if not triton_available():
-        raise ImportError("EPBuffer needs Triton: pip install triton (or pip install -e \".[test]\")")
+        raise ImportError("EPBuffer needs the 'triton' package, which is not installed: pip install -e \".[triton]\"")
     if device.type == "cpu" and not _interpreting():
         raise ValueError("EPBuffer on CPU runs its Triton kernels in the interpreter: set TRITON_INTERPRET=1 before "
                          "triton is first imported")

@@ -23,7 +23,7 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["SymmetricBuffer", "allocate", "pid_alive"]
+__all__ = ["SymmetricBuffer", "allocate"]
 
 _SHM_DIR = "/dev/shm"
 _live_files: "weakref.WeakSet[SymmetricBuffer]" = weakref.WeakSet()
@@ -131,19 +131,3 @@ def _allocate_cuda(group, nbytes: int, num_status: int, device: torch.device, pi
     torch.cuda.synchronize(device)
     dist.barrier(group=group)  # every rank's buffer is zeroed before any kernel writes into it
     return SymmetricBuffer(local, table, [], status, device, pids, [], handle)
-
-
-def pid_alive(pid: int) -> bool:
-    """True when process ``pid`` (on this host) still runs."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
-    except OSError:
-        return True
-

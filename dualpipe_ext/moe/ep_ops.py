@@ -25,12 +25,9 @@ def _check_dispatch(ep: EPBuffer, x, topk_idx, topk_weights, num_experts) -> Tup
         return 1, f"x must be a [num_tokens, {ep.hidden}] tensor, got {tuple(getattr(x, 'shape', ()))}"
     if x.shape[0] > ep.max_tokens:
         return 2, f"x has {x.shape[0]} tokens, the buffer holds at most max_tokens={ep.max_tokens}"
-    if x.shape[1] != ep.hidden:
-        return 3, f"x has hidden size {x.shape[1]}, the buffer {ep.hidden}"
-    if x.dtype != ep.dtype:
-        return 4, f"x has dtype {x.dtype}, the buffer {ep.dtype}"
-    if x.device != ep.device:
-        return 5, f"x is on {x.device}, the buffer on {ep.device}"
+    code, detail = ep._check_payload(x, "x")
+    if code:
+        return code, detail
     if (not isinstance(topk_idx, torch.Tensor) or topk_idx.dtype != torch.int64 or topk_idx.dim() != 2
             or topk_idx.shape[0] != x.shape[0] or topk_idx.device != ep.device):
         return 6, (f"topk_idx must be a [{x.shape[0]}, num_topk] int64 tensor on {ep.device}, got "

@@ -26,37 +26,23 @@ from .runs import BackwardRun, ForwardRun, split_halves
 
 __all__ = ["execute", "overlapped_forward_backward"]
 
-_F, _B, _W = _C.Pass.F, _C.Pass.B, _C.Pass.W
+_W = _C.Pass.W
 _COMPUTE, _ISSUE, _WAIT = _C.StepKind.COMPUTE, _C.StepKind.ISSUE, _C.StepKind.WAIT
 _C_ = _C.Component
 Run = Union[ForwardRun, BackwardRun]
 
-# (kind, component, pass) -> what a run does for that step
-_FORWARD = {
-    (_COMPUTE, _C_.PROLOGUE, _F): lambda r, l: r.prologue(),
-    (_COMPUTE, _C_.ATTN, _F): ForwardRun.attn,
-    (_COMPUTE, _C_.SHARED, _F): ForwardRun.shared,
-    (_ISSUE, _C_.DISPATCH, _F): ForwardRun.dispatch_issue,
-    (_WAIT, _C_.DISPATCH, _F): ForwardRun.dispatch_wait,
-    (_COMPUTE, _C_.MLP, _F): ForwardRun.mlp,
-    (_ISSUE, _C_.COMBINE, _F): ForwardRun.combine_issue,
-    (_WAIT, _C_.COMBINE, _F): ForwardRun.combine_wait,
-    (_COMPUTE, _C_.EPILOGUE, _F): lambda r, l: r.epilogue(),
-}
-_BACKWARD = {
-    (_COMPUTE, _C_.EPILOGUE, _B): lambda r, l: r.epilogue(),
-    (_ISSUE, _C_.COMBINE, _B): BackwardRun.combine_issue,
-    (_WAIT, _C_.COMBINE, _B): BackwardRun.combine_wait,
-    (_COMPUTE, _C_.SHARED, _B): BackwardRun.shared,
-    (_COMPUTE, _C_.MLP, _B): BackwardRun.mlp,
-    (_ISSUE, _C_.DISPATCH, _B): BackwardRun.dispatch_issue,
-    (_WAIT, _C_.DISPATCH, _B): BackwardRun.dispatch_wait,
-    (_COMPUTE, _C_.MLP, _W): lambda r, l: r.weight(l, "w_mlp"),
-    (_COMPUTE, _C_.ATTN, _B): BackwardRun.attn,
-    (_COMPUTE, _C_.ATTN, _W): lambda r, l: r.weight(l, "w_attn"),
-    (_COMPUTE, _C_.SHARED, _W): lambda r, l: r.weight(l, "w_shared"),
-    (_COMPUTE, _C_.PROLOGUE, _B): lambda r, l: r.prologue(),
-}
+_ENDS = (_C_.PROLOGUE, _C_.EPILOGUE)
+_SUFFIX = {_COMPUTE: "", _ISSUE: "_issue", _WAIT: "_wait"}
+
+
+def _do(run: Run, step):
+    """Run one step: the run's method named after the component (``attn``, ``dispatch_issue``,
+    ``combine_wait``, ...); a weight pass is ``run.weight(layer, "w_<component>")``."""
+    name = step.component.name.lower()
+    if step.pass_ == _W:
+        return run.weight(step.layer, "w_" + name)
+    method = getattr(run, name + _SUFFIX[step.kind])
+    return method() if step.component in _ENDS else method(step.layer)
 
 
 def execute(runs: Sequence[Run], interleave: bool, config) -> None:
@@ -75,9 +61,8 @@ def execute(runs: Sequence[Run], interleave: bool, config) -> None:
     staged: List = []  # exchanges issued since the last computation
     for step in steps:
         run = runs[step.run]
-        table = _BACKWARD if isinstance(run, BackwardRun) else _FORWARD
         with record(str(step)):
-            result = table[(step.kind, step.component, step.pass_)](run, step.layer)
+            result = _do(run, step)
         if step.kind == _ISSUE:
             staged.append(result)
         elif step.kind == _COMPUTE and staged:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import torch
 
+from dualpipe_ext.inflight import InFlight
 from dualpipe_ext.utils import WeightGradStore, run_backward
 
 __all__ = ["ForwardRun", "BackwardRun", "weight_grads"]
@@ -106,7 +107,7 @@ class ForwardRun:
         st.us = _leaf(st.u)
         st.sh = moe.shared(st.us).view_as(st.h)
 
-    def dispatch_issue(self, l: int) -> None:
+    def dispatch_issue(self, l: int) -> InFlight:
         st, moe = self.layers[l], self.stage.layers[l].moe
         with torch.no_grad():
             st.pending = moe.dispatch(st.u.detach(), st.idx, st.w.detach(), async_op=True).with_delay(self.delay)
@@ -122,7 +123,7 @@ class ForwardRun:
         st, moe = self.layers[l], self.stage.layers[l].moe
         st.e = moe.experts_forward(st.recv_x, st.recv_idx, st.recv_w)
 
-    def combine_issue(self, l: int) -> None:
+    def combine_issue(self, l: int) -> InFlight:
         st, moe = self.layers[l], self.stage.layers[l].moe
         with torch.no_grad():
             st.pending = moe.combine(st.e.detach().to(st.u.dtype), st.handle, async_op=True).with_delay(self.delay)
@@ -178,7 +179,7 @@ class BackwardRun:
         run_backward([self.fwd.output], [self.grad_out])
         self.fwd.output = None
 
-    def combine_issue(self, l: int) -> None:
+    def combine_issue(self, l: int) -> InFlight:
         st, moe = self.layers[l], self.stage.layers[l].moe
         g = self._grad_of_output(l)
         with torch.no_grad():
@@ -203,7 +204,7 @@ class BackwardRun:
             run_backward([st.e], [st.grad_e])
         st.w_mlp, st.e, st.grad_e = funcs, None, None
 
-    def dispatch_issue(self, l: int) -> None:
+    def dispatch_issue(self, l: int) -> InFlight:
         st, moe = self.layers[l], self.stage.layers[l].moe
         grad_x = st.recv_x.grad if st.recv_x.grad is not None else torch.zeros_like(st.recv_x)
         grad_w = st.recv_w.grad if st.recv_w.grad is not None else torch.zeros_like(st.recv_w)

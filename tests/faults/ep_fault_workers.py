@@ -15,22 +15,13 @@ from dualpipe_ext import DualPipe, RuntimeConfig
 from dualpipe_ext.moe import EPBuffer, MoEConfig
 from dualpipe_ext.overlap import BlockConfig, OverlapConfig, OverlappedMoEStage
 
+from fault_models import OnBackward
 from fault_workers import outcome, write_pid
 
 HIDDEN, BATCH, SEQ, CHUNKS = 8, 2, 3, 4
 CFG = BlockConfig(MoEConfig(hidden=HIDDEN, moe_intermediate=8, num_experts=4, topk=2), num_heads=2)
 # The expert group's collectives time out after EP_TIMEOUT_S (a silent EP peer); the pipeline waits longer.
 EP_TIMEOUT_S, PIPE_TIMEOUT_S = 3.0, 60.0
-
-
-class _ExitInBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        os._exit(17)  # as an OOM kill would, inside the backward of an overlapped pair
 
 
 def _groups(rank: int):
@@ -81,7 +72,7 @@ def _fail_in_pair(stages, how: str) -> None:
             if state["in_pair"]:
                 if how == "raise":
                     raise RuntimeError("attention exploded on purpose")
-                h = _ExitInBackward.apply(h)
+                h = OnBackward.apply(h, lambda: os._exit(17))  # as an OOM kill would, in a pair's backward
             return h, u
         return attention
 

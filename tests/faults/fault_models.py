@@ -50,21 +50,27 @@ def _hit(site: str) -> None:
         ACTIVE.hit(site, RANK)
 
 
-class _BackwardHook(torch.autograd.Function):
-    """Identity whose backward counts a backward (and queues a weight step when weights are deferred)."""
+class OnBackward(torch.autograd.Function):
+    """Identity whose backward calls ``fn()`` first: ``OnBackward.apply(x, fn)``."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, fn):
+        ctx.fn = fn
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        _hit("backward")
-        if WeightGradStore.enabled:
-            WeightGradStore.put(lambda: _hit("weight"))
-        else:
-            _hit("weight")
-        return grad
+        ctx.fn()
+        return grad, None
+
+
+def _backward_hit() -> None:
+    """Count a backward (and queue a weight step when weights are deferred)."""
+    _hit("backward")
+    if WeightGradStore.enabled:
+        WeightGradStore.put(lambda: _hit("weight"))
+    else:
+        _hit("weight")
 
 
 class FaultyStage(Stage):
@@ -72,7 +78,7 @@ class FaultyStage(Stage):
 
     def forward(self, *xs):
         _hit("forward")
-        return _BackwardHook.apply(super().forward(*xs))
+        return OnBackward.apply(super().forward(*xs), _backward_hit)
 
 
 _send, _receive = transport.StepComm.send, transport.StepComm.receive
