@@ -28,7 +28,7 @@ from ._common import (
     use_triton,
 )
 
-from ._triton import tl, triton  # None without Triton: the references run without it
+from ._triton import block_range, tl, triton  # None without Triton: the references run without it
 
 __all__ = ["combine", "combine_reference"]
 
@@ -89,22 +89,20 @@ if triton is not None:
     def _combine_kernel(rows_ptr, pos_ptr, w_ptr, out_ptr, num_tokens, num_cols, hidden, HAS_WEIGHTS: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr):
         for tb in range(tl.program_id(0), tl.cdiv(num_tokens, BLOCK_T), tl.num_programs(0)):
-            t = (tb * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # int64: offsets past 2**31 stay exact
-            t_mask = t < num_tokens
+            t, t_ok = block_range(tb * BLOCK_T, BLOCK_T, num_tokens)
             for h0 in range(0, hidden, BLOCK_H):
-                h = h0 + tl.arange(0, BLOCK_H)
-                h_mask = h < hidden
+                h, h_ok = block_range(h0, BLOCK_H, hidden)
                 acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=ACC)
                 for c in range(num_cols):
-                    p = tl.load(pos_ptr + t * num_cols + c, mask=t_mask, other=-1)
-                    valid = (p >= 0)[:, None] & h_mask[None, :]
+                    p = tl.load(pos_ptr + t * num_cols + c, mask=t_ok, other=-1)
+                    valid = (p >= 0)[:, None] & h_ok[None, :]
                     row = tl.load(rows_ptr + p[:, None] * hidden + h[None, :], mask=valid, other=0.0).to(ACC)
                     if HAS_WEIGHTS:
-                        w = tl.load(w_ptr + t * num_cols + c, mask=t_mask, other=0.0).to(ACC)
+                        w = tl.load(w_ptr + t * num_cols + c, mask=t_ok, other=0.0).to(ACC)
                         row = tl.where(valid, row * w[:, None], 0.0)
                     acc += row
                 tl.store(out_ptr + t[:, None] * hidden + h[None, :], _round_to(acc, out_ptr.dtype.element_ty),
-                         mask=t_mask[:, None] & h_mask[None, :])
+                         mask=t_ok[:, None] & h_ok[None, :])
 
     @triton.jit
     def _combine_bwd_kernel(grad_out_ptr, rows_ptr, pos_ptr, w_ptr, grad_rows_ptr, grad_w_ptr, num_tokens, num_cols,
@@ -112,20 +110,18 @@ if triton is not None:
                             BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, C_PAD: tl.constexpr, ACC: tl.constexpr):
         cols = tl.arange(0, C_PAD)
         for tb in range(tl.program_id(0), tl.cdiv(num_tokens, BLOCK_T), tl.num_programs(0)):
-            t = (tb * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-            t_mask = t < num_tokens
+            t, t_ok = block_range(tb * BLOCK_T, BLOCK_T, num_tokens)
             grad_w = tl.zeros([BLOCK_T, C_PAD], dtype=ACC)
             for h0 in range(0, hidden, BLOCK_H):
-                h = h0 + tl.arange(0, BLOCK_H)
-                h_mask = h < hidden
-                g = tl.load(grad_out_ptr + t[:, None] * hidden + h[None, :], mask=t_mask[:, None] & h_mask[None, :],
+                h, h_ok = block_range(h0, BLOCK_H, hidden)
+                g = tl.load(grad_out_ptr + t[:, None] * hidden + h[None, :], mask=t_ok[:, None] & h_ok[None, :],
                             other=0.0).to(ACC)
                 for c in range(num_cols):
-                    p = tl.load(pos_ptr + t * num_cols + c, mask=t_mask, other=-1)
-                    valid = (p >= 0)[:, None] & h_mask[None, :]
+                    p = tl.load(pos_ptr + t * num_cols + c, mask=t_ok, other=-1)
+                    valid = (p >= 0)[:, None] & h_ok[None, :]
                     if GRAD_ROWS:
                         if HAS_WEIGHTS:
-                            w = tl.load(w_ptr + t * num_cols + c, mask=t_mask, other=0.0).to(ACC)
+                            w = tl.load(w_ptr + t * num_cols + c, mask=t_ok, other=0.0).to(ACC)
                             grad_row = g * w[:, None]
                         else:
                             grad_row = g
@@ -137,7 +133,7 @@ if triton is not None:
                         grad_w = tl.where(cols[None, :] == c, grad_w + dot[:, None], grad_w)
             if GRAD_WEIGHTS:
                 tl.store(grad_w_ptr + t[:, None] * num_cols + cols[None, :], grad_w.to(tl.float32),
-                         mask=t_mask[:, None] & (cols < num_cols)[None, :])
+                         mask=t_ok[:, None] & (cols < num_cols)[None, :])
 
 
 def _acc_dtype(dtype: torch.dtype):

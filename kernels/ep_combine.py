@@ -14,7 +14,7 @@ import torch
 
 from .ep_common import ACK, COMBINE, DATA, Channel, _common, _consts, launch_wait
 
-from ._triton import tl, triton  # None without Triton: the references run without it
+from ._triton import block_range, tl, triton  # None without Triton: the references run without it
 
 if triton is not None:
     from .combine import _round_to
@@ -47,8 +47,7 @@ if triton is not None:
                 cell = (me * max_tokens + t).to(tl.int64)
                 dest = _region(table_ptr, s, cx_off, y_ptr.dtype.element_ty)
                 for h0 in range(0, hidden, BLOCK_H):
-                    h = h0 + tl.arange(0, BLOCK_H)
-                    h_ok = h < hidden
+                    h, h_ok = block_range(h0, BLOCK_H, hidden)
                     v = tl.load(y_ptr + row[:, None] * hidden + h[None, :], mask=valid[:, None] & h_ok[None, :])
                     tl.store(dest + cell[:, None] * hidden + h[None, :], v, mask=valid[:, None] & h_ok[None, :])
                 if WEIGHTS:
@@ -73,11 +72,9 @@ if triton is not None:
         k = tl.arange(0, KP)
         k_ok = k < num_topk
         for tb in range(pid, tl.cdiv(num_tokens, BLOCK_T), num_programs):
-            t = (tb * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-            t_ok = t < num_tokens
+            t, t_ok = block_range(tb * BLOCK_T, BLOCK_T, num_tokens)
             for h0 in range(0, hidden, BLOCK_H):
-                h = h0 + tl.arange(0, BLOCK_H)
-                h_ok = h < hidden
+                h, h_ok = block_range(h0, BLOCK_H, hidden)
                 acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=ACC)
                 for r in range(world):
                     sent = tl.load(pos_ptr + t * world + r, mask=t_ok, other=-1) >= 0

@@ -13,7 +13,7 @@ import torch
 
 from .ep_common import ACK, DATA, DISPATCH, Channel, _common, _consts, launch_wait
 
-from ._triton import tl, triton  # None without Triton: the references run without it
+from ._triton import block_range, tl, triton  # None without Triton: the references run without it
 
 if triton is not None:
     from .ep_common import _begin_recv, _region, _signal_all, _wait_counters, _words, _write_meta
@@ -37,11 +37,9 @@ if triton is not None:
         k_ok = k < num_topk
         if error == 0:
             for tb in range(pid, tl.cdiv(num_tokens, BLOCK_T), num_programs):
-                t = (tb * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-                t_ok = t < num_tokens
+                t, t_ok = block_range(tb * BLOCK_T, BLOCK_T, num_tokens)
                 for h0 in range(0, hidden, BLOCK_H):
-                    h = h0 + tl.arange(0, BLOCK_H)
-                    h_ok = h < hidden
+                    h, h_ok = block_range(h0, BLOCK_H, hidden)
                     row = tl.load(x_ptr + t[:, None] * hidden + h[None, :], mask=t_ok[:, None] & h_ok[None, :])
                     for r in range(world):
                         j = tl.load(pos_ptr + t * world + r, mask=t_ok, other=-1)
@@ -90,8 +88,7 @@ if triton is not None:
             valid = j < tl.load(meta + s * 4, cache_modifier=".cg")
             row = (s * max_tokens + j).to(tl.int64)
             for h0 in range(0, hidden, BLOCK_H):
-                h = h0 + tl.arange(0, BLOCK_H)
-                h_ok = h < hidden
+                h, h_ok = block_range(h0, BLOCK_H, hidden)
                 v = tl.load(src_x + row[:, None] * hidden + h[None, :], mask=valid[:, None] & h_ok[None, :], other=0.0,
                             cache_modifier=".cg")
                 tl.store(out_x_ptr + row[:, None] * hidden + h[None, :], v, mask=j_ok[:, None] & h_ok[None, :])

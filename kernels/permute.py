@@ -30,7 +30,7 @@ from ._common import (
 )
 from .combine import combine_backward_op, combine_op, combine_reference
 
-from ._triton import tl, triton  # None without Triton: the references run without it
+from ._triton import block_range, tl, triton  # None without Triton: the references run without it
 
 __all__ = ["permute", "permute_reference", "unpermute", "unpermute_reference"]
 
@@ -103,15 +103,13 @@ if triton is not None:
                         BLOCK_H: tl.constexpr):
         # Grid-stride over blocks of tokens: each row is read once and written to each destination.
         for tb in range(tl.program_id(0), tl.cdiv(num_tokens, BLOCK_T), tl.num_programs(0)):
-            t = (tb * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # int64: offsets past 2**31 stay exact
-            t_mask = t < num_tokens
+            t, t_ok = block_range(tb * BLOCK_T, BLOCK_T, num_tokens)
             for h0 in range(0, hidden, BLOCK_H):
-                h = h0 + tl.arange(0, BLOCK_H)
-                h_mask = h < hidden
-                row = tl.load(x_ptr + t[:, None] * hidden + h[None, :], mask=t_mask[:, None] & h_mask[None, :])
+                h, h_ok = block_range(h0, BLOCK_H, hidden)
+                row = tl.load(x_ptr + t[:, None] * hidden + h[None, :], mask=t_ok[:, None] & h_ok[None, :])
                 for c in range(num_cols):
-                    p = tl.load(pos_ptr + t * num_cols + c, mask=t_mask, other=-1)
-                    tl.store(out_ptr + p[:, None] * hidden + h[None, :], row, mask=(p >= 0)[:, None] & h_mask[None, :])
+                    p = tl.load(pos_ptr + t * num_cols + c, mask=t_ok, other=-1)
+                    tl.store(out_ptr + p[:, None] * hidden + h[None, :], row, mask=(p >= 0)[:, None] & h_ok[None, :])
 
 
 def launch_permute(x: torch.Tensor, send_pos: torch.Tensor, out: torch.Tensor, num_sms: Optional[int]) -> None:
