@@ -7,13 +7,29 @@ scanning a device-side prefix sum of the number of row tiles per group.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from ._common import FLOAT_DTYPES, _interpreting, check_tensor, new_output, persistent_grid, use_triton
 
-__all__ = ["grouped_mm", "grouped_mm_reference", "grouped_wgrad", "grouped_wgrad_reference"]
+__all__ = ["Tiles", "grouped_mm", "grouped_mm_reference", "grouped_wgrad", "grouped_wgrad_reference"]
+
+
+class Tiles(NamedTuple):
+    """Block sizes of a grouped GEMM's tiles: ``m`` rows, ``n`` output columns, ``k`` reduced columns.
+
+    Powers of two, at least 16 (what ``tl.dot`` takes)."""
+
+    m: int
+    n: int
+    k: int
+
+    def check(self) -> "Tiles":
+        for name, v in zip(self._fields, self):
+            if not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"Tiles.{name} must be a power of two of at least 16, got {v!r}")
+        return self
 
 from ._triton import tl, triton  # None without Triton: the references run without it
 
@@ -144,9 +160,7 @@ def grouped_mm(
     w: torch.Tensor,
     group_ends: torch.Tensor,
     *,
-    block_m: int = 64,
-    block_n: int = 64,
-    block_k: int = 32,
+    tiles: Tiles = Tiles(64, 64, 32),
     num_sms: Optional[int] = None,
     impl: str = "auto",
 ) -> torch.Tensor:
@@ -158,6 +172,7 @@ def grouped_mm(
         group_ends: [num_groups] int32/int64, cumulative row counts, non-decreasing, ending at most at
             ``num_rows`` (checked by the reference; the kernel does not read it back to the host). Rows past
             the last end (capacity-sized buffers) are not computed: the kernel leaves them unwritten.
+        tiles: block sizes of the kernel's tiles.
         num_sms: programs of the persistent grid (the SM budget; None: one per output tile).
     Returns:
         [num_rows, n], dtype of ``x``.
@@ -165,6 +180,7 @@ def grouped_mm(
     if not use_triton(impl, x, w, group_ends):
         return grouped_mm_reference(x, w, group_ends)
     _check(x, w, group_ends)
+    block_m, block_n, block_k = tiles.check()
     num_rows, k = x.shape
     num_groups, n, _ = w.shape
     out = new_output((num_rows, n), x.dtype, x.device)
@@ -199,9 +215,7 @@ def grouped_wgrad(
     x: torch.Tensor,
     group_ends: torch.Tensor,
     *,
-    block_m: int = 32,
-    block_n: int = 64,
-    block_k: int = 64,
+    tiles: Tiles = Tiles(32, 64, 64),
     num_sms: Optional[int] = None,
     impl: str = "auto",
 ) -> torch.Tensor:
@@ -211,6 +225,7 @@ def grouped_wgrad(
         grad: [num_rows, n] float, the output gradient; x: [num_rows, k], same dtype.
         group_ends: [num_groups] int32/int64 cumulative row counts on the device; rows past the
             last end are ignored, and the kernel never reads the ends back to the host.
+        tiles: block sizes of the kernel's tiles (``m`` runs over the reduced rows here).
         num_sms: programs of the persistent grid (the SM budget; None: one per output tile).
     Returns:
         [num_groups, n, k], dtype of ``grad`` (zero for empty groups).
@@ -222,6 +237,7 @@ def grouped_wgrad(
         raise ValueError(f"grad {tuple(grad.shape)} and x {tuple(x.shape)} must have the same rows")
     if not use_triton(impl, grad, x, group_ends):
         return grouped_wgrad_reference(grad, x, group_ends)
+    block_m, block_n, block_k = tiles.check()
     num_groups, n, k = group_ends.shape[0], grad.shape[1], x.shape[1]
     dw = new_output((num_groups, n, k), grad.dtype, grad.device)
     if num_groups == 0 or n == 0 or k == 0:

@@ -100,6 +100,8 @@ CASES: Dict[str, Tuple[str, str, str]] = {
     "experts_forward(None, ...)": ("moe", "TypeError", "experts_forward takes the layer's GroupedExperts first"),
     "EPBuffer(None, max_tokens=0, hidden=4)": ("moe", "ValueError", "max_tokens must be a positive int"),
     "grouped_mm(..., backend='x')": ("moe", "ValueError", "backend must be one of"),
+    "kernels.grouped_mm(..., tiles=Tiles(16, 24, 16))": ("moe", "ValueError",
+                                                        "Tiles.n must be a power of two of at least 16, got 24"),
     # viz, launch
     "draw_timeline(tl, 123)": ("viz", "TypeError", "the picture's path must be a str or os.PathLike"),
     "draw_timeline(tl, 'x.txt')": ("viz", "ValueError", "expected a file name ending in one of .svg, .png, .pdf"),
@@ -131,6 +133,7 @@ def _calls(rank: int, world: int) -> Dict[str, Callable[[], object]]:
                               moe, set_p2p_tensor_dtype, set_p2p_tensor_shapes)
     from dualpipe_ext import _C
     from dualpipe_ext.launch import run_ranks
+    from dualpipe_ext.kernels import grouped_mm as grouped_mm_kernels
     from dualpipe_ext.moe.grouped_mm import grouped_mm
     from dualpipe_ext.schedules import Costs, closed_form_bubble, get_plan, schedule_info, simulate, validate
     from dualpipe_ext.viz import draw_timeline, layout
@@ -250,6 +253,9 @@ def _calls(rank: int, world: int) -> Dict[str, Callable[[], object]]:
         "EPBuffer(None, max_tokens=0, hidden=4)": lambda: moe.EPBuffer(None, max_tokens=0, hidden=4),
         "grouped_mm(..., backend='x')": lambda: grouped_mm(torch.randn(2, 4), torch.randn(1, 4, 4),
                                                            torch.tensor([2]), backend="x"),
+        "kernels.grouped_mm(..., tiles=Tiles(16, 24, 16))": lambda: grouped_mm_kernels.grouped_mm(
+            torch.randn(2, 4), torch.randn(1, 4, 4), torch.tensor([2]), tiles=grouped_mm_kernels.Tiles(16, 24, 16),
+            impl="triton"),
         "draw_timeline(tl, 123)": lambda: draw_timeline(tl, 123),
         "draw_timeline(tl, 'x.txt')": lambda: draw_timeline(tl, "x.txt"),
         "layout('abc')": lambda: layout("abc"),

@@ -89,13 +89,21 @@ def _check_dispatch(x, topk_idx, topk_weights, num_experts, world) -> Tuple[int,
         return 6, f"num_experts ({num_experts}) must be divisible by the expert-parallel size ({world})"
     if topk_idx.shape[1] > num_experts:
         return 2, f"num_topk ({topk_idx.shape[1]}) must not exceed num_experts ({num_experts})"
+    bad = routing_values_problem(topk_idx, topk_weights, num_experts)
+    if bad is not None:
+        return (7 if bad.startswith("topk_idx") else 8), bad
+    return 0, None
+
+
+def routing_values_problem(topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> Optional[str]:
+    """What is wrong with the values of a routing (reads them on the host), or None."""
     if topk_idx.numel():
         bad = (topk_idx < -1) | (topk_idx >= num_experts)
         if bool(bad.any()):
-            return 7, f"topk_idx entries must be -1 (no expert) or in [0, {num_experts}), found {topk_idx[bad][0].item()}"
+            return f"topk_idx entries must be -1 (no expert) or in [0, {num_experts}), found {int(topk_idx[bad][0])}"
         if not bool(torch.isfinite(topk_weights).all()):
-            return 8, "topk_weights contain NaN or infinity"
-    return 0, None
+            return "topk_weights contain NaN or infinity"
+    return None
 
 
 def _raise_on_errors(op: str, codes: List[int], names: Tuple[str, ...], rank: int, detail: Optional[str]) -> None:

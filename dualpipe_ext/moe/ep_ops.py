@@ -14,6 +14,7 @@ import torch
 from dualpipe_ext.debug import checks_enabled
 from dualpipe_ext.kernels._common import new_output
 
+from .dispatch import routing_values_problem
 from .ep_buffer import EPBuffer, EPHandle
 
 __all__ = ["dispatch_op", "combine_op"]
@@ -42,12 +43,9 @@ def _check_dispatch(ep: EPBuffer, x, topk_idx, topk_weights, num_experts) -> Tup
     if (not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1
             or num_experts % ep.world):
         return 9, f"num_experts must be a positive multiple of the group size {ep.world}, got {num_experts!r}"
-    if checks_enabled() and topk_idx.numel():
-        bad = (topk_idx < -1) | (topk_idx >= num_experts)
-        if bool(bad.any()):
-            return 10, f"topk_idx entries must be -1 or in [0, {num_experts}), found {int(topk_idx[bad][0])}"
-        if not bool(torch.isfinite(topk_weights).all()):
-            return 11, "topk_weights contain NaN or infinity"
+    bad = routing_values_problem(topk_idx, topk_weights, num_experts) if checks_enabled() else None
+    if bad is not None:
+        return (10 if bad.startswith("topk_idx") else 11), bad
     return 0, None
 
 

@@ -29,14 +29,14 @@ _INTERP_SCRIPT = r"""
 import os, sys, torch
 os.environ["TRITON_INTERPRET"] = "1"
 from dualpipe_ext.kernels._common import poison_outputs
-from dualpipe_ext.kernels.grouped_mm import grouped_mm, grouped_mm_reference
+from dualpipe_ext.kernels.grouped_mm import Tiles, grouped_mm, grouped_mm_reference
 for seed, counts, n, k in [(0, [5, 0, 17, 3], 24, 40), (1, [0, 0, 33], 8, 16), (2, [1], 97, 7)]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(sum(counts), k, generator=g)
     w = torch.randn(len(counts), n, k, generator=g)
     ends = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
     with poison_outputs():
-        got = grouped_mm(x, w, ends, block_m=16, block_n=16, block_k=16, impl="triton")
+        got = grouped_mm(x, w, ends, tiles=Tiles(16, 16, 16), impl="triton")
     ref = grouped_mm_reference(x, w, ends)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
 # capacity-sized rows: rows past the last end are not computed (left poisoned) and ignored by the wgrad
@@ -51,8 +51,8 @@ for seed, counts, pad, n, k in [(3, [4, 0, 9], 6, 24, 40), (4, [0, 0], 3, 8, 16)
     w = torch.randn(len(counts), n, k, generator=g)
     ends = torch.cumsum(torch.tensor(counts), 0)
     with poison_outputs():
-        out = grouped_mm(x, w, ends, block_m=16, block_n=16, block_k=16, impl="triton")
-        dw = grouped_wgrad(grad, x, ends, block_m=16, block_n=16, block_k=16, impl="triton")
+        out = grouped_mm(x, w, ends, tiles=Tiles(16, 16, 16), impl="triton")
+        dw = grouped_wgrad(grad, x, ends, tiles=Tiles(16, 16, 16), impl="triton")
     valid = sum(counts)
     torch.testing.assert_close(out[:valid], grouped_mm_reference(x, w, ends)[:valid], rtol=1e-5, atol=1e-4)
     assert torch.isnan(out[valid:]).all()  # untouched
@@ -61,8 +61,8 @@ for seed, counts, pad, n, k in [(3, [4, 0, 9], 6, 24, 40), (4, [0, 0], 3, 8, 16)
     assert not torch.isnan(dw).any()
     # a persistent grid smaller than the tiles (an SM budget) computes the same
     with poison_outputs():
-        out2 = grouped_mm(x, w, ends, block_m=16, block_n=16, block_k=16, num_sms=2, impl="triton")
-        dw2 = grouped_wgrad(grad, x, ends, block_m=16, block_n=16, block_k=16, num_sms=3, impl="triton")
+        out2 = grouped_mm(x, w, ends, tiles=Tiles(16, 16, 16), num_sms=2, impl="triton")
+        dw2 = grouped_wgrad(grad, x, ends, tiles=Tiles(16, 16, 16), num_sms=3, impl="triton")
     assert torch.equal(out2[:valid], out[:valid]) and torch.equal(dw2, dw)
 print("ok")
 """
