@@ -1,7 +1,8 @@
 """``python -m dualpipe_ext.demo`` (also ``dualpipe-ext demo``): the main job.
 
 Trains a small DeepSeek-V3-style MoE language model (the transformers DeepseekV3
-architecture from a tiny config, every layer MoE, its blocks swapped for dualpipe_ext's MoE)
+architecture from a tiny config, every layer MoE unless ``--dense-layers``, its blocks swapped
+for dualpipe_ext's MoE)
 with DualPipe across the pipeline ranks and expert parallelism across replicas, on byte-level
 tokens of the Python standard library's own sources. By default: PP=2 x EP=2 on 4 CPU
 processes over gloo; ``--device cuda`` uses NCCL and one GPU per rank; started by ``torchrun``
@@ -28,7 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dualpipe_ext.demo", description=__doc__.split("\n\n")[1])
     a = p.add_argument
     a("--steps", type=int, default=40, help="training steps (default 40)")
-    a("--layers", type=int, default=4, help="decoder layers of the model, all MoE (default 4)")
+    a("--layers", type=int, default=4, help="decoder layers of the model (default 4)")
+    a("--dense-layers", type=int, default=0,
+      help="how many of the first layers are dense, as DeepSeek-V3's first_k_dense_replace (default 0)")
     a("--hidden", type=int, default=64, help="model width (default 64)")
     a("--seq", type=int, default=64, help="tokens per sequence (default 64)")
     a("--micro-batch", type=int, default=2, help="sequences per micro-batch (default 2)")
@@ -57,7 +60,8 @@ def _job(args):
 
     lm = LMConfig(hidden=args.hidden, layers=args.layers, heads=4 if args.hidden % 4 == 0 else 1,
                   experts=args.experts, topk=args.topk, groups=2 if args.experts % 2 == 0 else 1,
-                  topk_groups=1, moe_intermediate=args.hidden, seq=args.seq, seed=args.seed)
+                  topk_groups=1, moe_intermediate=args.hidden, seq=args.seq, dense_layers=args.dense_layers,
+                  seed=args.seed)
     return JobConfig(lm=lm, schedule=args.schedule, pp=args.pp, ep=args.ep, ep_path=args.ep_path,
                      overlap=not args.no_overlap, two_batch=args.two_batch, steps=args.steps, chunks=args.chunks,
                      micro_batch=args.micro_batch, lr=args.lr, eval_batches=args.eval_batches, device=args.device,
@@ -73,6 +77,10 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
     if args.layers < stages:
         p.error(f"--layers ({args.layers}) must be at least the number of stages ({stages} for {args.schedule} "
                 f"with --pp {args.pp})")
+    first_stage = -(-args.layers // stages)  # layers of stage 0 (split_layers: the earlier stages take more)
+    if not 0 <= args.dense_layers < first_stage:
+        p.error(f"--dense-layers must be at least 0 and leave stage 0 an MoE layer: below {first_stage} (stage 0 "
+                f"has {first_stage} of the {args.layers} layers), got {args.dense_layers}")
     if args.experts % args.ep or args.topk > args.experts:
         p.error(f"--experts ({args.experts}) must be a multiple of --ep ({args.ep}) and at least --topk ({args.topk})")
     if args.schedule == "dualpipe" and args.chunks % 2:
@@ -82,7 +90,8 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
 def _report(job, results: List[dict], wall_s: float) -> int:
     r0 = results[0]
     steps = len(r0["losses"])
-    print(f"\nDeepSeek-V3-style MoE LM: {job.lm.layers} layers, hidden {job.lm.hidden}, {job.lm.experts} experts "
+    dense = f" ({job.lm.dense_layers} dense)" if job.lm.dense_layers else ""
+    print(f"\nDeepSeek-V3-style MoE LM: {job.lm.layers} layers{dense}, hidden {job.lm.hidden}, {job.lm.experts} experts "
           f"top-{job.lm.topk} + 1 shared, byte-level vocabulary {job.lm.vocab}, seq {job.lm.seq}, float32; "
           f"{job.schedule} PP={job.pp} x EP={job.ep} ({job.ep_path} path) on {job.pp * job.ep} {job.device} "
           f"processes, {job.chunks} micro-batches of {job.micro_batch} per pipeline, overlap "

@@ -24,7 +24,7 @@ __all__ = ["LMConfig", "Layout", "build_model", "build_stages", "sync_grads", "i
 
 @dataclass(frozen=True)
 class LMConfig:
-    """Sizes of the demo's model (every layer an MoE layer)."""
+    """Sizes of the demo's model (the first ``dense_layers`` layers dense, the others MoE)."""
 
     vocab: int = 256
     hidden: int = 64
@@ -36,6 +36,7 @@ class LMConfig:
     topk_groups: int = 1
     moe_intermediate: int = 64
     seq: int = 64
+    dense_layers: int = 0  # DeepSeek-V3's first_k_dense_replace
     seed: int = 0
 
     def transformers_config(self):
@@ -46,7 +47,8 @@ class LMConfig:
             moe_intermediate_size=self.moe_intermediate, num_hidden_layers=self.layers,
             num_attention_heads=self.heads, num_key_value_heads=self.heads, n_shared_experts=1,
             n_routed_experts=self.experts, num_experts_per_tok=self.topk, n_group=self.groups,
-            topk_group=self.topk_groups, routed_scaling_factor=1.0, norm_topk_prob=True, first_k_dense_replace=0,
+            topk_group=self.topk_groups, routed_scaling_factor=1.0, norm_topk_prob=True,
+            first_k_dense_replace=self.dense_layers,
             kv_lora_rank=self.hidden // 2, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
             v_head_dim=self.hidden // self.heads, max_position_embeddings=max(64, self.seq),
             tie_word_embeddings=False)

@@ -150,6 +150,11 @@ def _looks_like_moe(module: nn.Module) -> bool:
     return (has_experts and has_router) or bool(_MOE_NAME.search(type(module).__name__))
 
 
+def is_moe_block(module: nn.Module) -> bool:
+    """Whether ``module`` is an MoE block that ``replace_moe`` would swap (or refuse), not a dense MLP."""
+    return type(module) in supported_blocks() or _looks_like_moe(module)
+
+
 def find_moe_blocks(model: nn.Module) -> List[Tuple[str, nn.Module, Optional[Callable]]]:
     """Every MoE block under ``model``: (qualified name, block, reader or None if unsupported).
 

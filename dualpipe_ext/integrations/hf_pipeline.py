@@ -17,7 +17,7 @@ from torch import nn
 
 from ._deps import require_transformers
 
-__all__ = ["CausalLMStage", "pipeline_stages", "causal_lm_loss", "split_layers", "layer_context"]
+__all__ = ["CausalLMStage", "pipeline_stages", "causal_lm_loss", "split_layers", "layer_context", "run_layer"]
 
 # attention kind of a layer -> name of the transformers.masking_utils function that builds its mask
 _MASKS = {"full_attention": "create_causal_mask", "sliding_attention": "create_sliding_window_causal_mask"}
@@ -51,13 +51,17 @@ class CausalLMStage(nn.Module):
         if len(self.layers):
             ctx = layer_context(self.config, self.rotary_emb, set(self.attention_kinds), hidden)
             for layer, kind in zip(self.layers, self.attention_kinds):
-                hidden = layer(hidden, attention_mask=ctx["masks"][kind], position_ids=ctx["position_ids"],
-                               position_embeddings=ctx["position_embeddings"])
-                if isinstance(hidden, tuple):  # layers that still return (hidden, ...)
-                    hidden = hidden[0]
+                hidden = run_layer(layer, hidden, ctx, kind)
         if self.lm_head is not None:
             hidden = self.lm_head(self.norm(hidden))
         return hidden
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, context: Dict[str, Any], kind: str) -> torch.Tensor:
+    """A transformers decoder layer on hidden [batch, seq, hidden], with the ``layer_context`` of its chunk."""
+    out = layer(hidden, attention_mask=context["masks"][kind], position_ids=context["position_ids"],
+                position_embeddings=context["position_embeddings"])
+    return out[0] if isinstance(out, tuple) else out  # layers that still return (hidden, ...)
 
 
 def layer_context(config: Any, rotary_emb: nn.Module, kinds, hidden: torch.Tensor) -> Dict[str, Any]:

@@ -19,7 +19,7 @@ def _losses(out):
 
 
 @pytest.mark.parametrize("flags", [
-    ("--steps", "8"),
+    ("--steps", "8", "--dense-layers", "1"),  # DeepSeek-V3's dense first layer, run inside a component
     ("--steps", "6", "--schedule", "dualpipev", "--two-batch"),
     ("--steps", "5", "--no-overlap"),
 ])
@@ -47,3 +47,5 @@ def test_main_job_refuses_impossible_layouts():
     assert code == 2 and "--pp must be even for DualPipe" in out, out
     code, out = _run("--schedule", "dualpipev", "--layers", "3")
     assert code == 2 and "--layers (3) must be at least the number of stages (4" in out, out
+    code, out = _run("--dense-layers", "2")
+    assert code == 2 and "--dense-layers must be at least 0 and leave stage 0 an MoE layer: below 2" in out, out
