@@ -6,7 +6,6 @@ needs it, and ``TRITON_INTERPRET`` may still be set before Triton is first impor
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 from typing import Iterator, Optional, Sequence
@@ -16,14 +15,11 @@ import torch
 IMPLS = ("auto", "triton", "reference")
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    """True when ``import triton`` succeeds."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when ``import triton`` succeeds (made once, by ``kernels/_triton.py``)."""
+    from . import _triton
+
+    return _triton.triton is not None
 
 
 def checks_enabled() -> bool:
