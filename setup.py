@@ -17,6 +17,7 @@ import sys
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -62,20 +63,37 @@ def cuda_extensions():
     return [make_cuda_extension(ROOT)]
 
 
+class build_py_with_kernels(build_py):
+    """Copies the Triton sources of the top-level kernels/ into the built dualpipe_ext/kernels/.
+
+    kernels/ has no __init__.py, so that from the repository root ``import kernels`` finds the
+    distribution of that name (transformers needs it); a source tree or an editable install
+    reaches the folder through dualpipe_ext/kernels/__init__.py instead.
+    """
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = os.path.join(self.build_lib, "dualpipe_ext", "kernels")
+        self.mkpath(target)
+        for source in sorted(glob.glob(os.path.join("kernels", "*.py"))):
+            self.copy_file(source, os.path.join(target, os.path.basename(source)))
+
+
 ext_modules = [core_extension()]
-cmdclass = {"build_ext": build_ext}
+cmdclass = {"build_ext": build_ext, "build_py": build_py_with_kernels}
 build_cuda, reason = want_cuda()
 if build_cuda:
     sys.path.insert(0, os.path.join(ROOT, "csrc", "cuda"))
     from torch.utils.cpp_extension import BuildExtension
 
     ext_modules += cuda_extensions()
-    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
 print(f"[dualpipe-ext] C++ core: yes; CUDA extension: {'yes' if build_cuda else 'no'} ({reason})", flush=True)
 
 setup(
-    packages=find_packages(include=["dualpipe_ext", "dualpipe_ext.*"]) + ["dualpipe_ext.kernels"],
-    package_dir={"dualpipe_ext.kernels": "kernels"},
+    packages=find_packages(include=["dualpipe_ext", "dualpipe_ext.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

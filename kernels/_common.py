@@ -5,6 +5,10 @@ needs it, and ``TRITON_INTERPRET`` may still be set before Triton is first impor
 """
 from __future__ import annotations
 
+if not __name__.startswith("dualpipe_ext.kernels."):
+    # The folder is only ever the package dualpipe_ext.kernels (see dualpipe_ext/kernels/__init__.py).
+    raise ImportError(f"{__name__!r}: the Triton sources in kernels/ are imported as dualpipe_ext.kernels")
+
 import contextlib
 import math
 import os

@@ -4,6 +4,9 @@ the index helper they share.
 Without Triton only the PyTorch references run. Importing a kernel module imports Triton,
 so ``TRITON_INTERPRET=1`` must be set before the first kernel module is imported.
 """
+if not __name__.startswith("dualpipe_ext.kernels."):
+    # Every kernel module imports this one: the folder is only ever the package dualpipe_ext.kernels.
+    raise ImportError(f"{__name__!r}: the Triton sources in kernels/ are imported as dualpipe_ext.kernels")
 try:
     import triton
     import triton.language as tl
