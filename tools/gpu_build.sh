@@ -15,7 +15,7 @@ fi
 t1=$SECONDS
 if DUALPIPE_EXT_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} "$PY" -m pip install -q --no-build-isolation --no-deps -e . > /tmp/gpu_build_cuda.log 2>&1; then
   echo "CUDA extension: built in $((SECONDS - t1)) s"
-  "$PY" -c "import dualpipe_ext._cuda as c; print('dualpipe_ext._cuda:', c.__file__)"
+  "$PY" -c "import torch, dualpipe_ext._cuda as c; print('dualpipe_ext._cuda:', c.__file__)"
 else
   echo "CUDA extension: build FAILED after $((SECONDS - t1)) s (the core stays installed):"
   grep -iE "error" /tmp/gpu_build_cuda.log | head -n 12 | cut -c1-300

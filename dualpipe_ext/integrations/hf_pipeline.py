@@ -71,8 +71,8 @@ def layer_context(config: Any, rotary_emb: nn.Module, kinds, hidden: torch.Tenso
     import transformers.masking_utils as masking
 
     position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-    masks = {kind: getattr(masking, _MASKS[kind])(config=config, inputs_embeds=hidden, attention_mask=None,
-                                                  cache=None, position_ids=position_ids)
+    # no cache: the fourth argument is named ``cache`` in newer transformers, ``past_key_values`` before
+    masks = {kind: getattr(masking, _MASKS[kind])(config, hidden, None, None, position_ids=position_ids)
              for kind in kinds}
     return {"position_ids": position_ids, "position_embeddings": rotary_emb(hidden, position_ids), "masks": masks}
 
