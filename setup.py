@@ -15,11 +15,26 @@ import os
 import shutil
 import sys
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def default_jobs() -> int:
+    """Parallel compile jobs: one per core, at most one per 4 GiB of available memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail_kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        by_memory = max(1, avail_kib // (4 << 20))
+    except (OSError, StopIteration, ValueError):
+        by_memory = os.cpu_count() or 1
+    return max(1, min(os.cpu_count() or 1, by_memory))
+
+
+os.environ.setdefault("MAX_JOBS", str(default_jobs()))  # read by ParallelCompile and torch's ninja build
+ParallelCompile("MAX_JOBS").install()
 
 
 def core_extension():
