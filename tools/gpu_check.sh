@@ -19,7 +19,7 @@ STEPS=(
   "environment|15|nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader; \$PY -c 'import torch, triton; p = torch.cuda.get_device_properties(0); print(torch.__version__, torch.version.cuda, triton.__version__, p.name, p.multi_processor_count, \"SMs\")'"
   "wheels|20|if ls .whl/*.whl >/dev/null 2>&1; then \$PY -m pip install -q --no-index --no-deps --no-compile --target \$SITE .whl/*.whl && ls \$SITE; else echo 'skipped: no .whl/ carried'; fi"
   "build|140|bash tools/gpu_build.sh"
-  "tests_gpu|110|\$PY -m pytest -q -x -m gpu -p no:cacheprovider tests/gpu --junitxml=\$LOGS/tests_gpu.xml"
+  "tests_gpu|110|TRITON_INTERPRET=0 \$PY -m pytest -q -x -m gpu -p no:cacheprovider tests/gpu --junitxml=\$LOGS/tests_gpu.xml"
   "bench_ep|45|\$PY bench/bench_ep.py --gpu --quick --sms 8 16 20 24 32 66 132 --json \$FIG"
   "bench_moe_layer|50|\$PY bench/bench_moe_layer.py --quick --json \$FIG"
   "bench_grouped_mm|30|\$PY bench/bench_moe_kernels.py --quick --json \$FIG"
