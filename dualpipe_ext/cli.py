@@ -44,6 +44,13 @@ def _costs(text: Optional[str]):
     return Costs() if text is None else Costs.parse(text)
 
 
+def _check_folder(flag: str, path: str) -> None:
+    """An output's folder must exist: a mistyped path is an error, not a new folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path!r}: the folder {folder} does not exist; create it first or pick another path")
+
+
 def _cmd_schedule(args: argparse.Namespace) -> int:
     from dualpipe_ext.schedules import get_plan, simulate
     from dualpipe_ext.viz import draw_timeline
@@ -51,6 +58,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
 
     if os.path.splitext(args.out)[1].lower() not in FORMATS:
         raise ValueError(f"--out {args.out!r}: expected a file name ending in one of {', '.join(FORMATS)}")
+    _check_folder("--out", args.out)
     costs = _costs(args.costs)
     plan = get_plan(args.name, args.ranks, args.chunks)
     sim = simulate(plan, costs=costs)
@@ -89,6 +97,9 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
     if not (args.chrome or args.svg or args.predict):
         raise ValueError("nothing to do: give --chrome OUT.json, --svg OUT.svg and/or --predict")
+    for flag, path in (("--chrome", args.chrome), ("--svg", args.svg)):
+        if path:
+            _check_folder(flag, path)
     records = [load_record(p) for p in args.files]
     args.step_given = args.step is not None
     args.step = -1 if args.step is None else args.step

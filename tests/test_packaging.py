@@ -45,3 +45,10 @@ def test_a_built_package_holds_one_top_level_name(tmp_path):
     built = {os.path.basename(p) for p in glob.glob(os.path.join(tmp_path, "dualpipe_ext", "kernels", "*.py"))}
     sources = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "kernels", "*.py"))}
     assert sources and sources | {"__init__.py"} == built
+
+
+def test_subpackages_resolve_on_first_attribute_access():
+    done = run_from_root("import dualpipe_ext as d; print(d.schedules.get_plan.__name__, d.runtime.DualPipe.__name__, "
+                         "d.viz.__name__, d.moe.__name__)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["get_plan", "DualPipe", "dualpipe_ext.viz", "dualpipe_ext.moe"]

@@ -27,7 +27,7 @@ Record format (``Recorder.to_dict()`` and the JSON file written by ``save``)::
     }
 
 ``name`` of compute and comm events is the action token of the plan
-(``shared/spec/schedule-trace.md``); ``index`` is the action's position in the rank's
+(``docs/schedule-trace.md``); ``index`` is the action's position in the rank's
 plan (-1 for spans). Events are in order of their end time.
 
 When the PyTorch profiler is active, the executor also opens a

@@ -2,7 +2,7 @@
 
 A plan lists, for every pipeline rank, its compute actions (``F0.3``, ``B1.2z``, ``W``,
 ``F0.3+B1.1``) and its communication (``sendF0.3>1``, ``recvB1.2<0``, ``wait``). The
-runtime executes whatever plan it is given; see ``shared/spec/schedule-trace.md`` for the
+runtime executes whatever plan it is given; see ``docs/schedule-trace.md`` for the
 trace notation. What is here:
 
 - :mod:`~dualpipe_ext.schedules.registry`: the schedules there are and their plans;

@@ -2,7 +2,7 @@
 
 It follows the eight phases of the published ``DualPipe.step`` and ``DualPipeV.step``,
 counting chunk ids per module the way the reference does and keeping its weight-gradient
-queue, and returns the trace tokens of shared/spec/schedule-trace.md.
+queue, and returns the trace tokens of docs/schedule-trace.md.
 """
 from typing import List
 

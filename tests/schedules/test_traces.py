@@ -10,7 +10,7 @@ from dualpipe_ext.schedules import get_plan
 from reference_loop import dualpipe_trace, dualpipev_trace
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Copies of the contract's reference traces (shared/spec/traces), kept with the tests so that
+# The reference traces of docs/schedule-trace.md, kept with the tests so that
 # a plain clone checks them too.
 TRACES = os.path.join(REPO, "tests", "data")
 TRACE_FILES = sorted(f for f in os.listdir(TRACES) if f.endswith(".json"))

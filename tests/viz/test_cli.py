@@ -73,6 +73,8 @@ def test_simulate_lists_invalid_schedules(capsys):
     (["simulate", "--ranks", "4", "--chunks", "8", "--memory", "3"], "add --best"),
     (["trace", "/nonexistent/rank0.json", "--chrome", "x.json"], "cannot read trace file"),
     (["trace", "a.json"], "nothing to do"),
+    (["schedule", "dualpipe", "--ranks", "4", "--chunks", "8", "--out", "missing/x.svg"], "does not exist"),
+    (["trace", "a.json", "--svg", "missing/x.svg"], "does not exist"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_errors_are_one_line(tmp_path, capsys, argv, needle):
@@ -85,7 +87,7 @@ def test_errors_are_one_line(tmp_path, capsys, argv, needle):
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dualpipe-ext") and needle in lines[0], err
-    assert not (tmp_path / "x.svg").exists()
+    assert not (tmp_path / "x.svg").exists() and not (tmp_path / "missing").exists()
 
 
 def test_trace_merges_and_predicts(tmp_path, capsys):
