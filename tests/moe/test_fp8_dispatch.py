@@ -59,7 +59,7 @@ def _dispatch_worker(rank, world):
     return out
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_fp8_dispatch_is_a_dispatch_of_the_dequantized_tokens(world):
     results = run_ranks(_dispatch_worker, world, timeout_s=300)
     for rank, res in enumerate(results):
@@ -88,7 +88,7 @@ def _layer_worker(rank, world, dtype):
     return results
 
 
-@pytest.mark.parametrize("world,dtype", [(2, torch.bfloat16), (4, torch.float32)])
+@pytest.mark.parametrize("world,dtype", [(2, torch.bfloat16), pytest.param(4, torch.float32, marks=pytest.mark.slow)])
 def test_moe_layer_with_fp8_dispatch_stays_close_to_the_unquantized_path(world, dtype):
     results = run_ranks(_layer_worker, world, dtype, timeout_s=300)
     for res in results:
@@ -104,29 +104,29 @@ def test_moe_layer_with_fp8_dispatch_stays_close_to_the_unquantized_path(world, 
         assert ref["row_bytes"] == HIDDEN * torch.empty(0, dtype=dtype).element_size()
 
 
-def _error_worker(rank, world, kind):
+def _error_worker(rank, world):
     from dualpipe_ext import moe
 
-    x = torch.randn(5, HIDDEN)
-    idx = torch.tensor([[0, 1, 2], [2, 3, 4], [5, 6, 7], [3, 0, 1], [0, 2, 7]])
-    w = torch.full((5, 3), 0.3)
-    fp8 = True
-    if kind == "disagree" and rank == 1:
-        fp8 = False
-    if kind == "float64" and rank == 0:
-        x = x.double()
-    try:
-        moe.dispatch(x, idx, w, EXPERTS, fp8=fp8)
-    except ValueError as e:
-        return str(e)
-    return None
+    messages = []
+    for kind in ("disagree", "float64"):
+        x = torch.randn(5, HIDDEN)
+        idx = torch.tensor([[0, 1, 2], [2, 3, 4], [5, 6, 7], [3, 0, 1], [0, 2, 7]])
+        w = torch.full((5, 3), 0.3)
+        fp8 = not (kind == "disagree" and rank == 1)
+        if kind == "float64" and rank == 0:
+            x = x.double()
+        try:
+            moe.dispatch(x, idx, w, EXPERTS, fp8=fp8)
+            messages.append(None)
+        except ValueError as e:
+            messages.append(str(e))
+    return messages
 
 
-@pytest.mark.parametrize("kind,message", [("disagree", "fp8 ranges over [0, 1]"),
-                                          ("float64", "rank(s) [0] of the group passed bad input (rank 0: x dtype")])
-def test_fp8_dispatch_errors_on_every_rank(kind, message):
-    for msg in run_ranks(_error_worker, 2, kind, timeout_s=120):
-        assert msg is not None and message in msg, msg
+def test_fp8_dispatch_errors_on_every_rank():
+    for disagree, float64 in run_ranks(_error_worker, 2, timeout_s=120):
+        assert disagree is not None and "fp8 ranges over [0, 1]" in disagree, disagree
+        assert float64 is not None and "rank(s) [0] of the group passed bad input (rank 0: x dtype for fp8)" in float64
 
 
 def test_fp8_dispatch_on_one_process_rounds_too():
