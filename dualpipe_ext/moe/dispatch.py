@@ -6,18 +6,18 @@ indices and weights for that rank. ``combine`` sends the expert outputs back and
 original token, the rows from all ranks. The backward of dispatch is a combine-shaped sum
 (through ``permute``'s autograd) and the backward of combine a dispatch-shaped copy.
 
-Collectives of one dispatch: one control exchange (``all_to_all_single`` of a [world_size, 7]
-int64 table: to each peer its row count, this rank's error code, hidden size, dtype, top-k,
-number of experts and FP8 mode; it sizes the receive buffers and lets every rank raise the same error
-before any payload moves), then two payload all-to-alls: the token rows (with ``fp8``: e4m3 bytes and scales, one uint8 all-to-all), and the local expert
-indices with the weights bit-cast beside them in one int32 buffer. Combine: one control
-all_reduce of a [world_size, 3 + 2 * world_size] int64 table (error codes, hidden size, dtype
-and every rank's row counts, so that every rank checks that all the handles come from the
-same dispatch), then one payload all-to-all. Every exchange is issued asynchronously; the
-payload follows its control exchange at ``InFlight.progress()`` (the overlap engine calls it
-after the next computation, at the same point on every rank) or at ``wait()``. Backward: two
-all-to-alls for dispatch (row and weight gradients), one for combine; ``combine_backward`` and
-``dispatch_backward`` issue them asynchronously for the overlap engine.
+Collectives of one dispatch: one control exchange (``all_to_all_single`` of a [world_size, 7] int64
+table: to each peer its row count, this rank's error code, hidden size, dtype, top-k, number of
+experts and FP8 mode; it sizes the receive buffers and lets every rank raise the same error before
+any payload moves), then two payload all-to-alls: the token rows (with ``fp8``: their e4m3 bytes
+and float32 group scales, as uint8), and the local expert indices with the weights bit-cast beside
+them in one int32 buffer. Combine: one control all_reduce of a [world_size, 3 + 2 * world_size]
+int64 table (error codes, hidden size, dtype and every rank's row counts, so that every rank checks
+that all the handles come from the same dispatch), then one payload all-to-all. Every exchange is
+issued asynchronously; the payload follows its control exchange at ``InFlight.progress()`` (the
+overlap engine calls it after the next computation, at the same point on every rank) or at
+``wait()``. Backward: two all-to-alls for dispatch (row and weight gradients), one for combine;
+``combine_backward`` and ``dispatch_backward`` issue them asynchronously for the overlap engine.
 
 These two stay ``torch.autograd.Function``s rather than ``torch.library.custom_op``s: their
 output shapes depend on the data (how many rows each rank receives is known only after the
