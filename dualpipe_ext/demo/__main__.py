@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     a("--ep-path", choices=("collective", "buffer"), default="collective",
       help="all_to_all (collective) or the device-side EPBuffer (buffer)")
     a("--no-overlap", action="store_true", help="run every forward+backward pair one after the other")
+    a("--fp8-dispatch", action="store_true",
+      help="dispatch tokens as FP8 (e4m3, a scale per 1x128 group; combine and gradients unquantized)")
     a("--two-batch", action="store_true", help="split every chunk into two halves that overlap each other")
     a("--lr", type=float, default=3e-3)
     a("--eval-batches", type=int, default=4, help="held-out steps at the end (default 4)")
@@ -65,7 +67,7 @@ def _job(args):
     return JobConfig(lm=lm, schedule=args.schedule, pp=args.pp, ep=args.ep, ep_path=args.ep_path,
                      overlap=not args.no_overlap, two_batch=args.two_batch, steps=args.steps, chunks=args.chunks,
                      micro_batch=args.micro_batch, lr=args.lr, eval_batches=args.eval_batches, device=args.device,
-                     check=not args.no_check, timeout_s=args.timeout)
+                     check=not args.no_check, timeout_s=args.timeout, fp8_dispatch=args.fp8_dispatch)
 
 
 def _check_args(p: argparse.ArgumentParser, args) -> None:
@@ -85,6 +87,8 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
         p.error(f"--experts ({args.experts}) must be a multiple of --ep ({args.ep}) and at least --topk ({args.topk})")
     if args.schedule == "dualpipe" and args.chunks % 2:
         p.error(f"--chunks must be even for DualPipe, got {args.chunks}")
+    if args.fp8_dispatch and args.ep_path != "collective":
+        p.error("--fp8-dispatch runs on the collective path (--ep-path collective)")
 
 
 def _report(job, results: List[dict], wall_s: float) -> int:
@@ -106,6 +110,8 @@ def _report(job, results: List[dict], wall_s: float) -> int:
     if len(rss) > 20:
         print(f"resident memory of the largest rank: {rss[19]:.0f} MiB after step 20, {rss[-1]:.0f} MiB after step "
               f"{len(rss)} ({(rss[-1] / rss[19] - 1) * 100:+.1f} %)")
+    if r0.get("dispatch_bytes"):
+        print(_bytes_line(job, r0))
     ok = True
     if job.check:
         mismatches = [f"rank {r}: {m}" for r, res in enumerate(results) for m in res["check"]["mismatches"]]
@@ -113,12 +119,14 @@ def _report(job, results: List[dict], wall_s: float) -> int:
         compared = sum(res["check"]["compared"] for res in results)
         if mismatches:
             ok = False
-            print(f"first step vs the unpipelined model: MISMATCH ({len(mismatches)} of {compared} gradients or the "
+            fp8 = ", FP8 dispatch rounding in both" if job.fp8_dispatch else ""
+            print(f"first step vs the unpipelined model{fp8}: MISMATCH ({len(mismatches)} of {compared} gradients or the "
                   f"loss)")
             for m in mismatches[:10]:
                 print("   ", m)
         else:
-            print(f"first step vs the unpipelined model: matched (mean loss {r0['check']['ref_loss']:.6f}; {compared} "
+            fp8 = ", FP8 dispatch rounding in both" if job.fp8_dispatch else ""
+            print(f"first step vs the unpipelined model{fp8}: matched (mean loss {r0['check']['ref_loss']:.6f}; {compared} "
                   f"gradients, worst 1 - 2xy/(x²+y²) = {worst:.2g})")
     if any(res["copies_differ"] for res in results):
         ok = False
@@ -129,6 +137,16 @@ def _report(job, results: List[dict], wall_s: float) -> int:
         ok = False
         print(f"the loss did not fall (first steps {head:.4f}, last steps {tail:.4f})")
     return 0 if ok else 1
+
+
+def _bytes_line(job, r0) -> str:
+    """Bytes of the dispatches per step and per row, against float32 and bfloat16 rows."""
+    row = r0["dispatch_row_bytes"]
+    h = job.lm.hidden
+    per_step = statistics.median(r0["dispatch_bytes"])
+    form = "e4m3 + float32 scale per 128 columns" if job.fp8_dispatch else "float32"
+    return (f"dispatch: {per_step / 2 ** 20:.2f} MiB per step, {row} B per token row ({form}; "
+            f"{row / (4 * h):.2f}x float32 rows, {row / (2 * h):.2f}x bfloat16 rows)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -12,14 +12,14 @@ stage ``pp - 1 - p`` of copy B, reverse direction); DualPipeV one copy of ``2 pp
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["LMConfig", "Layout", "build_model", "build_stages", "sync_grads", "is_expert"]
+__all__ = ["LMConfig", "Layout", "build_model", "build_stages", "sync_grads", "is_expert", "moe_layers"]
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,8 @@ def is_expert(name: str) -> bool:
     return ".mlp.experts." in name
 
 
-def build_stages(cfg: LMConfig, layout: Layout, overlap, interleave: bool, ep_buffer=None):
-    """This rank's two stage modules, with its share of the experts.
+def build_stages(cfg: LMConfig, layout: Layout, overlap, interleave: bool, ep_buffer=None, fp8_dispatch: bool = False):
+    """This rank's two stage modules, with its share of the experts (``fp8_dispatch``: tokens cross as FP8).
 
     Returns ``(modules, stage ids, names)``: ``names[i]`` maps ``id(parameter)`` of module i to
     its name in the (swapped) model.
@@ -126,10 +126,20 @@ def build_stages(cfg: LMConfig, layout: Layout, overlap, interleave: bool, ep_bu
         model = build_model(cfg)
         options = {"ep": ep_buffer} if ep_buffer is not None else {}
         hf.replace_moe(model, group=layout.ep_group, **options)
+        if fp8_dispatch:
+            for moe in moe_layers([model]):
+                moe.config = replace(moe.config, fp8_dispatch=True)
         names = {id(p): n for n, p in model.named_parameters()}
         copies.append((hf.overlap_stages(model, layout.num_stages, overlap=overlap, interleave=interleave), names))
     picks = [(copies[0], ids[0]), (copies[-1], ids[1])]
     return tuple(c[0][i] for c, i in picks), ids, [c[1] for c, _ in picks]
+
+
+def moe_layers(modules: Sequence[nn.Module]) -> list:
+    """The ``dualpipe_ext.moe.MoE`` layers inside ``modules``, in order."""
+    from dualpipe_ext.moe import MoE
+
+    return [m for module in modules for m in module.modules() if isinstance(m, MoE)]
 
 
 def _params_by_stage(modules: Sequence[nn.Module], ids: Sequence[int], expert: bool) -> List[torch.Tensor]:

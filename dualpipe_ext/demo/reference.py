@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["sequential_step", "grad_cos_diff", "lm_reference", "swapped_name"]
+__all__ = ["sequential_step", "grad_cos_diff", "lm_reference", "swapped_name", "fp8_round_expert_inputs"]
 
 
 def sequential_step(stages: Sequence[nn.Module], inputs: Sequence[torch.Tensor], num_micro_batches: int,
@@ -94,3 +94,28 @@ def lm_reference(model: nn.Module, batches: Sequence[torch.Tensor], loss_fn: Cal
     for new, parts in halves.items():
         grads[new] = torch.cat([parts["gate"], parts["up"]])
     return float(mean.detach()), grads
+
+
+class _FP8RoundTrip(torch.autograd.Function):
+    """Rows as an FP8 dispatch delivers them (``kernels/fp8.py``); the gradient passes straight through."""
+
+    @staticmethod
+    def forward(ctx, x):
+        from dualpipe_ext.kernels.fp8 import round_trip
+
+        return round_trip(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def fp8_round_expert_inputs(model: nn.Module) -> int:
+    """Make every routed-experts module of a transformers MoE model see its input rows rounded as an FP8
+    dispatch rounds them (router and shared experts keep the unrounded rows); returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("Experts") and hasattr(module, "gate_up_proj"):
+            module.register_forward_pre_hook(lambda _m, args: (_FP8RoundTrip.apply(args[0]), *args[1:]))
+            count += 1
+    return count

@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 
 from .corpus import load_corpus
-from .lm import LMConfig, Layout, build_model, build_stages, copies_differ, is_expert, sync_grads
-from .reference import grad_cos_diff, lm_reference
+from .lm import (LMConfig, Layout, build_model, build_stages, copies_differ, is_expert, moe_layers,
+                 sync_grads)
+from .reference import fp8_round_expert_inputs, grad_cos_diff, lm_reference
 
 __all__ = ["JobConfig", "run_rank"]
 
@@ -40,6 +41,7 @@ class JobConfig:
     check: bool = True
     progress: bool = True
     timeout_s: float = 300.0
+    fp8_dispatch: bool = False  # tokens dispatched as FP8 (collective path), the check's reference rounds alike
 
 
 def _batch(job: JobConfig, corpus, split: str, step: int, replica: int, direction: int, n_micro: int) -> torch.Tensor:
@@ -91,6 +93,8 @@ def _check_first_step(job: JobConfig, layout: Layout, modules, names, everything
     from dualpipe_ext.integrations import causal_lm_loss
 
     model = build_model(job.lm).to(device)
+    if job.fp8_dispatch:
+        fp8_round_expert_inputs(model)
     ref_loss, ref_grads = lm_reference(model, [b.to(device) for b in everything], causal_lm_loss)
     worst, compared, mismatches = 0.0, 0, []
     for module, name_of in zip(modules, names):
@@ -127,8 +131,9 @@ def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
         buffer = EPBuffer(layout.ep_group, max_tokens=tokens, hidden=job.lm.hidden, dtype=torch.float32,
                           max_topk=job.lm.topk, timeout_s=job.timeout_s, device=device)
     overlap = OverlapConfig(two_batch=job.two_batch)
-    modules, ids, names = build_stages(job.lm, layout, overlap, job.overlap, buffer)
+    modules, ids, names = build_stages(job.lm, layout, overlap, job.overlap, buffer, fp8_dispatch=job.fp8_dispatch)
     modules = tuple(m.to(device) for m in modules)
+    moes = moe_layers(modules)
     set_p2p_tensor_shapes([(job.micro_batch, job.lm.seq, job.lm.hidden)])
     set_p2p_tensor_dtype(torch.float32)
     cls = DualPipe if job.schedule == "dualpipe" else DualPipeV
@@ -140,17 +145,21 @@ def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
     bar = None
     if job.progress and rank == 0:
         bar = _progress(job.steps)
-    out: Dict[str, object] = {"losses": [], "step_s": [], "exposed_ms": [], "resident_mb": [], "pairs": 0}
+    out: Dict[str, object] = {"losses": [], "step_s": [], "exposed_ms": [], "resident_mb": [], "pairs": 0,
+                              "dispatch_bytes": [], "dispatch_row_bytes": moes[0].dispatch_row_bytes if moes else 0}
     for step in range(job.steps):
         inputs, labels, everything = _feeds(job, corpus, layout, "train", step, device)
         opt.zero_grad(set_to_none=True)
+        for m in moes:
+            m.received_rows = 0
         dist.barrier()
         t0 = time.perf_counter()
         loss, _ = pipe.step(*inputs, num_chunks=job.chunks, criterion=causal_lm_loss, labels=labels)
         sync_grads(modules, ids, layout, 1.0 / n_micro)
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(3, dtype=torch.float64)
         if loss is not None:
-            total += torch.tensor([float(loss.detach().sum()), float(loss.numel())], dtype=torch.float64)
+            total[:2] += torch.tensor([float(loss.detach().sum()), float(loss.numel())], dtype=torch.float64)
+        total[2] = float(sum(m.received_rows * m.dispatch_row_bytes for m in moes))  # collective path only
         dist.all_reduce(total)
         mean_loss = float(total[0] / total[1])
         if step == 0 and job.check:
@@ -164,8 +173,9 @@ def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
         out["step_s"].append(float(timing[0]))
         out["exposed_ms"].append(float(timing[1]))
         out["resident_mb"].append(float(timing[2]))
+        out["dispatch_bytes"].append(float(total[2]))
         if bar is not None:
-            bar.update(step, mean_loss, tokens_per_step / float(timing[0]), float(timing[1]))
+            bar.update(step, mean_loss, tokens_per_step / float(timing[0]), float(timing[1]), float(total[2]))
     if bar is not None:
         bar.close()
     out["pairs"] = pipe.executor.num_overlapped_calls
@@ -203,8 +213,10 @@ class _progress:
             tqdm = None
         self.bar = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True) if tqdm is not None else None
 
-    def update(self, step: int, loss: float, tokens_s: float, exposed_ms: float) -> None:
+    def update(self, step: int, loss: float, tokens_s: float, exposed_ms: float, dispatch_bytes: float = 0.0) -> None:
         line = f"step {step}: loss {loss:.4f}  {tokens_s:,.0f} tokens/s  communication exposed {exposed_ms:.1f} ms"
+        if dispatch_bytes:
+            line += f"  dispatch {dispatch_bytes / 2 ** 20:.2f} MiB"
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             self.bar.write(line)

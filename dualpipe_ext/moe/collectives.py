@@ -1,6 +1,7 @@
 """Communication pieces of expert parallelism: a differentiable ``all_to_all_single`` with
 uneven splits (sync or async), one that carries routing indices and weights together, and
-the small control exchanges (row counts, error flags, metadata) that let every rank size its
+an FP8 one (``all_to_all_fp8``: e4m3 rows and their scales cross, the gradient comes back in the
+rows' dtype), and the small control exchanges (row counts, error flags, metadata) that let every rank size its
 receive buffers and raise the same error when any rank's input is bad.
 
 With no process group (torch.distributed not initialised) or a group of one rank, every
@@ -17,7 +18,7 @@ from dualpipe_ext._checks import check_group
 from dualpipe_ext.faults import checked
 
 __all__ = ["group_size", "group_rank", "exchange_control", "exchange_control_async", "gather_rows",
-           "gather_rows_async", "all_to_all", "all_to_all_routes", "all_to_all_async"]
+           "gather_rows_async", "all_to_all", "all_to_all_routes", "all_to_all_async", "all_to_all_fp8"]
 
 
 def _active(group) -> bool:
@@ -214,3 +215,54 @@ def all_to_all_async(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequ
     out, work = _a2a(x, list(out_splits), list(in_splits), group, async_op=True)
     works.append(work)
     return lambda: out.to(x.device)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """The received dequantized rows, differentiable in the sent rows as if they had crossed unquantized:
+    the backward sends the row gradients back along the same routes, in their own dtype."""
+
+    @staticmethod
+    def forward(ctx, x, results: List[torch.Tensor], out_splits, in_splits, group):
+        ctx.out_splits, ctx.in_splits, ctx.group, ctx.device = out_splits, in_splits, group, x.device
+        return results[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        if _active(ctx.group):
+            grad, _ = _a2a(grad.contiguous(), ctx.in_splits, ctx.out_splits, ctx.group, async_op=False)
+        return grad.to(ctx.device), None, None, None, None
+
+
+def all_to_all_fp8(
+    x: torch.Tensor,
+    out_splits: List[int],
+    in_splits: List[int],
+    group=None,
+    pending: Optional[list] = None,
+    *,
+    ue8m0: bool = False,
+) -> Callable[[], torch.Tensor]:
+    """``all_to_all`` of ``x``'s rows quantized to FP8 (``kernels/fp8.py``: e4m3, a float32 scale per
+    1x128 group, ``ue8m0``: power-of-two scales); each row crosses as ``hidden + 4 * ceil(hidden / 128)``
+    bytes, in one uint8 all-to-all.
+
+    ``x``: [sum(in_splits), hidden] float32/bfloat16/float16. Returns a getter of the received rows
+    dequantized to ``x``'s dtype ([sum(out_splits), hidden]); with ``pending`` it may only be called
+    after the work appended there is waited on. Differentiable in ``x`` (straight-through: the
+    gradient of the dequantized rows goes back unquantized). With one rank the rows are still
+    rounded, so the numbers do not depend on the group's size.
+    """
+    from dualpipe_ext.kernels import fp8
+
+    hidden = x.shape[1]
+    q, scales = fp8.quantize(x.detach(), ue8m0=ue8m0)
+    packed = fp8.pack(q, scales)
+    recv = _a2a_pending(packed, out_splits, in_splits, group, pending) if _active(group) else packed
+    grad_mode = torch.is_grad_enabled()
+
+    def get() -> torch.Tensor:
+        rows = fp8.dequantize(*fp8.unpack(recv, hidden), x.dtype)
+        with torch.set_grad_enabled(grad_mode):
+            return _StraightThrough.apply(x, [rows], out_splits, in_splits, group)
+
+    return get

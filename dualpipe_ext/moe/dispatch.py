@@ -6,18 +6,18 @@ indices and weights for that rank. ``combine`` sends the expert outputs back and
 original token, the rows from all ranks. The backward of dispatch is a combine-shaped sum
 (through ``permute``'s autograd) and the backward of combine a dispatch-shaped copy.
 
-Collectives of one dispatch: one control exchange (``all_to_all_single`` of a [world_size, 6]
-int64 table: to each peer its row count, this rank's error code, hidden size, dtype, top-k and
-number of experts; it sizes the receive buffers and lets every rank raise the same error
-before any payload moves), then two payload all-to-alls: the token rows, and the local expert
-indices with the weights bit-cast beside them in one int32 buffer. Combine: one control
-all_reduce of a [world_size, 3 + 2 * world_size] int64 table (error codes, hidden size, dtype
-and every rank's row counts, so that every rank checks that all the handles come from the
-same dispatch), then one payload all-to-all. Every exchange is issued asynchronously; the
-payload follows its control exchange at ``InFlight.progress()`` (the overlap engine calls it
-after the next computation, at the same point on every rank) or at ``wait()``. Backward: two
-all-to-alls for dispatch (row and weight gradients), one for combine; ``combine_backward`` and
-``dispatch_backward`` issue them asynchronously for the overlap engine.
+Collectives of one dispatch: one control exchange (``all_to_all_single`` of a [world_size, 7] int64
+table: to each peer its row count, this rank's error code, hidden size, dtype, top-k, number of
+experts and FP8 mode; it sizes the receive buffers and lets every rank raise the same error before
+any payload moves), then two payload all-to-alls: the token rows (with ``fp8``: their e4m3 bytes
+and float32 group scales, as uint8), and the local expert indices with the weights bit-cast beside
+them in one int32 buffer. Combine: one control all_reduce of a [world_size, 3 + 2 * world_size]
+int64 table (error codes, hidden size, dtype and every rank's row counts, so that every rank checks
+that all the handles come from the same dispatch), then one payload all-to-all. Every exchange is
+issued asynchronously; the payload follows its control exchange at ``InFlight.progress()`` (the
+overlap engine calls it after the next computation, at the same point on every rank) or at
+``wait()``. Backward: two all-to-alls for dispatch (row and weight gradients), one for combine;
+``combine_backward`` and ``dispatch_backward`` issue them asynchronously for the overlap engine.
 
 These two stay ``torch.autograd.Function``s rather than ``torch.library.custom_op``s: their
 output shapes depend on the data (how many rows each rank receives is known only after the
@@ -34,8 +34,8 @@ import torch
 
 from dualpipe_ext.inflight import InFlight
 
-from .collectives import (all_to_all, all_to_all_async, all_to_all_routes, exchange_control_async, gather_rows_async,
-                   group_rank, group_size)
+from .collectives import (all_to_all, all_to_all_async, all_to_all_fp8, all_to_all_routes, exchange_control_async,
+                          gather_rows_async, group_rank, group_size)
 
 __all__ = ["DispatchHandle", "dispatch", "combine", "combine_backward", "dispatch_backward"]
 
@@ -64,13 +64,14 @@ class DispatchHandle:
 
 # What a rank's error code names in the message every rank raises (code = index + 1).
 _DISPATCH_ERRORS = ("x", "topk_idx", "topk_weights", "shapes", "devices", "num_experts", "topk_idx values",
-                    "topk_weights values")
+                    "topk_weights values", "x dtype for fp8")
 _COMBINE_ERRORS = ("handle", "y", "y shape", "y device")
 # Columns of the dispatch control table (row r: what this rank tells rank r).
-_DISPATCH_CONTROL = ("num_rows", "error", "hidden", "dtype", "num_topk", "num_experts")
+_DISPATCH_CONTROL = ("num_rows", "error", "hidden", "dtype", "num_topk", "num_experts", "fp8")
+_FP8_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_dispatch(x, topk_idx, topk_weights, num_experts, world) -> Tuple[int, Optional[str]]:
+def _check_dispatch(x, topk_idx, topk_weights, num_experts, world, fp8=False) -> Tuple[int, Optional[str]]:
     """(error code, message) of the first problem with the dispatch inputs of this rank, or (0, None)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in _FLOATS:
         return 1, f"x must be a [num_tokens, hidden] float tensor, got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}"
@@ -92,6 +93,8 @@ def _check_dispatch(x, topk_idx, topk_weights, num_experts, world) -> Tuple[int,
     bad = routing_values_problem(topk_idx, topk_weights, num_experts)
     if bad is not None:
         return (7 if bad.startswith("topk_idx") else 8), bad
+    if fp8 and x.dtype not in _FP8_DTYPES:
+        return 9, f"fp8 dispatch quantizes float32, bfloat16 or float16 rows, got {x.dtype}"
     return 0, None
 
 
@@ -165,6 +168,8 @@ def dispatch(
     async_op: bool = False,
     *,
     num_sms: Optional[int] = None,
+    fp8: bool = False,
+    ue8m0: bool = False,
 ) -> Union[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchHandle], InFlight]:
     """Send tokens to the ranks holding their experts.
 
@@ -176,6 +181,12 @@ def dispatch(
         group: process group (None: the default group; no torch.distributed: one rank).
         async_op: return a handle whose ``wait()`` gives the results once the transfer ends.
         num_sms: SM budget of the packing kernel on CUDA (None: unbounded).
+        fp8: send the rows as FP8 (DeepSeek-V3's dispatch: e4m3, one float32 scale per 1x128 group,
+            ``hidden + 4 * ceil(hidden / 128)`` bytes a row; see ``kernels/fp8.py``); ``recv_x`` is
+            then the dequantized rows, in ``x``'s dtype, exactly those of a plain dispatch of
+            ``fp8.round_trip(x)``. Gradients (and ``combine``) stay in ``x``'s dtype: straight-through.
+            Every rank must pass the same ``fp8`` and ``ue8m0``.
+        ue8m0: with ``fp8``, round the scales up to powers of two.
     Returns:
         ``(recv_x [num_recv, hidden], recv_idx [num_recv, num_topk] int64 (local expert or -1),
         recv_weights [num_recv, num_topk] float32, handle)``; received tokens ordered by source
@@ -184,7 +195,7 @@ def dispatch(
         ValueError on every rank, before any payload moves, if any rank's input is bad.
     """
     world, rank = group_size(group), group_rank(group)
-    code, detail = _check_dispatch(x, topk_idx, topk_weights, num_experts, world)
+    code, detail = _check_dispatch(x, topk_idx, topk_weights, num_experts, world, fp8)
     control = torch.full((world, len(_DISPATCH_CONTROL)), -1, dtype=torch.int64)
     control[:, 1] = code
     layout = None
@@ -193,7 +204,8 @@ def dispatch(
 
         layout = dispatch_layout(topk_idx, num_experts, world, check_indices=False)
         control[:, 0] = layout.num_tokens_per_rank.cpu()
-        control[:, 2:] = torch.tensor([x.shape[1], _FLOATS.index(x.dtype), topk_idx.shape[1], num_experts])
+        control[:, 2:] = torch.tensor([x.shape[1], _FLOATS.index(x.dtype), topk_idx.shape[1], num_experts,
+                                       int(bool(fp8)) * (1 + int(bool(ue8m0)))])
     get_received, control_work = exchange_control_async(control, group)
     grad_mode = torch.is_grad_enabled()
 
@@ -213,12 +225,16 @@ def dispatch(
                                                         num_experts // world)
             handle = DispatchHandle(layout.send_pos, tuple(num_send), tuple(num_recv), num_experts, group, topk_idx)
             works: list = []
-            recv_x = all_to_all(send_x, num_recv, num_send, group, works)
+            if fp8:  # quantized after packing: the rows are the same, each quantized on its own
+                get_x = all_to_all_fp8(send_x, num_recv, num_send, group, works, ue8m0=ue8m0)
+            else:
+                recv_x = all_to_all(send_x, num_recv, num_send, group, works)
+                get_x = lambda: recv_x  # noqa: E731
             recv_routes = all_to_all_routes(send_idx, send_weights, num_recv, num_send, group, works)
 
         def finish():
             recv_idx, recv_weights = recv_routes()
-            return recv_x, recv_idx, recv_weights, handle
+            return get_x(), recv_idx, recv_weights, handle
 
         return works, finish
 

@@ -37,6 +37,10 @@ class MoEConfig:
     num_shared_experts: int = 0  # shared experts (one dense MLP num_shared_experts * moe_intermediate wide)
     bias_update_speed: float = 0.0  # step of the aux-loss-free bias per update_bias() call (0: bias frozen)
     gemm_backend: str = "auto"  # grouped GEMM path: "auto", "torch", "cutlass", "triton", "loop"
+    # DeepSeek-V3's low-precision dispatch: tokens cross as e4m3 with one float32 scale per 1x128 group
+    # (collective path); combine and every gradient stay in the activation dtype (docs/fp8.md)
+    fp8_dispatch: bool = False
+    fp8_ue8m0: bool = False  # with fp8_dispatch: scales rounded up to powers of two
 
     def __post_init__(self) -> None:
         for name in ("hidden", "moe_intermediate", "num_experts", "topk", "n_group", "topk_group"):
@@ -59,6 +63,11 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.num_shared_experts must be >= 0, got {self.num_shared_experts}")
         if self.gemm_backend not in BACKENDS:
             raise ValueError(f"MoEConfig.gemm_backend must be one of {BACKENDS}, got {self.gemm_backend!r}")
+        for name in ("fp8_dispatch", "fp8_ue8m0"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MoEConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.fp8_ue8m0 and not self.fp8_dispatch:
+            raise ValueError("MoEConfig.fp8_ue8m0 only applies with fp8_dispatch=True")
 
 
 class MoE(nn.Module):
@@ -90,6 +99,7 @@ class MoE(nn.Module):
         if ep is not None:
             _check_ep(ep, config, group)
         self.config, self.group, self.num_comm_sms, self.ep = config, group, num_comm_sms, ep
+        self.received_rows = 0  # token rows this rank's experts received on the collective path (reset by the user)
         self.num_local_experts = config.num_experts // world
         self.first_local_expert = group_rank(group) * self.num_local_experts
         self.gate = nn.Parameter(torch.empty(config.num_experts, config.hidden, device=device, dtype=dtype))
@@ -135,10 +145,22 @@ class MoE(nn.Module):
         if self.ep is not None:
             return self.ep.dispatch(x, topk_idx, topk_weights, self.config.num_experts, async_op=async_op)
         return dispatch(x, topk_idx, topk_weights, self.config.num_experts, self.group, async_op=async_op,
-                        num_sms=self.num_comm_sms)
+                        num_sms=self.num_comm_sms, fp8=self.config.fp8_dispatch, ue8m0=self.config.fp8_ue8m0)
+
+    @property
+    def dispatch_row_bytes(self) -> int:
+        """Bytes one dispatched token row takes on the wire: ``hidden + 4 * ceil(hidden / 128)`` with
+        ``fp8_dispatch`` (e4m3 values and float32 scales), else ``hidden`` times the experts' element size
+        (``2 * hidden`` in bfloat16)."""
+        h = self.config.hidden
+        if self.config.fp8_dispatch:
+            return h + 4 * -(-h // 128)
+        return h * self.experts.gate_up.element_size()
 
     def experts_forward(self, recv_x: torch.Tensor, recv_idx: torch.Tensor, recv_weights: torch.Tensor) -> torch.Tensor:
         """This rank's routed experts on the received rows: [num_recv, hidden] in the dtype of recv_x."""
+        if self.ep is None:
+            self.received_rows += recv_x.shape[0]
         return experts_forward(self.experts, recv_x, recv_idx, recv_weights, num_sms=self.num_comm_sms,
                                capacity=self.ep is not None)
 
@@ -210,6 +232,9 @@ def _check_ep(ep: EPBuffer, config: MoEConfig, group) -> None:
     """The buffer must serve this layer's group and sizes."""
     import torch.distributed as dist
 
+    if config.fp8_dispatch:
+        raise ValueError("MoE: fp8_dispatch runs on the collective path only; pass ep=None (the EPBuffer path "
+                         "moves rows in the buffer's dtype)")
     if not isinstance(ep, EPBuffer):
         raise ValueError(f"MoE(ep=...) takes an EPBuffer (or None for the collective path), got {type(ep).__name__}")
     mine = dist.get_process_group_ranks(group if group is not None else dist.distributed_c10d._get_default_group())
