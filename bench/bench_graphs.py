@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 
 if "--cpu-smoke" in sys.argv:
@@ -31,6 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Steps, bench_ms, environment, init_single_group, table, watchdog, write_json  # noqa: E402
 
 
+# An exchange wait that goes wrong inside a replay expires after this long (a healthy one takes
+# microseconds), so a replay that stalls is reported instead of timed.
+WAIT_S = 5.0
+
+
 def moe_step(dev, dtype, smoke: bool):
     """(step, description, closer): one MoE layer forward + backward on a one-rank EPBuffer."""
     from dualpipe_ext import moe
@@ -38,7 +44,7 @@ def moe_step(dev, dtype, smoke: bool):
     tokens, hidden, experts, topk = (16, 16, 4, 2) if smoke else (2048, 1024, 32, 4)
     cfg = moe.MoEConfig(hidden=hidden, moe_intermediate=hidden // 2, num_experts=experts, topk=topk,
                         num_shared_experts=1)
-    ep = moe.EPBuffer(None, max_tokens=tokens, hidden=hidden, dtype=dtype, max_topk=topk, timeout_s=15.0, device=dev)
+    ep = moe.EPBuffer(None, max_tokens=tokens, hidden=hidden, dtype=dtype, max_topk=topk, timeout_s=WAIT_S, device=dev)
     torch.manual_seed(0)
     layer = moe.MoE(cfg, ep=ep, device=dev, dtype=dtype)
     x = torch.randn(tokens, hidden, device=dev, dtype=dtype).requires_grad_(True)
@@ -63,7 +69,7 @@ def pair_step(dev, dtype, smoke: bool):
 
     batch, seq, hidden, experts = (2, 4, 16, 4) if smoke else (2, 512, 1024, 16)
     ep = EPBuffer(None, max_tokens=batch * seq, hidden=hidden, dtype=dtype, max_topk=4 if not smoke else 2,
-                  timeout_s=15.0, device=dev)
+                  timeout_s=WAIT_S, device=dev)
     cfg = BlockConfig(MoEConfig(hidden=hidden, moe_intermediate=hidden // 2, num_experts=experts,
                                 topk=4 if not smoke else 2, num_shared_experts=1), num_heads=8 if not smoke else 2)
     over = OverlapConfig(two_batch=True, num_comm_sms=ep.num_sms)
@@ -108,7 +114,13 @@ def run(args) -> dict:
                 with steps(f"{name}: capture"):
                     graph = StepGraph(step, dev)
                 with steps(f"{name}: replay"):
+                    t0 = time.perf_counter()
                     outs = graph.replay()
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    if dev.type == "cuda" and time.perf_counter() - t0 > WAIT_S / 2:
+                        raise RuntimeError(f"one replay took {time.perf_counter() - t0:.1f} s: an exchange inside "
+                                           f"it waited for a signal that did not come")
                     row["max_abs_diff"] = max(float((a.float() - b.float()).abs().max()) for a, b in zip(outs, eager))
                     row["replay_ms"] = bench_ms(graph.replay, dev, args.quick, repeats=2)
                     row["speedup"] = row["eager_ms"] / row["replay_ms"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional
 
 if "--cpu-smoke" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
@@ -68,7 +69,7 @@ class GroupedMMMoE(nn.Module):
         return out + F.linear(F.silu(sg) * su, self.shared_down)
 
 
-def _hf_block(shape: dict, implementation: str, device, dtype):
+def _hf_block(shape: dict, implementation: str, device, dtype, like: Optional[nn.Module] = None):
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
@@ -78,12 +79,17 @@ def _hf_block(shape: dict, implementation: str, device, dtype):
                               routed_scaling_factor=SCALE, norm_topk_prob=True, num_hidden_layers=1,
                               num_attention_heads=4, num_key_value_heads=4, vocab_size=64)
     config._experts_implementation = implementation
-    block = DeepseekV3MoE(config)
-    g = torch.Generator().manual_seed(0)
+    block = DeepseekV3MoE(config).to(device, dtype)
+    block.gate.float()  # the router in float32, as DeepSeek-V3 checkpoints keep it
+    if like is not None:
+        block.load_state_dict(like.state_dict())
+        return block
+    g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():  # the block leaves initialisation to the model; every weight set here
         for name, p in block.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if name.endswith("gate.weight") else 1) / p.shape[-1] ** 0.5)
-    return block.to(device, dtype)
+            scale = (0.5 if name.endswith("gate.weight") else 1.0) / p.shape[-1] ** 0.5
+            p.copy_(torch.randn(p.shape, device=device, generator=g) * scale)
+    return block
 
 
 def _our_layers(hf_block, shape: dict, device, dtype, with_ep: bool):
@@ -99,6 +105,7 @@ def _our_layers(hf_block, shape: dict, device, dtype, with_ep: bool):
         ep = moe.EPBuffer(None, max_tokens=shape["tokens"], hidden=shape["hidden"], dtype=dtype,
                           max_topk=shape["topk"], timeout_s=30.0, device=device)
         on_ep = moe.MoE(layer.config, ep=ep, device=device, dtype=dtype)
+        on_ep.gate = nn.Parameter(torch.empty_like(layer.gate))  # the router's dtype, as replace_moe keeps it
         on_ep.load_state_dict(layer.state_dict())
         layers["MoE + EPBuffer"] = on_ep
     return layers
@@ -123,10 +130,8 @@ def run(args) -> dict:
             have_hf = False
         if have_hf:
             hf_eager = _hf_block(shape, "eager", dev, dtype)
-            hf_grouped = _hf_block(shape, "grouped_mm", dev, dtype)
-            hf_grouped.load_state_dict(hf_eager.state_dict())
-            ref_copy = _hf_block(shape, "eager", dev, dtype)
-            ref_copy.load_state_dict(hf_eager.state_dict())
+            hf_grouped = _hf_block(shape, "grouped_mm", dev, dtype, like=hf_eager)
+            ref_copy = _hf_block(shape, "eager", dev, dtype, like=hf_eager)
             layers.update(_our_layers(ref_copy, shape, dev, dtype, with_ep=True))
             layers["DeepseekV3MoE (eager)"] = hf_eager
             layers["DeepseekV3MoE (grouped_mm)"] = hf_grouped

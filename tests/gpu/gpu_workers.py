@@ -205,10 +205,18 @@ def layer_errors(results: list, ref: dict, p: dict) -> dict:
 # CUDA graphs ---------------------------------------------------------------------------------
 
 
+# An exchange wait inside a replay that goes wrong expires after this long (a healthy one takes
+# microseconds); a stalled replay is then reported, not waited out at EPBuffer's default 120 s.
+GRAPH_WAIT_S = 5.0
+
+
 def _graph_check(step, dev, replays: int) -> dict:
     """Eager twice (must agree bitwise), then capture and replay, each replay bitwise equal to eager."""
+    import torch.distributed as dist
+
     from dualpipe_ext.graphs import StepGraph
 
+    dist.barrier()  # the ranks start their first (compiling) exchange together
     eager = [[t.clone() for t in step()] for _ in range(2)]
     report = dict(eager_repeats=all(torch.equal(a, b) for a, b in zip(*eager)), replays=[])
     graph = StepGraph(step, dev)
@@ -234,8 +242,8 @@ def graph_moe_worker(rank: int, world: int, device: str, replays: int) -> dict:
     s = sizes(device)
     cfg = moe.MoEConfig(hidden=s["hidden"], moe_intermediate=s["inter"], num_experts=s["experts"], topk=2,
                         num_shared_experts=1)
-    ep = moe.EPBuffer(None, max_tokens=s["max_tokens"], hidden=s["hidden"], dtype=dtype, max_topk=2, timeout_s=15.0,
-                      device=dev)
+    ep = moe.EPBuffer(None, max_tokens=s["max_tokens"], hidden=s["hidden"], dtype=dtype, max_topk=2,
+                      timeout_s=GRAPH_WAIT_S, device=dev)
     torch.manual_seed(0)
     layer = moe.MoE(cfg, ep=ep, device=dev, dtype=dtype)
     g = torch.Generator().manual_seed(rank)
@@ -267,8 +275,8 @@ def graph_pair_worker(rank: int, world: int, device: str, replays: int) -> dict:
     from dualpipe_ext.overlap import BlockConfig, OverlapConfig, OverlappedMoEStage
 
     hidden, batch, seq = (256, 4, 64) if device == "cuda" else (16, 2, 4)
-    ep = EPBuffer(None, max_tokens=batch * seq, hidden=hidden, dtype=torch.float32, max_topk=2, timeout_s=15.0,
-                  device=dev)
+    ep = EPBuffer(None, max_tokens=batch * seq, hidden=hidden, dtype=torch.float32, max_topk=2,
+                  timeout_s=GRAPH_WAIT_S, device=dev)
     cfg = BlockConfig(MoEConfig(hidden=hidden, moe_intermediate=hidden, num_experts=8, topk=2, num_shared_experts=1),
                       num_heads=4)
     over = OverlapConfig(two_batch=True, num_comm_sms=ep.num_sms)
