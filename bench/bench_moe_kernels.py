@@ -226,7 +226,8 @@ def main() -> int:
                 ms = {impl: time_ms(make(impl), [(d,) for d in inputs], warmup, repeats)
                       for impl in ("triton", "reference")}
             gbps = num_bytes(inputs[0]) / ms["triton"] / 1e6
-            rows.append([s.name, name, f"{ms['triton']:.3f}", f"{ms['reference']:.3f}", f"{ms['reference'] / ms['triton']:.2f}x",
+            rows.append([s.name, name, f"{ms['triton']:.3f}", f"{ms['reference']:.3f}",
+                         f"{ms['reference'] / ms['triton']:.2f}x",
                          f"{gbps:.0f}", f"{100 * gbps / copy_gbps:.0f} %"])
             records.append(dict(date=datetime.date.today().isoformat(), device=device_name, torch=torch.__version__,
                                 setting=s.name, kernel=name, triton_ms=ms["triton"], reference_ms=ms["reference"],
@@ -238,7 +239,8 @@ def main() -> int:
           f"peak = {H200_BF16_DENSE_TFLOPS:.0f} TFLOP/s dense bf16; error = max |out - fp32 reference| / max |ref|")
     print(table(["shape", "backend", "ms", "TFLOP/s", "of peak", "error"],
                 [[g["shape"], g["backend"], f"{g['ms']:.3f}", f"{g['tflops']:.0f}", f"{g['of_peak'] * 100:.0f} %",
-                  f"{g['max_rel_error']:.1e}"] if "ms" in g else [g["shape"], g["backend"], "failed", "", "", g["error"]]
+                  f"{g['max_rel_error']:.1e}"] if "ms" in g
+                 else [g["shape"], g["backend"], "failed", "", "", g["error"]]
                  for g in gemms]))
     write_json(args.json, dict(benchmark="moe_kernels", env=environment(device), copy_gbs=copy_gbps, kernels=records,
                                grouped_gemm=gemms, peak_tflops=H200_BF16_DENSE_TFLOPS))
@@ -249,7 +251,7 @@ def main() -> int:
             if new:
                 writer.writeheader()
             writer.writerows(records)
-    return 0
+    return int(any("error" in g for g in gemms))  # a backend that failed fails the run, after the others ran
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from typing import Optional
 
 if "--cpu-smoke" in sys.argv:
@@ -145,52 +146,65 @@ def run(args) -> dict:
     grad = torch.randn(x.shape, device=dev, generator=g).to(dtype)
     rows, reference = [], None
     for name, layer in layers.items():
-        with steps(name):
-            inp = x.clone().requires_grad_(True)
-
-            def step():
-                for p in layer.parameters():
-                    p.grad = None
-                inp.grad = None
-                out = layer(inp if name != "plain grouped_mm" else inp.view(-1, shape["hidden"]))
-                out.backward(grad.view(out.shape))
-                return out
-
-            out = step().detach().float().reshape(-1, shape["hidden"])
-            if not torch.isfinite(out).all():
-                raise AssertionError(f"{name}: the output is not finite")
-            if name == "MoE":
-                reference = out
-            diff = None
-            if reference is not None and name != "plain grouped_mm":
-                diff = float((out - reference).abs().max() / reference.abs().max())
-            peak = None
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-                torch.cuda.reset_peak_memory_stats(dev)
-                base = torch.cuda.memory_allocated(dev)
-                step()
-                torch.cuda.synchronize(dev)
-                peak = torch.cuda.max_memory_allocated(dev) - base
-            ms = bench_ms(step, dev, args.quick, repeats=2)
-        rows.append(dict(variant=name, ms=ms, tokens_per_s=shape["tokens"] / ms * 1e3, peak_bytes=peak,
-                         max_rel_diff_vs_moe=diff))
+        try:
+            rows.append(_measure(name, layer, x, grad, shape, dev, args.quick, steps, reference))
+        except Exception as e:  # noqa: BLE001 - the other variants still run; the exit status says it failed
+            traceback.print_exc()
+            rows.append(dict(variant=name, error=f"{type(e).__name__}: {e}"))
+            continue
+        if name == "MoE":
+            reference = rows[-1].pop("output")
+        rows[-1].pop("output", None)
     return dict(benchmark="moe_layer", env=environment(dev), dtype=str(dtype), shape=shape, transformers=have_hf,
                 rows=rows)
+
+
+def _measure(name, layer, x, grad, shape, dev, quick, steps, reference) -> dict:
+    """One variant: its output (for the comparison), ms, tokens/s, peak memory, difference from ``MoE``."""
+    with steps(name):
+        inp = x.clone().requires_grad_(True)
+
+        def step():
+            for p in layer.parameters():
+                p.grad = None
+            inp.grad = None
+            out = layer(inp if name != "plain grouped_mm" else inp.view(-1, shape["hidden"]))
+            out.backward(grad.view(out.shape))
+            return out
+
+        out = step().detach().float().reshape(-1, shape["hidden"])
+        if not torch.isfinite(out).all():
+            raise AssertionError(f"{name}: the output is not finite")
+        diff = None
+        if reference is not None and name != "plain grouped_mm":
+            diff = float((out - reference).abs().max() / reference.abs().max())
+        peak = None
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+            step()
+            torch.cuda.synchronize(dev)
+            peak = torch.cuda.max_memory_allocated(dev) - base
+        ms = bench_ms(step, dev, quick, repeats=2)
+    return dict(variant=name, ms=ms, tokens_per_s=shape["tokens"] / ms * 1e3, peak_bytes=peak,
+                max_rel_diff_vs_moe=diff, output=out)
 
 
 def print_result(r: dict) -> None:
     s = r["shape"]
     print(f"MoE layer forward + backward on {r['env']['device_name']}: {s['tokens']} tokens, hidden {s['hidden']}, "
-          f"{s['experts']} experts of width {s['inter']}, top-{s['topk']} in {s['topk_group']} of {s['n_group']} groups, "
+          f"{s['experts']} experts of width {s['inter']}, top-{s['topk']} in {s['topk_group']} of {s['n_group']} "
+          f"groups, "
           f"1 shared, {r['dtype']}; do_bench medians" + ("" if r["transformers"] else "; transformers not installed"))
     print(table(["variant", "ms", "tokens/s", "peak MB", "diff vs MoE"],
                 [[x["variant"], f"{x['ms']:.2f}", f"{x['tokens_per_s']:.3g}",
                   "-" if x["peak_bytes"] is None else f"{x['peak_bytes'] / 2 ** 20:.0f}",
-                  "-" if x["max_rel_diff_vs_moe"] is None else f"{x['max_rel_diff_vs_moe']:.1e}"] for x in r["rows"]]))
+                  "-" if x["max_rel_diff_vs_moe"] is None else f"{x['max_rel_diff_vs_moe']:.1e}"] if "error" not in x
+                 else [x["variant"], "failed", "", "", x["error"][:80]] for x in r["rows"]]))
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="shorter timing windows")
     p.add_argument("--json", help="write the figures here")
@@ -199,12 +213,13 @@ def main() -> None:
     args = p.parse_args()
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("bench_moe_layer: no CUDA device here; nothing measured (--cpu-smoke runs tiny sizes)")
-        return
+        return 0
     watchdog(args.timeout_s)
     result = run(args)
     print_result(result)
     write_json(args.json, result)
+    return int(any("error" in x for x in result["rows"]))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -52,7 +52,8 @@ TOLERANCE = {("float32", "elementwise"): 1e-6, ("bfloat16", "elementwise"): 8e-3
 def _close(got, ref, what, kind="elementwise"):
     """Raise unless ``got`` is within ``TOLERANCE[(dtype, kind)]`` of ``ref`` (same dtype, relative to max |ref|)."""
     if got.dtype != ref.dtype or got.shape != ref.shape:
-        raise AssertionError(f"{what}: got {got.dtype} {tuple(got.shape)}, the reference {ref.dtype} {tuple(ref.shape)}")
+        raise AssertionError(f"{what}: got {got.dtype} {tuple(got.shape)}, the reference {ref.dtype} "
+                             f"{tuple(ref.shape)}")
     tol = TOLERANCE[(str(got.dtype).replace("torch.", ""), kind)]
     scale = float(ref.float().abs().max()) if ref.numel() else 0.0
     err = float((got.float() - ref.float()).abs().max()) / max(scale, 1e-30) if ref.numel() else 0.0

@@ -102,7 +102,8 @@ def exchange_worker(rank: int, world: int, device: str, dtype_name: str, rounds:
     ca = ep.combine(got_a[0] * 2, got_a[3], async_op=True)
     cb = ep.combine(got_b[0] * 2, got_b[3], async_op=True)
     out_b, out_a = cb.wait(), ca.wait()
-    checks["in flight: combines waited out of order"] = torch.equal(out_a.cpu(), ra_c) and torch.equal(out_b.cpu(), rb_c)
+    checks["in flight: combines waited out of order"] = (torch.equal(out_a.cpu(), ra_c)
+                                                         and torch.equal(out_b.cpu(), rb_c))
     # many successive exchanges reuse the slots
     bad = []
     for i in range(rounds):
