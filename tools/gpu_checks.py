@@ -41,10 +41,10 @@ def check(name: str):
 
 
 # Largest allowed max |got - ref| / max |ref| per dtype of the compared tensors and kind of operation.
-# elementwise (routing weights, combine sums): float32 agrees to a few ulps (Triton's and PyTorch's exp
-# and sigmoid differ in the last bits), bfloat16 to two ulps (2 * 2**-8) after sums in another order. gemm (grouped GEMMs against the matmul reference):
-# float32 runs as TF32 in Triton's tl.dot on CUDA (10 mantissa bits), bfloat16 outputs carry one
-# rounding of 8 bits after sums in different orders.
+# elementwise (routing weights, combine sums): float32 agrees to a few ulps (Triton's and PyTorch's
+# exp and sigmoid differ in the last bits), bfloat16 to two ulps (2 * 2**-8) after sums in another
+# order. gemm (grouped GEMMs against the matmul reference): float32 runs as TF32 in Triton's tl.dot
+# on CUDA (10 mantissa bits), bfloat16 outputs carry one rounding of 8 bits.
 TOLERANCE = {("float32", "elementwise"): 1e-5, ("bfloat16", "elementwise"): 8e-3,
              ("float32", "gemm"): 5e-3, ("bfloat16", "gemm"): 2e-2}
 
