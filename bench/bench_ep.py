@@ -8,13 +8,16 @@ gloo's all-to-all: the comparison says what the device path costs on CPU, not on
 
     python bench/bench_ep.py [--ranks 4] [--tokens 64] [--hidden 64] [--steps 10]
 
-GPU (``--gpu``, one process per visible GPU): dispatch and combine of DeepSeek-V3's setting
-(4096 tokens per rank, hidden 7168, bf16, top-8 of 256 experts) through ``EPBuffer`` for
-each SM budget in ``--sms``; GB/s counts the rows moved (each token once per destination
-rank), against the same GPU's device-to-device copy of that many bytes; and a grouped GEMM's
-time alone and beside a dispatch loop on the communication stream, per budget.
+GPU (``--gpu``, one process on GPU 0): dispatch and combine of DeepSeek-V3's per-rank shape
+(4096 tokens, hidden 7168, bf16, top-8 of 256 experts) through a one-rank ``EPBuffer`` for
+each SM budget in ``--sms``, timed by ``triton.testing.do_bench`` (medians). With one rank
+every token's row goes once to the rank itself: the kernels read it and write it into the
+buffer through the peer table, so GB/s (payload bytes / time) says how fast the kernels move
+local memory at each budget, against a plain device copy of the same bytes on all SMs; it
+does not measure NVLink. Each budget first checks the rows bit for bit.
 
-    python bench/bench_ep.py --gpu [--sms 8 16 20 24 32]
+    python bench/bench_ep.py --gpu [--sms 8 16 20 24 32 66 132] [--quick] [--json OUT.json]
+    python bench/bench_ep.py --cpu-smoke     # the same code at tiny sizes, kernels interpreted
 """
 from __future__ import annotations
 
@@ -24,10 +27,14 @@ import sys
 import time
 from datetime import timedelta
 
-import torch
+if "--cpu-smoke" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import median, quantile, spawn_ranks, table  # noqa: E402
+from harness import (Steps, bench_ms, environment, init_single_group, median, quantile, spawn_ranks,  # noqa: E402
+                     table, watchdog, write_json)
 
 
 def _cpu_worker(rank, world, port, args, queue):
@@ -71,92 +78,69 @@ def run_cpu(args) -> None:
     print(table(["path", "median ms", "p20 - p80 ms", "ratio to collective"], rows))
 
 
-def _cuda_time(fn, iters: int) -> float:
-    """Median ms of ``fn`` over ``iters`` runs, timed with CUDA events after a warm-up."""
-    for _ in range(3):
-        fn()
-    ms = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ms.append(a.elapsed_time(b))
-    return median(ms)
+def run_exchange(args) -> dict:
+    """dispatch and combine through one rank's ``EPBuffer`` for each SM budget, against a device copy."""
+    smoke = args.cpu_smoke
+    dev = torch.device("cpu") if smoke else torch.device("cuda", 0)
+    if not smoke:
+        torch.cuda.set_device(dev)
+    tokens, hidden, experts, topk = (16, 64, 16, 4) if smoke else (args.gpu_tokens, args.gpu_hidden,
+                                                                   args.gpu_experts, 8)
+    budgets = [1, 2] if smoke else args.sms
+    steps = Steps("bench_ep")
+    with steps("process group and inputs"):
+        init_single_group()
+        from dualpipe_ext import moe
 
-
-def _gpu_worker(rank, world, port, args, queue):
-    import torch.distributed as dist
-
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=300), device_id=torch.device("cuda", rank))
-    from dualpipe_ext import moe
-    from dualpipe_ext.kernels.ep_exchange import compact_positions
-    from dualpipe_ext.moe.grouped_mm import grouped_mm
-
-    dev = torch.device("cuda", rank)
-    g = torch.Generator(device=dev).manual_seed(rank)
-    x = torch.randn(args.gpu_tokens, args.gpu_hidden, device=dev, dtype=torch.bfloat16, generator=g)
-    idx = torch.rand(args.gpu_tokens, args.gpu_experts, device=dev, generator=g).argsort(1)[:, :8].contiguous()
-    w = torch.rand(idx.shape, device=dev, generator=g)
-    _, counts = compact_positions(idx, args.gpu_experts, world)
-    moved = int(counts.sum()) * args.gpu_hidden * 2  # bytes of rows this rank sends
-    src = torch.empty(moved // 2, dtype=torch.bfloat16, device=dev)
-    dst = torch.empty_like(src)
-    copy_ms = _cuda_time(lambda: dst.copy_(src), 20)
-    # a grouped GEMM the size of one expert layer's up projection on this rank's tokens
-    local = args.gpu_experts // world
-    gx = torch.randn(args.gpu_tokens * 8 // world, args.gpu_hidden, device=dev, dtype=torch.bfloat16)
-    gw = torch.randn(local, 2 * 2048, args.gpu_hidden, device=dev, dtype=torch.bfloat16) / 100
-    ends = torch.linspace(0, gx.shape[0], local + 1, device=dev)[1:].round().to(torch.int64)
-    gemm_alone = _cuda_time(lambda: grouped_mm(gx, gw, ends), 20)
-    gemm_flops = 2 * gx.shape[0] * gw.shape[1] * gw.shape[2]
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(tokens, hidden, device=dev, generator=g).to(torch.bfloat16)
+        idx = torch.rand(tokens, experts, device=dev, generator=g).argsort(1)[:, :topk].contiguous()
+        w = torch.rand(idx.shape, device=dev, generator=g)
+        payload = tokens * hidden * x.element_size()  # one rank: every token's row once, each way
+    with steps("device copy of the same bytes, all SMs"):
+        src = torch.empty(payload, dtype=torch.uint8, device=dev)
+        dst = torch.empty_like(src)
+        copy_ms = bench_ms(lambda: dst.copy_(src), dev, args.quick)
     rows = []
-    for sms in args.sms:
-        ep = moe.EPBuffer(None, max_tokens=args.gpu_tokens, hidden=args.gpu_hidden, dtype=torch.bfloat16, num_sms=sms)
-
-        def dispatch():
-            return ep.dispatch(x, idx, w, args.gpu_experts)
-
-        recv_x, _, _, handle = dispatch()
-        d_ms = _cuda_time(lambda: dispatch(), args.iters)
-        c_ms = _cuda_time(lambda: ep.combine(recv_x, handle), args.iters)
-        under = []
-        for _ in range(args.iters):  # the GEMM on the compute stream while a dispatch runs on the comm stream
-            pending = ep.dispatch(x, idx, w, args.gpu_experts, async_op=True)
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            grouped_mm(gx, gw, ends)
-            b.record()
-            pending.wait()
-            torch.cuda.synchronize()
-            under.append(a.elapsed_time(b))
-        rows.append((sms, moved / d_ms / 1e6, moved / c_ms / 1e6, median(under)))
-        ep.close()
-    dist.destroy_process_group()
-    if rank == 0:
-        queue.put(dict(world=world, name=torch.cuda.get_device_name(dev), copy_gbs=2 * moved / copy_ms / 1e6,
-                       moved=moved, gemm_ms=gemm_alone, gemm_tflops=gemm_flops / gemm_alone / 1e9, rows=rows))
+    for sms in budgets:
+        with steps(f"EPBuffer num_sms={sms}"):
+            ep = moe.EPBuffer(None, max_tokens=tokens, hidden=hidden, dtype=torch.bfloat16, num_sms=sms,
+                              max_topk=topk, timeout_s=30.0, device=dev)
+            try:
+                recv_x, _, _, handle = ep.dispatch(x, idx, w, experts)
+                if not (torch.equal(recv_x[:tokens], x) and torch.equal(ep.combine(recv_x, handle), x)):
+                    raise AssertionError(f"num_sms={sms}: the dispatched or combined rows differ from the tokens")
+                d_ms = bench_ms(lambda: ep.dispatch(x, idx, w, experts), dev, args.quick)
+                c_ms = bench_ms(lambda: ep.combine(recv_x, handle), dev, args.quick)
+            finally:
+                ep.close()
+        rows.append(dict(num_sms=sms, dispatch_ms=d_ms, dispatch_gbs=payload / d_ms / 1e6, combine_ms=c_ms,
+                         combine_gbs=payload / c_ms / 1e6, dispatch_of_copy=copy_ms / d_ms,
+                         combine_of_copy=copy_ms / c_ms))
+    return dict(benchmark="exchange", env=environment(dev), world=1, tokens=tokens, hidden=hidden, experts=experts,
+                topk=topk, dtype="bfloat16", payload_bytes=payload, copy_ms=copy_ms,
+                copy_gbs=payload / copy_ms / 1e6, rows=rows)
 
 
-def run_gpu(args) -> None:
-    world = torch.cuda.device_count()
-    r = spawn_ranks(_gpu_worker, world, args)
-    print(f"EPBuffer on {r['world']} x {r['name']}, {args.gpu_tokens} tokens x hidden {args.gpu_hidden} bf16 per rank, "
-          f"top-8 of {args.gpu_experts} experts; {r['moved'] / 1e6:.1f} MB of rows sent per rank; device copy "
-          f"(read + write) {r['copy_gbs']:.0f} GB/s; grouped GEMM alone {r['gemm_ms']:.3f} ms "
-          f"({r['gemm_tflops']:.0f} TFLOP/s)")
-    out = [[sms, f"{d:.0f}", f"{d / (r['copy_gbs'] / 2) * 100:.0f} %", f"{c:.0f}", f"{gemm:.3f}",
-            f"{gemm / r['gemm_ms']:.2f}"] for sms, d, c, gemm in r["rows"]]
-    print(table(["num_sms", "dispatch GB/s", "of copy (one way)", "combine GB/s", "GEMM during dispatch ms",
-                 "slowdown"], out))
+def print_exchange(r: dict) -> None:
+    print(f"EPBuffer, one rank on {r['env']['device_name']}: {r['tokens']} tokens x hidden {r['hidden']} bf16, "
+          f"top-{r['topk']} of {r['experts']} experts; {r['payload_bytes'] / 1e6:.1f} MB of rows each way. One "
+          f"rank sends every row to itself through the peer table: this measures the kernels' read + write of "
+          f"local memory per SM budget, not an interconnect. GB/s = payload bytes / time, the copy likewise "
+          f"({r['copy_gbs']:.0f} GB/s, {r['copy_ms']:.3f} ms, all SMs)")
+    print(table(["num_sms", "dispatch ms", "dispatch GB/s", "of copy", "combine ms", "combine GB/s", "of copy"],
+                [[x["num_sms"], f"{x['dispatch_ms']:.3f}", f"{x['dispatch_gbs']:.0f}",
+                  f"{x['dispatch_of_copy'] * 100:.0f} %", f"{x['combine_ms']:.3f}", f"{x['combine_gbs']:.0f}",
+                  f"{x['combine_of_copy'] * 100:.0f} %"] for x in r["rows"]]))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--gpu", action="store_true", help="the GPU benchmark (CUDA, NCCL)")
+    p.add_argument("--gpu", action="store_true", help="the exchange kernels on one GPU, per SM budget")
+    p.add_argument("--cpu-smoke", action="store_true", help="the --gpu benchmark at tiny sizes on CPU (interpreter)")
+    p.add_argument("--quick", action="store_true", help="--gpu: shorter timing windows")
+    p.add_argument("--json", help="--gpu: write the figures here")
+    p.add_argument("--timeout-s", type=float, default=300, help="--gpu: end the run (with stacks) after this long")
     p.add_argument("--ranks", type=int, default=4)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--hidden", type=int, default=64)
@@ -164,14 +148,16 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--sms", type=int, nargs="+", default=[8, 16, 20, 24, 32])
+    p.add_argument("--sms", type=int, nargs="+", default=[8, 16, 20, 24, 32, 66, 132])
     p.add_argument("--gpu-tokens", type=int, default=4096)
     p.add_argument("--gpu-hidden", type=int, default=7168)
     p.add_argument("--gpu-experts", type=int, default=256)
-    p.add_argument("--iters", type=int, default=20)
     args = p.parse_args()
-    if args.gpu:
-        run_gpu(args)
+    if args.gpu or args.cpu_smoke:
+        watchdog(args.timeout_s)
+        result = run_exchange(args)
+        print_exchange(result)
+        write_json(args.json, result)
     else:
         run_cpu(args)
 

@@ -6,7 +6,11 @@ bandwidth measured in the same run, and the speed-up over the reference on the s
 Settings: DeepSeek-V3 (4096 tokens, hidden 7168, 256 experts, top-8 of 8 groups / top-4
 groups, EP 8 simulated as world=8) and a smaller one.
 
-    python bench/bench_moe_kernels.py [--csv results.csv]
+Then the grouped GEMM's TFLOP/s on each backend (Triton, ``torch._grouped_mm``, CUTLASS when
+``dualpipe_ext._cuda`` was built) at DeepSeek-V3's per-rank expert shapes, against the dense
+bf16 peak, timed by ``triton.testing.do_bench``.
+
+    python bench/bench_moe_kernels.py [--quick] [--json OUT.json] [--csv results.csv]
 
 Without CUDA it prints one line and exits 0. ``--cpu-smoke`` runs tiny sizes through the
 Triton interpreter on the CPU (wall-clock timing) to check the script itself.
@@ -29,7 +33,7 @@ if SMOKE:
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import median, table  # noqa: E402
+from harness import Steps, bench_ms, environment, median, table, watchdog, write_json  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -141,31 +145,105 @@ def cases(s: Setting):
     ]
 
 
+H200_BF16_DENSE_TFLOPS = 790.0  # the dense bf16 peak of an H200 that the GEMM rows are set against
+
+
+@dataclass(frozen=True)
+class GemmShape:
+    name: str
+    rows: int  # rows of all groups together
+    n: int  # output width
+    k: int  # reduction width
+    groups: int  # experts on the rank
+
+
+GEMM_SHAPES = [  # DeepSeek-V3 on one rank of EP 8: 4096 tokens x top-8 rows over 32 local experts
+    GemmShape("DeepSeek-V3 up (gate+up)", 32768, 4096, 7168, 32),
+    GemmShape("DeepSeek-V3 down", 32768, 7168, 2048, 32),
+]
+SMOKE_GEMM_SHAPES = [GemmShape("smoke", 64, 48, 32, 4)]
+
+
+def gemm_rows(device, quick: bool) -> List[dict]:
+    """TFLOP/s of each grouped GEMM backend at each shape, errors against the fp32 reference."""
+    from dualpipe_ext.kernels.grouped_mm import grouped_mm_reference
+    from dualpipe_ext.moe.grouped_mm import cuda_extension, grouped_mm
+
+    dtype = torch.float32 if SMOKE else torch.bfloat16  # the interpreter's bf16 arithmetic is not the GPU's
+    backends = ["triton", "torch"] + ([] if SMOKE or cuda_extension() is None else ["cutlass"])
+    out = []
+    for shape in SMOKE_GEMM_SHAPES if SMOKE else GEMM_SHAPES:
+        gen = torch.Generator(device="cpu").manual_seed(5)
+        counts = torch.multinomial(torch.ones(shape.groups), shape.rows, replacement=True, generator=gen)
+        ends = torch.bincount(counts, minlength=shape.groups).cumsum(0).to(device)
+        x = torch.randn(shape.rows, shape.k, generator=gen).to(device, dtype)
+        w = (torch.randn(shape.groups, shape.n, shape.k, generator=gen) / shape.k ** 0.5).to(device, dtype)
+        ref = grouped_mm_reference(x.float(), w.float(), ends)
+        flops = 2 * shape.rows * shape.n * shape.k
+        for backend in backends:
+            if backend == "torch" and not hasattr(torch, "_grouped_mm"):
+                continue
+            try:
+                got = grouped_mm(x, w, ends, backend).float()
+                err = float((got - ref).abs().max() / ref.abs().max())
+                ms = bench_ms(lambda: grouped_mm(x, w, ends, backend), device, quick)
+            except Exception as e:  # noqa: BLE001 - a backend that cannot run this shape is a row, not the end
+                out.append(dict(shape=shape.name, backend=backend, error=f"{type(e).__name__}: {e}"))
+                print(f"grouped GEMM {backend} at {shape.name} failed: {type(e).__name__}: {e}", flush=True)
+                continue
+            tflops = flops / ms / 1e9
+            out.append(dict(shape=shape.name, rows=shape.rows, n=shape.n, k=shape.k, groups=shape.groups,
+                            backend=backend, ms=ms, tflops=tflops, of_peak=tflops / H200_BF16_DENSE_TFLOPS,
+                            max_rel_error=err))
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", help="append result rows to this CSV file")
+    parser.add_argument("--json", help="write every figure here")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, the DeepSeek-V3 setting only")
+    parser.add_argument("--timeout-s", type=float, default=300, help="end the run (with stacks) after this long")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes through the Triton interpreter")
     args = parser.parse_args()
     if not SMOKE and not torch.cuda.is_available():
         print("bench_moe_kernels: no CUDA device here; nothing measured")
         return 0
+    watchdog(args.timeout_s)
+    steps = Steps("bench_moe_kernels")
     device = torch.device("cpu" if SMOKE else "cuda")
-    warmup, repeats, num_inputs = (1, 3, 2) if SMOKE else (5, 25, 3)
+    warmup, repeats, num_inputs = (1, 3, 2) if SMOKE else ((3, 10, 2) if args.quick else (5, 25, 3))
     copy_gbps = copy_bandwidth(device, warmup, repeats)
     device_name = "cpu (interpreter)" if SMOKE else torch.cuda.get_device_name()
     print(f"device: {device_name}; torch {torch.__version__}; copy_ bandwidth {copy_gbps:.0f} GB/s")
     rows, records = [], []
-    for s in SMOKE_SETTINGS if SMOKE else SETTINGS:
-        inputs = [make_inputs(s, device, seed) for seed in range(num_inputs)]
+    settings = SMOKE_SETTINGS if SMOKE else (SETTINGS[:1] if args.quick else SETTINGS)
+    for s in settings:
+        with steps(f"inputs of {s.name}"):
+            inputs = [make_inputs(s, device, seed) for seed in range(num_inputs)]
         for name, make, num_bytes in cases(s):
-            ms = {impl: time_ms(make(impl), [(d,) for d in inputs], warmup, repeats) for impl in ("triton", "reference")}
+            with steps(f"{name} at {s.name}"):
+                ms = {impl: time_ms(make(impl), [(d,) for d in inputs], warmup, repeats)
+                      for impl in ("triton", "reference")}
             gbps = num_bytes(inputs[0]) / ms["triton"] / 1e6
-            rows.append([s.name, name, f"{ms['triton']:.3f}", f"{ms['reference']:.3f}", f"{ms['reference'] / ms['triton']:.2f}x",
+            rows.append([s.name, name, f"{ms['triton']:.3f}", f"{ms['reference']:.3f}",
+                         f"{ms['reference'] / ms['triton']:.2f}x",
                          f"{gbps:.0f}", f"{100 * gbps / copy_gbps:.0f} %"])
             records.append(dict(date=datetime.date.today().isoformat(), device=device_name, torch=torch.__version__,
                                 setting=s.name, kernel=name, triton_ms=ms["triton"], reference_ms=ms["reference"],
                                 gbps=gbps, copy_gbps=copy_gbps))
     print(table(["setting", "kernel", "triton ms", "reference ms", "speed-up", "GB/s", "of copy"], rows))
+    with steps("grouped GEMMs"):
+        gemms = gemm_rows(device, args.quick)
+    print(f"\ngrouped GEMM (forward), {'fp32' if SMOKE else 'bf16'}, rows split at random over the experts; "
+          f"peak = {H200_BF16_DENSE_TFLOPS:.0f} TFLOP/s dense bf16; error = max |out - fp32 reference| / max |ref|")
+    print(table(["shape", "backend", "ms", "TFLOP/s", "of peak", "error"],
+                [[g["shape"], g["backend"], f"{g['ms']:.3f}", f"{g['tflops']:.0f}", f"{g['of_peak'] * 100:.0f} %",
+                  f"{g['max_rel_error']:.1e}"] if "ms" in g
+                 else [g["shape"], g["backend"], "failed", "", "", g["error"]]
+                 for g in gemms]))
+    write_json(args.json, dict(benchmark="moe_kernels", env=environment(device), copy_gbs=copy_gbps, kernels=records,
+                               grouped_gemm=gemms, peak_tflops=H200_BF16_DENSE_TFLOPS))
     if args.csv:
         new = not os.path.exists(args.csv)
         with open(args.csv, "a", newline="") as f:
@@ -173,7 +251,7 @@ def main() -> int:
             if new:
                 writer.writeheader()
             writer.writerows(records)
-    return 0
+    return int(any("error" in g for g in gemms))  # a backend that failed fails the run, after the others ran
 
 
 if __name__ == "__main__":

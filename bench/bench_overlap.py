@@ -19,8 +19,14 @@ its computation: latency per exchange = D/C x (sequential pair time without late
 
     python bench/bench_overlap.py [--ratios 0.25 0.5 1 2] [--layers 2] [--pairs 9] [--quick]
 
-With ``--gpu``: one GPU, the exchanges through an ``EPBuffer`` (one rank: its kernels copy on
-the communication stream), a pair sequential and overlapped for each SM budget in ``--sms``.
+With ``--gpu``: one GPU, for each communication SM budget in ``--sms``: dispatches of a one-rank
+``EPBuffer`` (DeepSeek-V3's per-rank shape; its kernels copy rows on the communication stream
+with ``num_comm_sms`` programs) beside a grouped GEMM confined to the other SMs
+(``sm_partition``): each one's time alone and together, and the slowdowns; ``--quick``
+takes 5 runs per figure instead of 10; ``--json OUT.json`` writes them; ``--cpu-smoke`` runs
+the same code at tiny sizes on CPU.
+
+    python bench/bench_overlap.py --gpu [--sms 8 16 20 24 32 66] [--quick] [--json OUT.json]
 """
 from __future__ import annotations
 
@@ -30,10 +36,14 @@ import sys
 import time
 from datetime import timedelta
 
-import torch
+if "--cpu-smoke" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import median, quantile, spawn_ranks, table  # noqa: E402
+from harness import (Steps, environment, init_single_group, median, quantile, spawn_ranks, table,  # noqa: E402
+                     watchdog, write_json)
 
 
 def _config(args):
@@ -138,54 +148,119 @@ def _worker(rank, world, port, args, queue):
     dist.destroy_process_group()
 
 
-def run_gpu(args) -> None:
-    """One GPU: a pair of stages whose exchanges go through an EPBuffer (one rank: copies on the
-    communication stream), sequential against overlapped, for each communication SM budget."""
-    import torch.distributed as dist
+def _concurrent_ms(dev, exchanges, gemms, iters: int):
+    """Medians (exchange ms, GEMM ms) of ``exchanges()`` and ``gemms()`` started together: the exchanges
+    driven from a side stream (their kernels on the communication stream), the GEMMs on the current
+    stream, both timed from one start event. ``exchanges`` or ``gemms`` may be None (alone). On CPU
+    the two run one after the other, wall-clock."""
+    ex_ms, gm_ms = [], []
+    for _ in range(iters):
+        if dev.type != "cuda":
+            t0 = time.perf_counter()
+            if exchanges:
+                exchanges()
+            t1 = time.perf_counter()
+            if gemms:
+                gemms()
+            ex_ms.append((t1 - t0) * 1e3)
+            gm_ms.append((time.perf_counter() - t1) * 1e3)
+            continue
+        side = torch.cuda.Stream(device=dev)
+        start = torch.cuda.Event(enable_timing=True)
+        ex_end, gm_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(dev)
+        start.record()
+        side.wait_event(start)
+        with torch.cuda.stream(side):
+            if exchanges:
+                exchanges()
+            ex_end.record(side)
+        if gemms:
+            gemms()
+        gm_end.record()
+        torch.cuda.synchronize(dev)
+        ex_ms.append(start.elapsed_time(ex_end))
+        gm_ms.append(start.elapsed_time(gm_end))
+    return median(ex_ms), median(gm_ms)
 
-    from dualpipe_ext.launch import free_port
-    from dualpipe_ext.moe import EPBuffer, MoEConfig
-    from dualpipe_ext.overlap import BlockConfig, MoEStage, OverlapConfig, OverlappedMoEStage
 
-    dev = torch.device("cuda", 0)
-    torch.cuda.set_device(dev)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    hidden, seq, batch = args.gpu_hidden, args.gpu_seq, 2
-    cfg = BlockConfig(MoEConfig(hidden=hidden, moe_intermediate=hidden // 2, num_experts=16, topk=4,
-                                num_shared_experts=1), num_heads=16)
-    rows = []
-    for sms in args.sms:
-        ep = EPBuffer(None, max_tokens=batch * seq, hidden=hidden, dtype=torch.bfloat16, max_topk=4, num_sms=sms,
-                      device=dev)
-        over = OverlapConfig(num_comm_sms=sms)
-        times = {}
-        for name, cls in (("sequential", MoEStage), ("overlapped", OverlappedMoEStage)):
-            torch.manual_seed(0)
-            st0, st1 = (cls(cfg, args.layers, overlap=over, ep=ep, device=dev, dtype=torch.bfloat16) for _ in range(2))
-            x = torch.randn(batch, seq, hidden, device=dev, dtype=torch.bfloat16)
-            ms = []
-            for i in range(2 + args.pairs):
-                out1 = st1(x.clone().requires_grad_())
-                grad = torch.ones_like(out1)
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                if name == "sequential":
-                    st0(x)
-                    torch.autograd.backward(out1, grad)
-                else:
-                    OverlappedMoEStage.overlapped_forward_backward(st0, [x], None, [], st1, None, [out1], [grad])
-                b.record()
-                b.synchronize()
-                if i >= 2:
-                    ms.append(a.elapsed_time(b))
-            times[name] = median(ms)
-        rows.append([sms, f"{times['sequential']:.2f}", f"{times['overlapped']:.2f}",
-                     f"{times['overlapped'] / times['sequential']:.2f}"])
-        ep.close()
-    print(f"{torch.cuda.get_device_name(dev)}: pair of {args.layers}-layer stages, {batch}x{seq} tokens, hidden "
-          f"{hidden}, bf16, 16 experts top-4 + 1 shared, EPBuffer on one GPU, medians of {args.pairs} pairs")
-    print(table(["num_comm_sms", "sequential ms", "overlapped ms", "overlapped / sequential"], rows))
-    dist.destroy_process_group()
+def run_gpu(args) -> dict:
+    """One GPU: dispatches of a one-rank EPBuffer with ``num_comm_sms`` programs on the communication
+    stream, beside a grouped GEMM that leaves those SMs (``sm_partition``); each one's time alone and
+    together, per budget."""
+    from dualpipe_ext.moe import EPBuffer
+    from dualpipe_ext.moe.grouped_mm import grouped_mm, pick_backend
+    from dualpipe_ext.sm_budget import sm_partition
+
+    smoke = args.cpu_smoke
+    dev = torch.device("cpu") if smoke else torch.device("cuda", 0)
+    if not smoke:
+        torch.cuda.set_device(dev)
+    steps = Steps("bench_overlap")
+    tokens, hidden, experts, topk = (16, 64, 16, 4) if smoke else (4096, 7168, 256, 8)
+    rows_g, n_out, groups = (64, 32, 2) if smoke else (args.gemm_rows, 4096, 8)
+    budgets = [1, 2] if smoke else args.sms
+    iters = 2 if smoke else (5 if args.quick else 10)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    with steps("process group and inputs"):
+        init_single_group()
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(tokens, hidden, device=dev, generator=g).to(torch.bfloat16)
+        idx = torch.rand(tokens, experts, device=dev, generator=g).argsort(1)[:, :topk].contiguous()
+        w = torch.rand(idx.shape, device=dev, generator=g)
+        gx = torch.randn(rows_g, hidden, device=dev, generator=g).to(dtype)
+        gw = (torch.randn(groups, n_out, hidden, device=dev, generator=g) / 64).to(dtype)
+        ends = torch.linspace(0, rows_g, groups + 1, device=dev)[1:].round().to(torch.int64)
+        backend = pick_backend(gx, gw, args.gemm_backend)
+        gemm_flops = 2 * rows_g * n_out * hidden
+    with steps("grouped GEMM alone, all SMs"):
+        gemm_full = _concurrent_ms(dev, None, lambda: grouped_mm(gx, gw, ends, backend), iters)[1]
+    out = []
+    for sms in budgets:
+        with steps(f"num_comm_sms={sms}"):
+            ep = EPBuffer(None, max_tokens=tokens, hidden=hidden, dtype=torch.bfloat16, num_sms=sms, max_topk=topk,
+                          timeout_s=30.0, device=dev)
+            try:
+                one_ex = _concurrent_ms(dev, lambda: ep.dispatch(x, idx, w, experts), None, iters)[0]
+                with sm_partition(dev, sms):
+                    one_gemm = _concurrent_ms(dev, None, lambda: grouped_mm(gx, gw, ends, backend), iters)[1]
+                n_ex = max(1, min(200, round(one_gemm / max(one_ex, 1e-6))))  # exchanges as long as one GEMM
+
+                def exchanges():
+                    for _ in range(n_ex):
+                        ep.dispatch(x, idx, w, experts)
+
+                def gemm():
+                    with sm_partition(dev, sms):
+                        grouped_mm(gx, gw, ends, backend)
+
+                ex_alone = _concurrent_ms(dev, exchanges, None, iters)[0]
+                gemm_alone = _concurrent_ms(dev, None, gemm, iters)[1]
+                ex_both, gemm_both = _concurrent_ms(dev, exchanges, gemm, iters)
+            finally:
+                ep.close()
+        out.append(dict(num_comm_sms=sms, exchanges=n_ex, exchange_alone_ms=ex_alone, exchange_together_ms=ex_both,
+                        exchange_slowdown=ex_both / ex_alone, gemm_alone_ms=gemm_alone, gemm_together_ms=gemm_both,
+                        gemm_slowdown=gemm_both / gemm_alone, gemm_partition_cost=gemm_alone / gemm_full,
+                        gemm_tflops_together=gemm_flops / gemm_both / 1e9))
+    return dict(benchmark="overlap_one_gpu", env=environment(dev), tokens=tokens, hidden=hidden, experts=experts,
+                topk=topk, gemm=dict(rows=rows_g, n=n_out, k=hidden, groups=groups, backend=backend,
+                                     dtype=str(dtype)), gemm_full_ms=gemm_full, iters=iters, rows=out)
+
+
+def print_gpu(r: dict) -> None:
+    gm = r["gemm"]
+    print(f"{r['env']['device_name']}: one-rank EPBuffer dispatches ({r['tokens']} tokens x hidden {r['hidden']} "
+          f"bf16, top-{r['topk']} of {r['experts']}) on the communication stream, repeated to last about one "
+          f"grouped GEMM ([{gm['rows']}, {gm['k']}] x {gm['groups']} experts [{gm['n']}, {gm['k']}], {gm['backend']}) "
+          f"on the SMs the budget leaves; GEMM alone on all SMs {r['gemm_full_ms']:.3f} ms; medians of "
+          f"{r['iters']}; slowdown = together / alone")
+    print(table(["num_comm_sms", "exchanges", "exchange alone ms", "together ms", "exchange slowdown",
+                 "GEMM alone ms", "together ms", "GEMM slowdown", "GEMM partition cost"],
+                [[x["num_comm_sms"], x["exchanges"], f"{x['exchange_alone_ms']:.3f}",
+                  f"{x['exchange_together_ms']:.3f}", f"{x['exchange_slowdown']:.2f}", f"{x['gemm_alone_ms']:.3f}",
+                  f"{x['gemm_together_ms']:.3f}", f"{x['gemm_slowdown']:.2f}", f"{x['gemm_partition_cost']:.2f}"]
+                 for x in r["rows"]]))
 
 
 def main() -> None:
@@ -200,18 +275,24 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--no-step", action="store_true", help="skip the DualPipe step")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (a few minutes)")
-    p.add_argument("--timeout-s", type=float, default=1800)
-    p.add_argument("--gpu", action="store_true", help="one GPU, EPBuffer, per communication SM budget")
-    p.add_argument("--sms", type=int, nargs="+", default=[8, 16, 20, 24, 32], help="--gpu: SM budgets")
-    p.add_argument("--gpu-hidden", type=int, default=2048)
-    p.add_argument("--gpu-seq", type=int, default=2048)
+    p.add_argument("--timeout-s", type=float, default=None, help="end the run after this long (default 1800 s, "
+                   "--gpu 300 s)")
+    p.add_argument("--gpu", action="store_true", help="one GPU: an exchange beside a grouped GEMM, per SM budget")
+    p.add_argument("--cpu-smoke", action="store_true", help="the --gpu benchmark at tiny sizes on CPU (interpreter)")
+    p.add_argument("--json", help="--gpu: write the figures here")
+    p.add_argument("--sms", type=int, nargs="+", default=[8, 16, 20, 24, 32, 66], help="--gpu: SM budgets")
+    p.add_argument("--gemm-rows", type=int, default=8192, help="--gpu: rows of the grouped GEMM")
+    p.add_argument("--gemm-backend", default="auto", help="--gpu: grouped GEMM backend (auto, torch, triton, ...)")
     args = p.parse_args()
     if args.quick:
         args.pairs, args.steps = 5, 2
-    if args.gpu:
-        run_gpu(args)
+    if args.gpu or args.cpu_smoke:
+        watchdog(args.timeout_s or 300)
+        result = run_gpu(args)
+        print_gpu(result)
+        write_json(args.json, result)
         return
-    r = spawn_ranks(_worker, 2, args, timeout_s=args.timeout_s)
+    r = spawn_ranks(_worker, 2, args, timeout_s=args.timeout_s or 1800)
     out, hidden_at = [], {}
     for ratio, latency, t in r["rows"]:
         s0, s, o0, o = (median(t[k]) for k in ("sequential, no latency", "sequential", "overlapped, no latency",

@@ -54,3 +54,113 @@ def spawn_ranks(worker, world: int, args, timeout_s: float = 1800.0):
 
     reports = run_ranks(_run_worker, world, worker, args, timeout_s=timeout_s, init=False)
     return next(items[0] for items in reports if items)
+
+
+# GPU runs: timing, watchdog, steps, JSON ---------------------------------------------------
+
+
+def bench_ms(fn, device, quick: bool = False, repeats: int = 5) -> float:
+    """Median milliseconds of ``fn()``: ``triton.testing.do_bench`` on CUDA (L2 flushed between runs,
+    warm-up and measuring windows of 10/40 ms with ``quick``, else 25/100 ms); wall-clock on CPU
+    (one warm-up, ``repeats`` runs)."""
+    import time
+
+    import torch
+
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench
+
+        warmup, rep = (10, 40) if quick else (25, 100)
+        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return median(times)
+
+
+def watchdog(seconds: float) -> None:
+    """End the process (exit 1) with every thread's Python stack if it runs ``seconds`` longer;
+    a hung kernel or wait cannot keep a benchmark alive."""
+    import faulthandler
+    import sys
+
+    if seconds > 0:
+        faulthandler.dump_traceback_later(seconds, exit=True, file=sys.stderr)
+
+
+class Steps:
+    """Named steps of a benchmark: ``with steps("dispatch, 8 SMs"):`` prints the step, and a failure
+    prints ``FAIL at <step>: <error>`` before it propagates."""
+
+    def __init__(self, script: str) -> None:
+        self.script = script
+        self.current = "start"
+
+    def __call__(self, name: str):
+        import contextlib
+        import sys
+        import time
+
+        @contextlib.contextmanager
+        def run():
+            self.current = name
+            t0 = time.perf_counter()
+            print(f"[{self.script}] {name} ...", file=sys.stderr, flush=True)
+            try:
+                yield
+            except BaseException as e:
+                print(f"[{self.script}] FAIL at {name}: {type(e).__name__}: {e}", flush=True)
+                raise
+            print(f"[{self.script}] {name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+        return run()
+
+
+def environment(device) -> dict:
+    """Device, versions and date for a JSON record."""
+    import datetime
+    import platform
+
+    import torch
+
+    device = torch.device(device)
+    info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                torch=torch.__version__, python=platform.python_version(), device=str(device))
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(device_name=props.name, sms=props.multi_processor_count, cuda=torch.version.cuda)
+    else:
+        info.update(device_name="cpu", sms=None, cuda=None)
+    return info
+
+
+def write_json(path, payload: dict) -> None:
+    """Write ``payload`` (figures of one run) to ``path`` when given."""
+    import json
+
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=1, default=str)
+        print(f"wrote {path}")
+
+
+def init_single_group(backend: str = "gloo") -> None:
+    """A world-1 process group on a free loopback port, if none exists (for an ``EPBuffer`` of one rank)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from dualpipe_ext.launch import free_port
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                                timeout=timedelta(seconds=60))

@@ -1,0 +1,225 @@
+"""The MoE layer forward + backward on one GPU against transformers' block and a plain grouped-GEMM layer.
+
+One DeepSeek-like layer (hidden 2048, 64 routed experts of width 1408, top-8 in 4 of 8 groups,
+one shared expert, 8192 tokens, bf16), every variant with the same weights:
+
+- ``MoE``: ``dualpipe_ext.moe.MoE`` on the collective path (one rank: no exchange);
+- ``MoE + EPBuffer``: the same layer with a one-rank ``EPBuffer`` (capacity-sized rows, no host read);
+- ``DeepseekV3MoE (eager)`` / ``(grouped_mm)``: transformers' block with its experts
+  implementation (a loop over experts / ``torch._grouped_mm``), when transformers is installed;
+- ``plain grouped_mm``: a layer written with ``torch._grouped_mm`` and nothing else (sigmoid
+  top-8 without groups, sort by expert, two grouped GEMMs, ``index_add_``): the floor a
+  straightforward implementation reaches.
+
+Per variant: median ms of forward + backward (``triton.testing.do_bench``), tokens/s, the peak
+memory the step adds, and the largest difference of its output from ``MoE``'s relative to
+the output's largest value (the plain layer routes differently, so it has none).
+
+    python bench/bench_moe_layer.py [--quick] [--json OUT.json]
+    python bench/bench_moe_layer.py --cpu-smoke     # tiny sizes on CPU, kernels interpreted
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from typing import Optional
+
+if "--cpu-smoke" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import Steps, bench_ms, environment, init_single_group, table, watchdog, write_json  # noqa: E402
+
+GPU_SHAPE = dict(tokens=8192, hidden=2048, inter=1408, experts=64, topk=8, n_group=8, topk_group=4)
+SMOKE_SHAPE = dict(tokens=32, hidden=32, inter=16, experts=8, topk=2, n_group=4, topk_group=2)
+SCALE = 2.5  # routed_scaling_factor
+
+
+class GroupedMMMoE(nn.Module):
+    """A plain MoE layer on ``torch._grouped_mm``: x [num_tokens, hidden] -> [num_tokens, hidden]."""
+
+    def __init__(self, hidden: int, inter: int, experts: int, topk: int, device, dtype) -> None:
+        super().__init__()
+        self.topk = topk
+        self.gate = nn.Parameter(torch.empty(experts, hidden, device=device, dtype=dtype))
+        self.gate_up = nn.Parameter(torch.empty(experts, 2 * inter, hidden, device=device, dtype=dtype))
+        self.down = nn.Parameter(torch.empty(experts, hidden, inter, device=device, dtype=dtype))
+        self.shared_gate_up = nn.Parameter(torch.empty(2 * inter, hidden, device=device, dtype=dtype))
+        self.shared_down = nn.Parameter(torch.empty(hidden, inter, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = torch.sigmoid(F.linear(x, self.gate).float())
+        weights, idx = scores.topk(self.topk, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True) * SCALE
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        token = order // self.topk
+        offs = torch.bincount(flat, minlength=self.gate.shape[0]).cumsum(0).to(torch.int32)
+        h = torch._grouped_mm(x[token], self.gate_up.transpose(-2, -1), offs=offs)
+        g, u = h.chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(g) * u, self.down.transpose(-2, -1), offs=offs)
+        y = y * weights.flatten()[order, None].to(y.dtype)
+        out = torch.zeros_like(x).index_add(0, token, y)
+        sg, su = F.linear(x, self.shared_gate_up).chunk(2, dim=-1)
+        return out + F.linear(F.silu(sg) * su, self.shared_down)
+
+
+def _hf_block(shape: dict, implementation: str, device, dtype, like: Optional[nn.Module] = None):
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    config = DeepseekV3Config(hidden_size=shape["hidden"], moe_intermediate_size=shape["inter"],
+                              n_routed_experts=shape["experts"], num_experts_per_tok=shape["topk"],
+                              n_group=shape["n_group"], topk_group=shape["topk_group"], n_shared_experts=1,
+                              routed_scaling_factor=SCALE, norm_topk_prob=True, num_hidden_layers=1,
+                              num_attention_heads=4, num_key_value_heads=4, vocab_size=64)
+    config._experts_implementation = implementation
+    block = DeepseekV3MoE(config).to(device, dtype)
+    block.gate.float()  # the router in float32, as DeepSeek-V3 checkpoints keep it
+    if like is not None:
+        block.load_state_dict(like.state_dict())
+        return block
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():  # the block leaves initialisation to the model; every weight set here
+        for name, p in block.named_parameters():
+            scale = (0.5 if name.endswith("gate.weight") else 1.0) / p.shape[-1] ** 0.5
+            p.copy_(torch.randn(p.shape, device=device, generator=g) * scale)
+    return block
+
+
+def _our_layers(hf_block, shape: dict, device, dtype, with_ep: bool):
+    """``MoE`` with the HF block's weights (through ``replace_moe``), and one on a one-rank EPBuffer."""
+    from dualpipe_ext import moe
+    from dualpipe_ext.integrations.hf import replace_moe
+
+    holder = nn.ModuleDict({"mlp": hf_block})
+    replace_moe(holder)
+    layer = holder["mlp"]
+    layers = {"MoE": layer}
+    if with_ep:
+        ep = moe.EPBuffer(None, max_tokens=shape["tokens"], hidden=shape["hidden"], dtype=dtype,
+                          max_topk=shape["topk"], timeout_s=30.0, device=device)
+        on_ep = moe.MoE(layer.config, ep=ep, device=device, dtype=dtype)
+        on_ep.gate = nn.Parameter(torch.empty_like(layer.gate))  # the router's dtype, as replace_moe keeps it
+        on_ep.load_state_dict(layer.state_dict())
+        layers["MoE + EPBuffer"] = on_ep
+    return layers
+
+
+def run(args) -> dict:
+    smoke = args.cpu_smoke
+    dev = torch.device("cpu") if smoke else torch.device("cuda", 0)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    if not smoke:
+        torch.cuda.set_device(dev)
+    shape = SMOKE_SHAPE if smoke else GPU_SHAPE
+    steps = Steps("bench_moe_layer")
+    layers = {}
+    with steps("layers"):
+        init_single_group()
+        try:
+            import transformers  # noqa: F401
+
+            have_hf = True
+        except ImportError:
+            have_hf = False
+        if have_hf:
+            hf_eager = _hf_block(shape, "eager", dev, dtype)
+            hf_grouped = _hf_block(shape, "grouped_mm", dev, dtype, like=hf_eager)
+            ref_copy = _hf_block(shape, "eager", dev, dtype, like=hf_eager)
+            layers.update(_our_layers(ref_copy, shape, dev, dtype, with_ep=True))
+            layers["DeepseekV3MoE (eager)"] = hf_eager
+            layers["DeepseekV3MoE (grouped_mm)"] = hf_grouped
+        plain = GroupedMMMoE(shape["hidden"], shape["inter"], shape["experts"], shape["topk"], dev, dtype)
+        with torch.no_grad():
+            for p in plain.parameters():
+                p.copy_(torch.randn(p.shape, device=dev, dtype=dtype) / p.shape[-1] ** 0.5)
+        layers["plain grouped_mm"] = plain
+    g = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn(1, shape["tokens"], shape["hidden"], device=dev, generator=g).to(dtype)
+    grad = torch.randn(x.shape, device=dev, generator=g).to(dtype)
+    rows, reference = [], None
+    for name, layer in layers.items():
+        try:
+            rows.append(_measure(name, layer, x, grad, shape, dev, args.quick, steps, reference))
+        except Exception as e:  # noqa: BLE001 - the other variants still run; the exit status says it failed
+            traceback.print_exc()
+            rows.append(dict(variant=name, error=f"{type(e).__name__}: {e}"))
+            continue
+        if name == "MoE":
+            reference = rows[-1].pop("output")
+        rows[-1].pop("output", None)
+    return dict(benchmark="moe_layer", env=environment(dev), dtype=str(dtype), shape=shape, transformers=have_hf,
+                rows=rows)
+
+
+def _measure(name, layer, x, grad, shape, dev, quick, steps, reference) -> dict:
+    """One variant: its output (for the comparison), ms, tokens/s, peak memory, difference from ``MoE``."""
+    with steps(name):
+        inp = x.clone().requires_grad_(True)
+
+        def step():
+            for p in layer.parameters():
+                p.grad = None
+            inp.grad = None
+            out = layer(inp if name != "plain grouped_mm" else inp.view(-1, shape["hidden"]))
+            out.backward(grad.view(out.shape))
+            return out
+
+        out = step().detach().float().reshape(-1, shape["hidden"])
+        if not torch.isfinite(out).all():
+            raise AssertionError(f"{name}: the output is not finite")
+        diff = None
+        if reference is not None and name != "plain grouped_mm":
+            diff = float((out - reference).abs().max() / reference.abs().max())
+        peak = None
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+            step()
+            torch.cuda.synchronize(dev)
+            peak = torch.cuda.max_memory_allocated(dev) - base
+        ms = bench_ms(step, dev, quick, repeats=2)
+    return dict(variant=name, ms=ms, tokens_per_s=shape["tokens"] / ms * 1e3, peak_bytes=peak,
+                max_rel_diff_vs_moe=diff, output=out)
+
+
+def print_result(r: dict) -> None:
+    s = r["shape"]
+    print(f"MoE layer forward + backward on {r['env']['device_name']}: {s['tokens']} tokens, hidden {s['hidden']}, "
+          f"{s['experts']} experts of width {s['inter']}, top-{s['topk']} in {s['topk_group']} of {s['n_group']} "
+          f"groups, "
+          f"1 shared, {r['dtype']}; do_bench medians" + ("" if r["transformers"] else "; transformers not installed"))
+    print(table(["variant", "ms", "tokens/s", "peak MB", "diff vs MoE"],
+                [[x["variant"], f"{x['ms']:.2f}", f"{x['tokens_per_s']:.3g}",
+                  "-" if x["peak_bytes"] is None else f"{x['peak_bytes'] / 2 ** 20:.0f}",
+                  "-" if x["max_rel_diff_vs_moe"] is None else f"{x['max_rel_diff_vs_moe']:.1e}"] if "error" not in x
+                 else [x["variant"], "failed", "", "", x["error"][:80]] for x in r["rows"]]))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="shorter timing windows")
+    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--timeout-s", type=float, default=300, help="end the run (with stacks) after this long")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU (kernels interpreted)")
+    args = p.parse_args()
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print("bench_moe_layer: no CUDA device here; nothing measured (--cpu-smoke runs tiny sizes)")
+        return 0
+    watchdog(args.timeout_s)
+    result = run(args)
+    print_result(result)
+    write_json(args.json, result)
+    return int(any("error" in x for x in result["rows"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
