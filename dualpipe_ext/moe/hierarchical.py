@@ -199,6 +199,11 @@ class HierarchicalEP:
         self.group, self.num_sms = group, num_sms
         self.layout = node_layout(group, ranks_per_node)
         self.node_group, self.rail_group = self._subgroups(group, self.layout)
+        self.last_handle: Optional[HierarchicalHandle] = None
+
+    def last_stats(self) -> Optional[ExchangeStats]:
+        """``stats()`` of the last dispatch's handle (None before the first)."""
+        return self.last_handle.stats() if self.last_handle is not None else None
 
     @classmethod
     def _subgroups(cls, group, layout: NodeLayout):
@@ -236,7 +241,8 @@ class HierarchicalEP:
 
             def finish():
                 px, pidx, pw, intra = pending.wait()
-                return px, pidx, pw, HierarchicalHandle(inter, intra, self.layout, row_bytes)
+                self.last_handle = HierarchicalHandle(inter, intra, self.layout, row_bytes)
+                return px, pidx, pw, self.last_handle
 
             return InFlight(finish, what="moe.dispatch (in-node leg)")
 
