@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,8 @@ class JobConfig:
     check: bool = True
     progress: bool = True
     timeout_s: float = 300.0
+    ep_nodes: int = 0  # nodes the expert-parallel group spans, dispatched hierarchically (0: flat dispatch)
+    ep_ranks_per_node: Optional[int] = None  # expert-parallel ranks per node (None: the launch's LOCAL_WORLD_SIZE)
 
 
 def _batch(job: JobConfig, corpus, split: str, step: int, replica: int, direction: int, n_micro: int) -> torch.Tensor:
@@ -129,6 +131,7 @@ def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
     overlap = OverlapConfig(two_batch=job.two_batch)
     modules, ids, names = build_stages(job.lm, layout, overlap, job.overlap, buffer)
     modules = tuple(m.to(device) for m in modules)
+    moes = _use_nodes(job, modules)
     set_p2p_tensor_shapes([(job.micro_batch, job.lm.seq, job.lm.hidden)])
     set_p2p_tensor_dtype(torch.float32)
     cls = DualPipe if job.schedule == "dualpipe" else DualPipeV
@@ -140,7 +143,8 @@ def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
     bar = None
     if job.progress and rank == 0:
         bar = _progress(job.steps)
-    out: Dict[str, object] = {"losses": [], "step_s": [], "exposed_ms": [], "resident_mb": [], "pairs": 0}
+    out: Dict[str, object] = {"losses": [], "step_s": [], "exposed_ms": [], "resident_mb": [], "pairs": 0,
+                              "off_node": []}
     for step in range(job.steps):
         inputs, labels, everything = _feeds(job, corpus, layout, "train", step, device)
         opt.zero_grad(set_to_none=True)
@@ -160,12 +164,15 @@ def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
         timing = torch.tensor([dt, _exposed_ms(pipe.timeline), _resident_mb()], dtype=torch.float64)
         dist.all_reduce(timing, op=dist.ReduceOp.MAX)
         pipe.timeline.clear()
+        off_node = _rows_off_node(job, moes)
+        if off_node is not None:
+            out["off_node"].append(off_node)
         out["losses"].append(mean_loss)
         out["step_s"].append(float(timing[0]))
         out["exposed_ms"].append(float(timing[1]))
         out["resident_mb"].append(float(timing[2]))
         if bar is not None:
-            bar.update(step, mean_loss, tokens_per_step / float(timing[0]), float(timing[1]))
+            bar.update(step, mean_loss, tokens_per_step / float(timing[0]), float(timing[1]), off_node)
     if bar is not None:
         bar.close()
     out["pairs"] = pipe.executor.num_overlapped_calls
@@ -175,6 +182,41 @@ def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
     if buffer is not None:
         buffer.close()
     return out
+
+
+def _use_nodes(job: JobConfig, modules) -> list:
+    """With ``ep_nodes``: every MoE layer dispatches hierarchically and totals its rows; returns the layers."""
+    if not job.ep_nodes:
+        return []
+    from dualpipe_ext.moe import MoE
+
+    seen: Dict[int, MoE] = {}
+    for m in modules:
+        for sub in m.modules():
+            if isinstance(sub, MoE) and id(sub) not in seen:
+                seen[id(sub)] = sub
+    for layer in seen.values():  # the same layers in the same order on every rank of an expert-parallel group
+        layer.use_hierarchical(job.ep_ranks_per_node, track=True)
+        if layer.num_nodes != job.ep_nodes:
+            raise ValueError(f"--ep-nodes {job.ep_nodes}: the expert-parallel group spans {layer.num_nodes} nodes")
+    return list(seen.values())
+
+
+def _rows_off_node(job: JobConfig, moes) -> Optional[Tuple[int, int]]:
+    """(dispatch rows that left their node, rows the flat path would have sent) over all ranks this step."""
+    if not job.ep_nodes:
+        return None
+    inter = sum(m.hier.totals["inter_rows"] for m in moes)
+    flat = sum(m.hier.totals["flat_inter_rows"] for m in moes)
+    for m in moes:
+        m.hier.reset_totals()
+    return _sum_rows(inter, flat)
+
+
+def _sum_rows(inter: int, flat: int) -> Tuple[int, int]:
+    t = torch.tensor([inter, flat], dtype=torch.int64)
+    dist.all_reduce(t)
+    return int(t[0]), int(t[1])
 
 
 def _evaluate(job: JobConfig, corpus, layout: Layout, pipe, device) -> float:
@@ -203,8 +245,11 @@ class _progress:
             tqdm = None
         self.bar = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True) if tqdm is not None else None
 
-    def update(self, step: int, loss: float, tokens_s: float, exposed_ms: float) -> None:
+    def update(self, step: int, loss: float, tokens_s: float, exposed_ms: float,
+               off_node: Optional[Tuple[int, int]] = None) -> None:
         line = f"step {step}: loss {loss:.4f}  {tokens_s:,.0f} tokens/s  communication exposed {exposed_ms:.1f} ms"
+        if off_node is not None:
+            line += f"  dispatch rows off-node {off_node[0]:,} (flat path {off_node[1]:,})"
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             self.bar.write(line)

@@ -193,32 +193,49 @@ class HierarchicalEP:
     local synchronisation: only the ranks of each subgroup take part).
     """
 
-    _cache: Dict[Tuple[Tuple[int, ...], int], Tuple[Any, Any]] = {}
+    _groups: Dict[Tuple[int, ...], Any] = {}  # subgroups by their global ranks, shared by every instance
 
-    def __init__(self, group=None, ranks_per_node: Optional[int] = None, *, num_sms: Optional[int] = None):
+    def __init__(self, group=None, ranks_per_node: Optional[int] = None, *, num_sms: Optional[int] = None,
+                 track: bool = False):
         self.group, self.num_sms = group, num_sms
         self.layout = node_layout(group, ranks_per_node)
         self.node_group, self.rail_group = self._subgroups(group, self.layout)
         self.last_handle: Optional[HierarchicalHandle] = None
+        # with track: rows of every dispatch since reset_totals() (reads the routing on the host)
+        self.track = track
+        self.totals = {"inter_rows": 0, "flat_inter_rows": 0, "intra_rows": 0, "inter_bytes": 0, "dispatches": 0}
 
     def last_stats(self) -> Optional[ExchangeStats]:
         """``stats()`` of the last dispatch's handle (None before the first)."""
         return self.last_handle.stats() if self.last_handle is not None else None
+
+    def reset_totals(self) -> None:
+        for k in self.totals:
+            self.totals[k] = 0
+
+    def _record(self, handle: HierarchicalHandle) -> None:
+        self.last_handle = handle
+        if self.track:
+            st = handle.stats()
+            self.totals["inter_rows"] += st.inter_rows
+            self.totals["flat_inter_rows"] += st.flat_inter_rows
+            self.totals["intra_rows"] += st.intra_rows
+            self.totals["inter_bytes"] += st.inter_bytes
+            self.totals["dispatches"] += 1
 
     @classmethod
     def _subgroups(cls, group, layout: NodeLayout):
         if layout.world == 1:
             return group, group
         ranks = _global_ranks(group)
-        key = (tuple(ranks), layout.ranks_per_node)
-        if key not in cls._cache:
-            R, node, local = layout.ranks_per_node, layout.node, layout.local_rank
-            node_ranks = ranks[node * R:(node + 1) * R]
-            rail_ranks = ranks[local::R]
-            node_group = dist.new_group(node_ranks, use_local_synchronization=True)
-            rail_group = dist.new_group(rail_ranks, use_local_synchronization=True)
-            cls._cache[key] = (node_group, rail_group)
-        return cls._cache[key]
+        R, node, local = layout.ranks_per_node, layout.node, layout.local_rank
+        out = []
+        for members in (ranks[node * R:(node + 1) * R], ranks[local::R]):  # node group, then rail group
+            key = tuple(members)
+            if key not in cls._groups:
+                cls._groups[key] = dist.new_group(list(members), use_local_synchronization=True)
+            out.append(cls._groups[key])
+        return tuple(out)
 
     def _check_experts(self, num_experts: int) -> None:
         if isinstance(num_experts, int) and num_experts % self.layout.world:
@@ -241,8 +258,9 @@ class HierarchicalEP:
 
             def finish():
                 px, pidx, pw, intra = pending.wait()
-                self.last_handle = HierarchicalHandle(inter, intra, self.layout, row_bytes)
-                return px, pidx, pw, self.last_handle
+                handle = HierarchicalHandle(inter, intra, self.layout, row_bytes)
+                self._record(handle)
+                return px, pidx, pw, handle
 
             return InFlight(finish, what="moe.dispatch (in-node leg)")
 

@@ -189,6 +189,17 @@ class MoE(nn.Module):
         return dispatch_backward(grad_recv_x, grad_recv_weights, handle, handle.topk_idx, async_op=async_op,
                                  num_sms=self.num_comm_sms)
 
+    def use_hierarchical(self, ranks_per_node: Optional[int] = None, *, track: bool = False) -> None:
+        """Dispatch hierarchically over nodes of ``ranks_per_node`` ranks from now on (collective over the
+        group, like the constructor); ``track`` totals the rows of every dispatch on ``self.hier.totals``."""
+        import dataclasses
+
+        if self.ep is not None:
+            raise ValueError("MoE: hierarchical dispatch runs on the collective path; this layer has an EPBuffer")
+        self.config = dataclasses.replace(self.config, hierarchical=True, ranks_per_node=ranks_per_node)
+        self.num_nodes, self.hier = _node_setup(self.config, self.group, self.num_comm_sms)
+        self.hier.track = track
+
     def exchange_stats(self):
         """Rows (and bytes) of this rank's last hierarchical dispatch that left its node, beside what the
         flat path would have sent (``moe.hierarchical.ExchangeStats``; reads the routing on the host), or None."""
