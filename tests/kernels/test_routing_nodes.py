@@ -91,3 +91,23 @@ def test_bad_node_limits(kwargs, match):
     with pytest.raises(ValueError, match=match):
         route(logits, kwargs["topk"], "sigmoid", kwargs["n_group"], kwargs["topk_group"],
               num_nodes=kwargs["num_nodes"], topk_nodes=kwargs["topk_nodes"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CPU twin: test_node_limited_route_matches_reference)")
+@pytest.mark.parametrize("num_tokens,n_group,topk_group,num_nodes,topk_nodes", [
+    (4096, 8, 4, 8, 4),  # DeepSeek-V3: groups are nodes
+    (4096, 8, 4, 4, 2),  # 2 groups per node
+    (1025, 1, 1, 8, 3),  # nodes alone, 3 scores per node
+])
+def test_node_limited_route_on_cuda_matches_reference(num_tokens, n_group, topk_group, num_nodes, topk_nodes):
+    logits = grid_logits(num_tokens, 256).cuda()
+    bias = grid_bias(256).cuda()
+    args = (8, "sigmoid", n_group, topk_group, bias, 2.5)
+    nodes = dict(num_nodes=num_nodes, topk_nodes=topk_nodes)
+    with poison_outputs():
+        idx, weights = route(logits, *args, **nodes, impl="triton")
+    ref_idx, ref_weights = route_reference(logits, *args, **nodes)
+    assert torch.equal(idx, ref_idx)
+    assert torch.allclose(weights, ref_weights, rtol=2e-6, atol=1e-7)
+    assert int(_nodes_per_token(idx.cpu(), 256, num_nodes).max()) <= topk_nodes
