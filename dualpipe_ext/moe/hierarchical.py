@@ -193,7 +193,7 @@ class HierarchicalEP:
     local synchronisation: only the ranks of each subgroup take part).
     """
 
-    _groups: Dict[Tuple[int, ...], Any] = {}  # subgroups by their global ranks, shared by every instance
+    _groups: Dict[Tuple[int, Tuple[int, ...]], Any] = {}  # subgroups by world and global ranks, shared
 
     def __init__(self, group=None, ranks_per_node: Optional[int] = None, *, num_sms: Optional[int] = None,
                  track: bool = False):
@@ -231,7 +231,7 @@ class HierarchicalEP:
         R, node, local = layout.ranks_per_node, layout.node, layout.local_rank
         out = []
         for members in (ranks[node * R:(node + 1) * R], ranks[local::R]):  # node group, then rail group
-            key = tuple(members)
+            key = (id(dist.distributed_c10d._get_default_group()), tuple(members))  # a new world: new groups
             if key not in cls._groups:
                 cls._groups[key] = dist.new_group(list(members), use_local_synchronization=True)
             out.append(cls._groups[key])

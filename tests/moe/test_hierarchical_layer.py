@@ -71,3 +71,10 @@ def test_layer_rejects_an_impossible_node_limit():
     cfg = moe.MoEConfig(hidden=8, moe_intermediate=4, num_experts=8, topk=2, topk_nodes=1, ranks_per_node=1)
     layer = moe.MoE(cfg)  # one process: one node, the limit binds nothing
     assert layer.num_nodes == 1 and layer(torch.randn(5, 8)).shape == (5, 8)
+    # hierarchical on one process: one node, the exchanges stay local and equal the flat layer
+    hier = moe.MoE(moe.MoEConfig(hidden=8, moe_intermediate=4, num_experts=8, topk=2, hierarchical=True))
+    hier.load_state_dict(layer.state_dict())
+    x = torch.randn(7, 8)
+    torch.testing.assert_close(hier(x), layer(x))
+    st = hier.exchange_stats()
+    assert st.inter_rows == 0 and st.flat_inter_rows == 0 and st.intra_rows == 0
