@@ -8,10 +8,10 @@ eligible. With ``num_nodes > 1`` (node-limited routing) the experts are also spl
 ``num_nodes`` equal contiguous nodes; a node scores the sum of the ``ceil(topk / topk_nodes)``
 best biased scores among its still-eligible experts (after the group limit), and only the
 ``topk_nodes`` best nodes stay eligible, so a token's experts span at most ``topk_nodes``
-nodes. Groups and nodes must nest (one count divides the other). The weights are the unbiased scores of the chosen experts, normalised to sum 1
-when ``norm_topk_prob`` says so (default: for sigmoid, not for softmax), times
-``routed_scaling_factor``. Ties go to the lower expert (or group) index, in both
-implementations, so indices compare bitwise.
+nodes. Groups and nodes must nest (one count divides the other). The weights are the unbiased
+scores of the chosen experts, normalised to sum 1 when ``norm_topk_prob`` says so (default: for
+sigmoid, not for softmax), times ``routed_scaling_factor``. Ties go to the lower expert (or
+group, or node) index, in both implementations, so indices compare bitwise.
 
 Gradients reach the logits through the weights; the Triton backward recomputes the scores.
 """
