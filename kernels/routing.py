@@ -4,10 +4,14 @@ scores = softmax or sigmoid of the logits (fp32). Experts are chosen by ``scores
 (the bias steers load balance and never reaches the weights). With ``n_group > 1`` the
 experts form equal contiguous groups; a group scores the sum of its two best biased scores
 when a bias is given, its best score otherwise, and only the ``topk_group`` best groups stay
-eligible. The weights are the unbiased scores of the chosen experts, normalised to sum 1
-when ``norm_topk_prob`` says so (default: for sigmoid, not for softmax), times
-``routed_scaling_factor``. Ties go to the lower expert (or group) index, in both
-implementations, so indices compare bitwise.
+eligible. With ``num_nodes > 1`` (node-limited routing) the experts are also split into
+``num_nodes`` equal contiguous nodes; a node scores the sum of the ``ceil(topk / topk_nodes)``
+best biased scores among its still-eligible experts (after the group limit), and only the
+``topk_nodes`` best nodes stay eligible, so a token's experts span at most ``topk_nodes``
+nodes. Groups and nodes must nest (one count divides the other). The weights are the unbiased
+scores of the chosen experts, normalised to sum 1 when ``norm_topk_prob`` says so (default: for
+sigmoid, not for softmax), times ``routed_scaling_factor``. Ties go to the lower expert (or
+group, or node) index, in both implementations, so indices compare bitwise.
 
 Gradients reach the logits through the weights; the Triton backward recomputes the scores.
 """
@@ -21,7 +25,7 @@ from ._common import FLOAT_DTYPES, check_tensor, new_output, next_pow2, use_trit
 
 from ._triton import tl, triton  # None without Triton: the references run without it
 
-__all__ = ["route", "route_reference"]
+__all__ = ["route", "route_reference", "check_node_limit", "node_topk"]
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 
@@ -31,7 +35,41 @@ def _norm(score_func: str, norm_topk_prob: Optional[bool]) -> bool:
     return score_func == "sigmoid" if norm_topk_prob is None else norm_topk_prob
 
 
-def _check(logits, topk, score_func, n_group, topk_group, bias, check_finite, norm_topk_prob=None):
+def node_topk(topk: int, topk_nodes: int) -> int:
+    """Experts whose biased scores sum to a node's score: ``ceil(topk / topk_nodes)``."""
+    return -(-topk // topk_nodes)
+
+
+def check_node_limit(num_experts: int, topk: int, n_group: int, topk_group: int, num_nodes: int,
+                     topk_nodes: int) -> None:
+    """Raise ValueError unless node-limited routing with these sizes always finds ``topk`` experts."""
+    for name, value in (("num_nodes", num_nodes), ("topk_nodes", topk_nodes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if num_nodes == 1:
+        return
+    if num_experts % num_nodes:
+        raise ValueError(f"the number of experts ({num_experts}) must be divisible by num_nodes ({num_nodes})")
+    if topk_nodes > num_nodes:
+        raise ValueError(f"topk_nodes ({topk_nodes}) must not exceed num_nodes ({num_nodes})")
+    per_node, per_group = num_experts // num_nodes, num_experts // n_group
+    if n_group == 1:
+        eligible = topk_nodes * per_node
+    elif n_group % num_nodes == 0:  # groups inside nodes: a kept node holds at least one kept group
+        eligible = min(topk_group, topk_nodes) * per_group
+    elif num_nodes % n_group == 0:  # nodes inside groups: kept groups are whole nodes
+        eligible = min(topk_nodes, topk_group * (num_nodes // n_group)) * per_node
+    else:
+        raise ValueError(f"n_group ({n_group}) and num_nodes ({num_nodes}) must divide one another "
+                         "(groups inside nodes or nodes inside groups)")
+    if topk > eligible:
+        raise ValueError(f"topk ({topk}) exceeds the {eligible} experts that topk_nodes ({topk_nodes}) of "
+                         f"num_nodes ({num_nodes}) with topk_group ({topk_group}) of n_group ({n_group}) "
+                         "guarantee")
+
+
+def _check(logits, topk, score_func, n_group, topk_group, bias, check_finite, norm_topk_prob=None,
+           num_nodes=1, topk_nodes=1):
     check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
     if norm_topk_prob is not None and not isinstance(norm_topk_prob, bool):
         raise ValueError(f"norm_topk_prob must be None, True or False, got {norm_topk_prob!r}")
@@ -61,6 +99,7 @@ def _check(logits, topk, score_func, n_group, topk_group, bias, check_finite, no
             raise ValueError(f"bias must be on the device of logits ({logits.device}), got {bias.device}")
         if n_group > 1 and experts_per_group < 2:
             raise ValueError("with a bias and n_group > 1 a group scores its top-2 experts: need >= 2 experts per group")
+    check_node_limit(num_experts, topk, n_group, topk_group, num_nodes, topk_nodes)
     if check_finite and logits.numel() and bool(torch.isnan(logits).any()):
         raise ValueError("logits contain NaN")
 
@@ -75,6 +114,8 @@ def route(
     routed_scaling_factor: float = 1.0,
     *,
     norm_topk_prob: Optional[bool] = None,
+    num_nodes: int = 1,
+    topk_nodes: int = 1,
     check_inputs: bool = True,
     impl: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -89,18 +130,20 @@ def route(
         routed_scaling_factor: multiplies the weights.
         norm_topk_prob: normalise the chosen weights to sum 1 before scaling (None: for
             sigmoid only, as DeepSeek-V3; True with softmax: Mixtral, Qwen3-MoE).
+        num_nodes, topk_nodes: node-limited routing (num_nodes=1: off): experts split evenly
+            and contiguously over ``num_nodes`` nodes, a token's experts on at most ``topk_nodes``.
         check_inputs: check logits for NaN (a device-to-host sync on CUDA).
         impl: "auto" | "triton" | "reference".
     Returns:
         topk_idx [num_tokens, topk] int64 and topk_weights [num_tokens, topk] float32.
     """
-    _check(logits, topk, score_func, n_group, topk_group, bias, check_inputs, norm_topk_prob)
+    _check(logits, topk, score_func, n_group, topk_group, bias, check_inputs, norm_topk_prob, num_nodes, topk_nodes)
     if use_triton(impl, logits):
         args = (topk, score_func, n_group, topk_group, bias, float(routed_scaling_factor),
-                _norm(score_func, norm_topk_prob))
+                _norm(score_func, norm_topk_prob), num_nodes, topk_nodes)
         return _Route.apply(logits, *args)
     return route_reference(logits, topk, score_func, n_group, topk_group, bias, routed_scaling_factor,
-                           norm_topk_prob=norm_topk_prob)
+                           norm_topk_prob=norm_topk_prob, num_nodes=num_nodes, topk_nodes=topk_nodes)
 
 
 # Triton
@@ -121,9 +164,10 @@ if triton is not None:
 
     @triton.jit
     def _route_fwd_kernel(logits_ptr, bias_ptr, idx_ptr, w_ptr, num_tokens, num_experts, topk, n_group, topk_group,
-                          experts_per_group, scale, SIGMOID: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          GROUPED: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
-                          G_PAD: tl.constexpr):
+                          experts_per_group, scale, num_nodes, topk_nodes, experts_per_node, node_k,
+                          SIGMOID: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          GROUPED: tl.constexpr, NODED: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
+                          K_PAD: tl.constexpr, G_PAD: tl.constexpr, N_PAD: tl.constexpr):
         t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         e = tl.arange(0, E_PAD)
         e_ok = (e < num_experts)[None, :]
@@ -150,6 +194,30 @@ if triton is not None:
                 group_score = tl.where(g == pick[:, None], float("-inf"), group_score)
                 keep = keep | (gid == pick[:, None])
             cand = tl.where(keep, cand, float("-inf"))
+        if NODED:
+            nid = (e // experts_per_node)[None, :]
+            n = tl.arange(0, N_PAD)[None, :]
+            node_score = tl.full([BLOCK_T, N_PAD], float("-inf"), tl.float32)
+            for ni in range(num_nodes):
+                v = tl.where(nid == ni, cand, float("-inf"))
+                acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+                seen = tl.zeros([BLOCK_T], dtype=tl.int32) != 0
+                for _ in range(node_k):  # best first; eligible (finite) scores only
+                    best = tl.max(v, axis=1)
+                    ok = best > float("-inf")
+                    acc = tl.where(ok, acc + best, acc)
+                    seen = seen | ok
+                    first = tl.min(tl.where(v == best[:, None], e[None, :], E_PAD), axis=1)
+                    v = tl.where(e[None, :] == first[:, None], float("-inf"), v)
+                acc = tl.where(seen, acc, float("-inf"))
+                node_score = tl.where(n == ni, acc[:, None], node_score)
+            keep_n = tl.zeros([BLOCK_T, E_PAD], dtype=tl.int32) != 0
+            for _ in range(topk_nodes):
+                best = tl.max(node_score, axis=1)
+                pick = tl.min(tl.where(node_score == best[:, None], n, N_PAD), axis=1)
+                node_score = tl.where(n == pick[:, None], float("-inf"), node_score)
+                keep_n = keep_n | (nid == pick[:, None])
+            cand = tl.where(keep_n, cand, float("-inf"))
         k = tl.arange(0, K_PAD)[None, :]
         out_idx = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int64)
         out_w = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
@@ -209,7 +277,7 @@ def _block_t(num_experts: int) -> int:
 
 class _Route(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, topk, score_func, n_group, topk_group, bias, scale, norm):
+    def forward(ctx, logits, topk, score_func, n_group, topk_group, bias, scale, norm, num_nodes=1, topk_nodes=1):
         logits = logits.contiguous()
         num_tokens, num_experts = logits.shape
         topk_idx = new_output((num_tokens, topk), torch.int64, logits.device)
@@ -218,9 +286,11 @@ class _Route(torch.autograd.Function):
         if num_tokens:
             _route_fwd_kernel[(triton.cdiv(num_tokens, block_t),)](
                 logits, bias if bias is not None else logits, topk_idx, topk_weights, num_tokens, num_experts, topk,
-                n_group, topk_group, num_experts // n_group, scale, SIGMOID=score_func == "sigmoid", NORM=norm,
-                HAS_BIAS=bias is not None, GROUPED=n_group > 1, BLOCK_T=block_t, E_PAD=next_pow2(num_experts),
-                K_PAD=next_pow2(topk), G_PAD=next_pow2(n_group),
+                n_group, topk_group, num_experts // n_group, scale, num_nodes, topk_nodes, num_experts // num_nodes,
+                node_topk(topk, topk_nodes), SIGMOID=score_func == "sigmoid", NORM=norm,
+                HAS_BIAS=bias is not None, GROUPED=n_group > 1, NODED=num_nodes > 1, BLOCK_T=block_t,
+                E_PAD=next_pow2(num_experts), K_PAD=next_pow2(topk), G_PAD=next_pow2(n_group),
+                N_PAD=next_pow2(num_nodes),
             )
         ctx.save_for_backward(logits, topk_idx)
         ctx.sigmoid, ctx.norm, ctx.scale = score_func == "sigmoid", norm, scale
@@ -239,7 +309,7 @@ class _Route(torch.autograd.Function):
                 topk_idx.shape[1], ctx.scale, SIGMOID=ctx.sigmoid, NORM=ctx.norm, BLOCK_T=block_t,
                 E_PAD=next_pow2(num_experts),
             )
-        return grad_logits, None, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None, None, None
 
 
 # torch reference
@@ -255,6 +325,8 @@ def route_reference(
     routed_scaling_factor: float = 1.0,
     *,
     norm_topk_prob: Optional[bool] = None,
+    num_nodes: int = 1,
+    topk_nodes: int = 1,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch definition of ``route`` (no checks); differentiable by torch autograd."""
     num_tokens, num_experts = logits.shape
@@ -272,6 +344,17 @@ def route_reference(
             groups = group_score.sort(dim=-1, descending=True, stable=True).indices[:, :topk_group]
             keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, groups, True)
             choose = choose.masked_fill(~keep.repeat_interleave(num_experts // n_group, dim=1), float("-inf"))
+        if num_nodes > 1:
+            per_node = num_experts // num_nodes
+            best = choose.view(num_tokens, num_nodes, per_node).sort(dim=-1, descending=True).values
+            node_score = torch.zeros(num_tokens, num_nodes, dtype=torch.float32, device=choose.device)
+            for j in range(node_topk(topk, topk_nodes)):  # best first, as the kernel adds them
+                v = best[:, :, j]
+                node_score = torch.where(v > float("-inf"), node_score + v, node_score)
+            node_score = node_score.masked_fill(best[:, :, 0] == float("-inf"), float("-inf"))
+            nodes = node_score.sort(dim=-1, descending=True, stable=True).indices[:, :topk_nodes]
+            keep = torch.zeros_like(node_score, dtype=torch.bool).scatter_(1, nodes, True)
+            choose = choose.masked_fill(~keep.repeat_interleave(per_node, dim=1), float("-inf"))
         topk_idx = choose.sort(dim=-1, descending=True, stable=True).indices[:, :topk]
     weights = scores.gather(1, topk_idx)
     if _norm(score_func, norm_topk_prob):

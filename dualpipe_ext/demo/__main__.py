@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     a("--ep", type=int, default=2, help="expert-parallel degree = replicas (default 2)")
     a("--ep-path", choices=("collective", "buffer"), default="collective",
       help="all_to_all (collective) or the device-side EPBuffer (buffer)")
+    a("--ep-nodes", type=int, default=0,
+      help="nodes the expert-parallel group spans, dispatched hierarchically (once per token and node between "
+           "nodes, then inside the node); without torchrun the nodes are simulated, under torchrun they must be "
+           "the launch's (default 0: flat dispatch)")
     a("--no-overlap", action="store_true", help="run every forward+backward pair one after the other")
     a("--fp8-dispatch", action="store_true",
       help="dispatch tokens as FP8 (e4m3, a scale per 1x128 group; combine and gradients unquantized)")
@@ -67,7 +71,9 @@ def _job(args):
     return JobConfig(lm=lm, schedule=args.schedule, pp=args.pp, ep=args.ep, ep_path=args.ep_path,
                      overlap=not args.no_overlap, two_batch=args.two_batch, steps=args.steps, chunks=args.chunks,
                      micro_batch=args.micro_batch, lr=args.lr, eval_batches=args.eval_batches, device=args.device,
-                     check=not args.no_check, timeout_s=args.timeout, fp8_dispatch=args.fp8_dispatch)
+                     check=not args.no_check, timeout_s=args.timeout, fp8_dispatch=args.fp8_dispatch,
+                     ep_nodes=args.ep_nodes,
+                     ep_ranks_per_node=args.ep // args.ep_nodes if args.ep_nodes and not _torchrun() else None)
 
 
 def _check_args(p: argparse.ArgumentParser, args) -> None:
@@ -85,10 +91,28 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
                 f"has {first_stage} of the {args.layers} layers), got {args.dense_layers}")
     if args.experts % args.ep or args.topk > args.experts:
         p.error(f"--experts ({args.experts}) must be a multiple of --ep ({args.ep}) and at least --topk ({args.topk})")
+    if args.ep_nodes < 0 or (args.ep_nodes and args.ep % args.ep_nodes):
+        p.error(f"--ep-nodes must divide --ep: the expert-parallel group's {args.ep} ranks do not split into "
+                f"{args.ep_nodes} nodes of equal size")
+    if args.ep_nodes and args.ep_path == "buffer":
+        p.error("--ep-nodes runs on the collective path (--ep-path collective)")
+    if args.ep_nodes and _torchrun():
+        local = os.environ.get("LOCAL_WORLD_SIZE")
+        world = int(os.environ["WORLD_SIZE"])
+        nodes = world // int(local) if local and local.isdigit() and int(local) > 0 else 1
+        if not local or world % int(local) or nodes != args.ep_nodes:
+            p.error(f"--ep-nodes {args.ep_nodes} does not match the launch: {world} processes with "
+                    f"LOCAL_WORLD_SIZE={local} are {nodes} node(s)")
     if args.schedule == "dualpipe" and args.chunks % 2:
         p.error(f"--chunks must be even for DualPipe, got {args.chunks}")
     if args.fp8_dispatch and args.ep_path != "collective":
         p.error("--fp8-dispatch runs on the collective path (--ep-path collective)")
+    if args.fp8_dispatch and args.ep_nodes:
+        p.error("--fp8-dispatch runs on the flat collective path; it does not combine with --ep-nodes yet")
+
+
+def _torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "DUALPIPE_EXT_SPAWNED" not in os.environ
 
 
 def _report(job, results: List[dict], wall_s: float) -> int:
@@ -106,6 +130,13 @@ def _report(job, results: List[dict], wall_s: float) -> int:
     print(f"loss {r0['losses'][0]:.4f} -> {r0['losses'][-1]:.4f}; held-out loss {r0['held_out']:.4f}; median step "
           f"{statistics.median(step_s) * 1e3:.0f} ms, {r0['tokens_per_step'] / statistics.median(step_s):,.0f} "
           f"tokens/s, communication exposed {statistics.median(exposed):.1f} ms per step; wall {wall_s:.1f} s")
+    if r0.get("off_node"):
+        inter = [r[0] for r in r0["off_node"]]
+        flat = [r[1] for r in r0["off_node"]]
+        how = "simulated on this host" if job.ep_ranks_per_node else "of the launch"
+        print(f"hierarchical dispatch over {job.ep_nodes} nodes ({how}): {statistics.median(inter):,.0f} dispatch rows "
+              f"per step left their node (flat path: {statistics.median(flat):,.0f}, "
+              f"{statistics.median(flat) / max(1, statistics.median(inter)):.2f}x); combine sends as many back")
     rss = r0["resident_mb"]
     if len(rss) > 20:
         print(f"resident memory of the largest rank: {rss[19]:.0f} MiB after step 20, {rss[-1]:.0f} MiB after step "
@@ -158,7 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # EPBuffer's kernels in Triton's interpreter on CPU
     world = args.pp * args.ep
     start = time.perf_counter()
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "DUALPIPE_EXT_SPAWNED" not in os.environ:
+    if _torchrun():
         return _under_torchrun(job, world, start)
     from dualpipe_ext.launch import LaunchError, run_ranks
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,8 @@ class JobConfig:
     progress: bool = True
     timeout_s: float = 300.0
     fp8_dispatch: bool = False  # tokens dispatched as FP8 (collective path), the check's reference rounds alike
+    ep_nodes: int = 0  # nodes the expert-parallel group spans, dispatched hierarchically (0: flat dispatch)
+    ep_ranks_per_node: Optional[int] = None  # expert-parallel ranks per node (None: the launch's LOCAL_WORLD_SIZE)
 
 
 def _batch(job: JobConfig, corpus, split: str, step: int, replica: int, direction: int, n_micro: int) -> torch.Tensor:
@@ -134,6 +136,7 @@ def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
     modules, ids, names = build_stages(job.lm, layout, overlap, job.overlap, buffer, fp8_dispatch=job.fp8_dispatch)
     modules = tuple(m.to(device) for m in modules)
     moes = moe_layers(modules)
+    _use_nodes(job, moes)
     set_p2p_tensor_shapes([(job.micro_batch, job.lm.seq, job.lm.hidden)])
     set_p2p_tensor_dtype(torch.float32)
     cls = DualPipe if job.schedule == "dualpipe" else DualPipeV
@@ -146,7 +149,8 @@ def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
     if job.progress and rank == 0:
         bar = _progress(job.steps)
     out: Dict[str, object] = {"losses": [], "step_s": [], "exposed_ms": [], "resident_mb": [], "pairs": 0,
-                              "dispatch_bytes": [], "dispatch_row_bytes": moes[0].dispatch_row_bytes if moes else 0}
+                              "dispatch_bytes": [], "dispatch_row_bytes": moes[0].dispatch_row_bytes if moes else 0,
+                              "off_node": []}
     for step in range(job.steps):
         inputs, labels, everything = _feeds(job, corpus, layout, "train", step, device)
         opt.zero_grad(set_to_none=True)
@@ -169,13 +173,17 @@ def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
         timing = torch.tensor([dt, _exposed_ms(pipe.timeline), _resident_mb()], dtype=torch.float64)
         dist.all_reduce(timing, op=dist.ReduceOp.MAX)
         pipe.timeline.clear()
+        off_node = _rows_off_node(job, moes)
+        if off_node is not None:
+            out["off_node"].append(off_node)
         out["losses"].append(mean_loss)
         out["step_s"].append(float(timing[0]))
         out["exposed_ms"].append(float(timing[1]))
         out["resident_mb"].append(float(timing[2]))
         out["dispatch_bytes"].append(float(total[2]))
         if bar is not None:
-            bar.update(step, mean_loss, tokens_per_step / float(timing[0]), float(timing[1]), float(total[2]))
+            bar.update(step, mean_loss, tokens_per_step / float(timing[0]), float(timing[1]), float(total[2]),
+                       off_node)
     if bar is not None:
         bar.close()
     out["pairs"] = pipe.executor.num_overlapped_calls
@@ -185,6 +193,34 @@ def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
     if buffer is not None:
         buffer.close()
     return out
+
+
+def _use_nodes(job: JobConfig, moes) -> None:
+    """With ``ep_nodes``: every MoE layer (the same layers in the same order on every rank of an
+    expert-parallel group) dispatches hierarchically and totals its rows."""
+    if not job.ep_nodes:
+        return
+    for layer in moes:
+        layer.use_hierarchical(job.ep_ranks_per_node, track=True)
+        if layer.num_nodes != job.ep_nodes:
+            raise ValueError(f"--ep-nodes {job.ep_nodes}: the expert-parallel group spans {layer.num_nodes} nodes")
+
+
+def _rows_off_node(job: JobConfig, moes) -> Optional[Tuple[int, int]]:
+    """(dispatch rows that left their node, rows the flat path would have sent) over all ranks this step."""
+    if not job.ep_nodes:
+        return None
+    inter = sum(m.hier.totals["inter_rows"] for m in moes)
+    flat = sum(m.hier.totals["flat_inter_rows"] for m in moes)
+    for m in moes:
+        m.hier.reset_totals()
+    return _sum_rows(inter, flat)
+
+
+def _sum_rows(inter: int, flat: int) -> Tuple[int, int]:
+    t = torch.tensor([inter, flat], dtype=torch.int64)
+    dist.all_reduce(t)
+    return int(t[0]), int(t[1])
 
 
 def _evaluate(job: JobConfig, corpus, layout: Layout, pipe, device) -> float:
@@ -213,10 +249,13 @@ class _progress:
             tqdm = None
         self.bar = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True) if tqdm is not None else None
 
-    def update(self, step: int, loss: float, tokens_s: float, exposed_ms: float, dispatch_bytes: float = 0.0) -> None:
+    def update(self, step: int, loss: float, tokens_s: float, exposed_ms: float, dispatch_bytes: float = 0.0,
+               off_node: Optional[Tuple[int, int]] = None) -> None:
         line = f"step {step}: loss {loss:.4f}  {tokens_s:,.0f} tokens/s  communication exposed {exposed_ms:.1f} ms"
         if dispatch_bytes:
             line += f"  dispatch {dispatch_bytes / 2 ** 20:.2f} MiB"
+        if off_node is not None:
+            line += f"  dispatch rows off-node {off_node[0]:,} (flat path {off_node[1]:,})"
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             self.bar.write(line)

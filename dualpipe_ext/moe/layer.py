@@ -41,6 +41,12 @@ class MoEConfig:
     # (collective path); combine and every gradient stay in the activation dtype (docs/fp8.md)
     fp8_dispatch: bool = False
     fp8_ue8m0: bool = False  # with fp8_dispatch: scales rounded up to powers of two
+    # node-limited routing: a token's experts lie on at most this many nodes of the expert-parallel group (None: off)
+    topk_nodes: Optional[int] = None
+    # expert-parallel ranks per node (None: from the launch's LOCAL_WORLD_SIZE, or the whole group on one node)
+    ranks_per_node: Optional[int] = None
+    # dispatch across nodes hierarchically: once per (token, node) between nodes, then inside the node
+    hierarchical: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden", "moe_intermediate", "num_experts", "topk", "n_group", "topk_group"):
@@ -61,6 +67,12 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.norm_topk_prob must be None, True or False, got {self.norm_topk_prob!r}")
         if self.num_shared_experts < 0:
             raise ValueError(f"MoEConfig.num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        if self.topk_nodes is not None and (isinstance(self.topk_nodes, bool) or not isinstance(self.topk_nodes, int)
+                                            or self.topk_nodes < 1):
+            raise ValueError(f"MoEConfig.topk_nodes must be None or a positive int, got {self.topk_nodes!r}")
+        if self.ranks_per_node is not None and (isinstance(self.ranks_per_node, bool)
+                                                or not isinstance(self.ranks_per_node, int) or self.ranks_per_node < 1):
+            raise ValueError(f"MoEConfig.ranks_per_node must be None or a positive int, got {self.ranks_per_node!r}")
         if self.gemm_backend not in BACKENDS:
             raise ValueError(f"MoEConfig.gemm_backend must be one of {BACKENDS}, got {self.gemm_backend!r}")
         for name in ("fp8_dispatch", "fp8_ue8m0"):
@@ -68,6 +80,9 @@ class MoEConfig:
                 raise ValueError(f"MoEConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.fp8_ue8m0 and not self.fp8_dispatch:
             raise ValueError("MoEConfig.fp8_ue8m0 only applies with fp8_dispatch=True")
+        if self.fp8_dispatch and self.hierarchical:
+            raise ValueError("MoEConfig: fp8_dispatch runs on the flat collective path; it does not combine with "
+                             "hierarchical=True yet")
 
 
 class MoE(nn.Module):
@@ -98,8 +113,11 @@ class MoE(nn.Module):
             raise ValueError(f"num_experts ({config.num_experts}) must be divisible by the expert-parallel size ({world})")
         if ep is not None:
             _check_ep(ep, config, group)
+        if ep is not None and config.hierarchical:
+            raise ValueError("MoE: hierarchical dispatch runs on the collective path; pass ep=None")
         self.config, self.group, self.num_comm_sms, self.ep = config, group, num_comm_sms, ep
         self.received_rows = 0  # token rows this rank's experts received on the collective path (reset by the user)
+        self.num_nodes, self.hier = _node_setup(config, group, num_comm_sms)
         self.num_local_experts = config.num_experts // world
         self.first_local_expert = group_rank(group) * self.num_local_experts
         self.gate = nn.Parameter(torch.empty(config.num_experts, config.hidden, device=device, dtype=dtype))
@@ -126,8 +144,11 @@ class MoE(nn.Module):
         c = self.config
         logits = linear(x.to(self.gate.dtype), self.gate).float()
         bias = self.expert_bias if c.score_func == "sigmoid" or c.bias_update_speed > 0 else None
+        nodes = {}
+        if c.topk_nodes is not None:  # a limit above the group's nodes binds nothing
+            nodes = dict(num_nodes=self.num_nodes, topk_nodes=min(c.topk_nodes, self.num_nodes))
         return route(logits, c.topk, c.score_func, c.n_group, c.topk_group, bias, c.routed_scaling_factor,
-                     norm_topk_prob=c.norm_topk_prob, check_inputs=checks_enabled())
+                     norm_topk_prob=c.norm_topk_prob, check_inputs=checks_enabled(), **nodes)
 
     def count_load(self, topk_idx: torch.Tensor) -> None:
         """Add this batch's tokens per expert to ``expert_load`` (training with a moving bias only).
@@ -144,6 +165,8 @@ class MoE(nn.Module):
         (or an in-flight object with ``async_op``)."""
         if self.ep is not None:
             return self.ep.dispatch(x, topk_idx, topk_weights, self.config.num_experts, async_op=async_op)
+        if self.hier is not None:
+            return self.hier.dispatch(x, topk_idx, topk_weights, self.config.num_experts, async_op=async_op)
         return dispatch(x, topk_idx, topk_weights, self.config.num_experts, self.group, async_op=async_op,
                         num_sms=self.num_comm_sms, fp8=self.config.fp8_dispatch, ue8m0=self.config.fp8_ue8m0)
 
@@ -168,12 +191,16 @@ class MoE(nn.Module):
         """Expert outputs back to their tokens: [num_tokens, hidden] (or an in-flight object)."""
         if self.ep is not None:
             return self.ep.combine(y, handle, async_op=async_op)
+        if self.hier is not None:
+            return self.hier.combine(y, handle, async_op=async_op)
         return combine(y, handle, async_op=async_op, num_sms=self.num_comm_sms)
 
     def combine_backward(self, grad_out: torch.Tensor, handle, async_op: bool = False):
         """Gradient of ``combine`` [num_tokens, hidden] -> the received rows' gradients (or an InFlight)."""
         if self.ep is not None:
             return self.ep.combine_backward(grad_out, handle, async_op=async_op)
+        if self.hier is not None:
+            return self.hier.combine_backward(grad_out, handle, async_op=async_op)
         return combine_backward(grad_out, handle, async_op=async_op, num_sms=self.num_comm_sms)
 
     def dispatch_backward(self, grad_recv_x: torch.Tensor, grad_recv_weights: torch.Tensor, handle,
@@ -182,8 +209,26 @@ class MoE(nn.Module):
         (or an InFlight)."""
         if self.ep is not None:
             return self.ep.dispatch_backward(grad_recv_x, grad_recv_weights, handle, async_op=async_op)
+        if self.hier is not None:
+            return self.hier.dispatch_backward(grad_recv_x, grad_recv_weights, handle, async_op=async_op)
         return dispatch_backward(grad_recv_x, grad_recv_weights, handle, handle.topk_idx, async_op=async_op,
                                  num_sms=self.num_comm_sms)
+
+    def use_hierarchical(self, ranks_per_node: Optional[int] = None, *, track: bool = False) -> None:
+        """Dispatch hierarchically over nodes of ``ranks_per_node`` ranks from now on (collective over the
+        group, like the constructor); ``track`` totals the rows of every dispatch on ``self.hier.totals``."""
+        import dataclasses
+
+        if self.ep is not None:
+            raise ValueError("MoE: hierarchical dispatch runs on the collective path; this layer has an EPBuffer")
+        self.config = dataclasses.replace(self.config, hierarchical=True, ranks_per_node=ranks_per_node)
+        self.num_nodes, self.hier = _node_setup(self.config, self.group, self.num_comm_sms)
+        self.hier.track = track
+
+    def exchange_stats(self):
+        """Rows (and bytes) of this rank's last hierarchical dispatch that left its node, beside what the
+        flat path would have sent (``moe.hierarchical.ExchangeStats``; reads the routing on the host), or None."""
+        return self.hier.last_stats() if self.hier is not None else None
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError unless ``x`` is a float [..., hidden] tensor on the layer's device (and, outside
@@ -226,6 +271,22 @@ class MoE(nn.Module):
             torch.distributed.all_reduce(load, group=self.group)
         self.expert_bias += self.config.bias_update_speed * torch.sign(load.mean() - load)
         self.expert_load.zero_()
+
+
+def _node_setup(config: MoEConfig, group, num_comm_sms):
+    """(nodes of the group for routing, the hierarchical exchanges or None); collective when configured."""
+    if config.topk_nodes is None and not config.hierarchical:
+        return 1, None
+    from dualpipe_ext.kernels.routing import check_node_limit
+
+    from .hierarchical import HierarchicalEP, node_layout
+
+    layout = node_layout(group, config.ranks_per_node)
+    if config.topk_nodes is not None:
+        check_node_limit(config.num_experts, config.topk, config.n_group, config.topk_group, layout.num_nodes,
+                         min(config.topk_nodes, layout.num_nodes))
+    hier = HierarchicalEP(group, layout.ranks_per_node, num_sms=num_comm_sms) if config.hierarchical else None
+    return layout.num_nodes, hier
 
 
 def _check_ep(ep: EPBuffer, config: MoEConfig, group) -> None:
