@@ -16,6 +16,7 @@ overlap, no expert parallelism). Exits non-zero when it did not, or when the los
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -26,7 +27,15 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dualpipe_ext.demo", description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(
+        prog="python -m dualpipe_ext.demo", description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python -m dualpipe_ext.demo                       # PP=2 x EP=2 on 4 CPU processes\n"
+               "  python -m dualpipe_ext.demo --schedule dualpipev --pp 1 --ep 1 --device cuda\n"
+               "  torchrun --nproc-per-node 4 -m dualpipe_ext.demo  # one process per rank, any number of nodes\n"
+               "  torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\\n"
+               "      -m dualpipe_ext.demo --ep-nodes 2             # expert parallelism across two nodes")
     a = p.add_argument
     a("--steps", type=int, default=40, help="training steps (default 40)")
     a("--layers", type=int, default=4, help="decoder layers of the model (default 4)")
@@ -38,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     a("--chunks", type=int, default=8, help="micro-batches per pipeline and step (default 8)")
     a("--experts", type=int, default=8, help="routed experts per layer (default 8)")
     a("--topk", type=int, default=2, help="experts per token (default 2)")
-    a("--schedule", choices=("dualpipe", "dualpipev"), default="dualpipe")
+    a("--schedule", choices=("dualpipe", "dualpipev"), default="dualpipe",
+      help="DualPipe (two stages per rank, both directions) or DualPipeV (the V-shaped half) (default dualpipe)")
     a("--pp", type=int, default=2, help="pipeline ranks per replica (default 2)")
     a("--ep", type=int, default=2, help="expert-parallel degree = replicas (default 2)")
     a("--ep-path", choices=("collective", "buffer"), default="collective",
@@ -51,12 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     a("--fp8-dispatch", action="store_true",
       help="dispatch tokens as FP8 (e4m3, a scale per 1x128 group; combine and gradients unquantized)")
     a("--two-batch", action="store_true", help="split every chunk into two halves that overlap each other")
-    a("--lr", type=float, default=3e-3)
+    a("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     a("--eval-batches", type=int, default=4, help="held-out steps at the end (default 4)")
-    a("--device", choices=("cpu", "cuda"), default="cpu")
+    a("--device", choices=("cpu", "cuda"), default="cpu",
+      help="cpu: gloo processes; cuda: NCCL, one GPU per rank (default cpu)")
     a("--no-check", action="store_true", help="skip the first step's check against the unpipelined model")
     a("--timeout", type=float, default=300.0, help="seconds a rank waits for a peer (default 300)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="seed of the weights and the data order (default 0)")
+    a("--json", metavar="PATH", help="also write the run's figures (losses, tokens/s, exposed time, check) as JSON")
     return p
 
 
@@ -78,8 +90,10 @@ def _job(args):
 
 def _check_args(p: argparse.ArgumentParser, args) -> None:
     stages = args.pp if args.schedule == "dualpipe" else 2 * args.pp
-    if min(args.steps, args.layers, args.hidden, args.seq, args.micro_batch, args.pp, args.ep) < 1:
-        p.error("--steps, --layers, --hidden, --seq, --micro-batch, --pp and --ep must be positive")
+    if min(args.steps, args.layers, args.hidden, args.seq, args.micro_batch, args.chunks, args.pp, args.ep,
+           args.experts, args.topk) < 1 or args.eval_batches < 0 or not args.lr > 0 or not args.timeout > 0:
+        p.error("--steps, --layers, --hidden, --seq, --micro-batch, --chunks, --pp, --ep, --experts, --topk, --lr and "
+                "--timeout must be positive, --eval-batches at least 0")
     if args.schedule == "dualpipe" and args.pp % 2:
         p.error(f"--pp must be even for DualPipe (got {args.pp}); DualPipeV runs on any number of ranks")
     if args.layers < stages:
@@ -105,6 +119,12 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
                     f"LOCAL_WORLD_SIZE={local} are {nodes} node(s)")
     if args.schedule == "dualpipe" and args.chunks % 2:
         p.error(f"--chunks must be even for DualPipe, got {args.chunks}")
+    from dualpipe_ext.schedules import get_plan
+
+    try:  # the planner knows every other constraint on ranks and chunks
+        get_plan(args.schedule, args.pp, args.chunks)
+    except ValueError as e:
+        p.error(f"--schedule {args.schedule} --pp {args.pp} --chunks {args.chunks}: {e}")
     if args.fp8_dispatch and args.ep_path != "collective":
         p.error("--fp8-dispatch runs on the collective path (--ep-path collective)")
     if args.fp8_dispatch and args.ep_nodes:
@@ -115,7 +135,7 @@ def _torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "DUALPIPE_EXT_SPAWNED" not in os.environ
 
 
-def _report(job, results: List[dict], wall_s: float) -> int:
+def _report(job, results: List[dict], wall_s: float, json_path: Optional[str] = None) -> int:
     r0 = results[0]
     steps = len(r0["losses"])
     dense = f" ({job.lm.dense_layers} dense)" if job.lm.dense_layers else ""
@@ -167,6 +187,15 @@ def _report(job, results: List[dict], wall_s: float) -> int:
     if steps >= 4 and not tail < head - 0.1:
         ok = False
         print(f"the loss did not fall (first steps {head:.4f}, last steps {tail:.4f})")
+    if json_path:
+        figures = {"ok": ok, "losses": r0["losses"], "held_out": r0["held_out"], "wall_s": wall_s,
+                   "median_step_s": statistics.median(step_s),
+                   "tokens_per_s": r0["tokens_per_step"] / statistics.median(step_s),
+                   "exposed_ms": statistics.median(exposed), "device": job.device, "schedule": job.schedule,
+                   "pp": job.pp, "ep": job.ep, "ep_path": job.ep_path, "overlap": job.overlap,
+                   "check_matched": (not any(res["check"]["mismatches"] for res in results)) if job.check else None}
+        with open(json_path, "w") as f:
+            json.dump(figures, f, indent=1)
     return 0 if ok else 1
 
 
@@ -190,7 +219,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     world = args.pp * args.ep
     start = time.perf_counter()
     if _torchrun():
-        return _under_torchrun(job, world, start)
+        return _under_torchrun(job, world, start, args.json)
     from dualpipe_ext.launch import LaunchError, run_ranks
 
     from .train import run_rank
@@ -202,10 +231,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except LaunchError as e:
         print(f"the job failed: {e}", file=sys.stderr)
         return 1
-    return _report(job, results, time.perf_counter() - start)
+    return _report(job, results, time.perf_counter() - start, args.json)
 
 
-def _under_torchrun(job, world: int, start: float) -> int:
+def _under_torchrun(job, world: int, start: float, json_path: Optional[str]) -> int:
     import torch.distributed as dist
 
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -219,7 +248,7 @@ def _under_torchrun(job, world: int, start: float) -> int:
     results = [None] * world
     dist.all_gather_object(results, mine)
     dist.destroy_process_group()
-    return _report(job, results, time.perf_counter() - start) if rank == 0 else 0
+    return _report(job, results, time.perf_counter() - start, json_path) if rank == 0 else 0
 
 
 if __name__ == "__main__":

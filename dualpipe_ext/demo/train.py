@@ -6,6 +6,7 @@ the launching process prints; rank 0 also drives the progress bar.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -240,14 +241,17 @@ def _evaluate(job: JobConfig, corpus, layout: Layout, pipe, device) -> float:
 
 
 class _progress:
-    """A progress bar (tqdm when installed, else one line per step)."""
+    """A progress bar (tqdm when installed and the output is a terminal) above one line per step;
+    into a file or pipe, the step lines alone, so that a log reads line by line."""
 
     def __init__(self, steps: int) -> None:
         try:
             from tqdm import tqdm
         except ImportError:
             tqdm = None
-        self.bar = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True) if tqdm is not None else None
+        terminal = sys.stderr.isatty() and sys.stdout.isatty()
+        self.bar = (tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True)
+                    if tqdm is not None and terminal else None)
 
     def update(self, step: int, loss: float, tokens_s: float, exposed_ms: float, dispatch_bytes: float = 0.0,
                off_node: Optional[Tuple[int, int]] = None) -> None:
