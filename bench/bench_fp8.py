@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--json", help="also write the table here")
     args = p.parse_args(argv)
     from dualpipe_ext.kernels import fp8
 
@@ -91,6 +92,14 @@ def main(argv=None) -> int:
     print(table(["op", "impl", "us", "GB/s", "of copy", "vs reference", "bit-exact"], rows))
     print(f"bytes per dispatched row: {fp8.packed_row_bytes(hidden)} FP8 vs {2 * hidden} bf16 "
           f"({fp8.packed_row_bytes(hidden) / (2 * hidden):.3f}x)")
+    if args.json:
+        import json
+
+        keys = ["op", "impl", "us", "gbs", "of_copy", "vs_reference", "bit_exact"]
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "tokens": tokens, "hidden": hidden, "copy_gbs": ceiling,
+                       "row_bytes_fp8": fp8.packed_row_bytes(hidden), "row_bytes_bf16": 2 * hidden,
+                       "rows": [dict(zip(keys, r)) for r in rows]}, f, indent=1)
     return 0 if all(r[-1] for r in rows) else 1
 
 
