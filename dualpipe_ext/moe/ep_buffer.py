@@ -7,24 +7,29 @@
 
 The same meaning as ``moe.dispatch``/``moe.combine``, with fixed shapes: every rank receives
 ``recv_capacity = max_tokens * world`` rows, segment ``s`` (rows ``[s * max_tokens, (s + 1) *
-max_tokens)``) holding the tokens rank ``s`` sent, in token order, then padding rows (zero,
-``recv_idx == -1``, zero weights). How many rows each rank received stays on the device in
+max_tokens)``) holding the tokens rank ``s`` sent, in token order, then padding rows
+(``recv_idx == -1``, zero weights, rows of ``recv_x`` not written: the receiver copies only
+received rows). How many rows each rank received stays on the device in
 the handle. No collective and no host read of a tensor value per exchange: Triton kernels
 write into the peers' symmetric buffers and signal them (``kernels/ep_exchange.py``), a
 persistent grid of ``num_sms`` programs being the SM budget; on CUDA on the communication
 stream. The one collective is the construction.
 
-Exchanges take slots of two rings (dispatch-shaped and combine-shaped, ``num_slots`` each),
-so that up to ``num_slots`` exchanges of each shape can be in flight (``async_op=True``);
-signals carry epochs, so slots are reused without a reset.
+Exchanges take slots of two rings (dispatch-shaped and combine-shaped, ``num_slots`` each):
+the lowest free one, freed when the exchange is waited on, so up to ``num_slots`` exchanges of
+each shape can be in flight (``async_op=True``) and waited on in any order. Signals carry
+epochs kept in device words, so slots are reused without a reset and every use of a slot
+launches the same kernels with the same arguments (CUDA graphs can replay them).
 
 Failures: bad input (too many tokens, wrong hidden size, dtype, device, top-k) is decided
-from shapes on the host; the rank that passed it sends an error code instead of rows, and
-every rank raises the same ``ValueError`` naming it. A wait that expires (``timeout_s``)
-raises ``EPBufferError`` naming the ranks whose signals are missing, and whether their
-processes have exited; the buffer is unusable afterwards. On CUDA the kernels report into
-host-mapped status words that the host reads without synchronising, so a failure surfaces
-at the next exchange that finds it; ``DUALPIPE_EXT_CHECKS=1`` synchronises at every wait.
+from shapes on the host; the rank that passed it takes part without rows, every rank writes
+what it passed on a board of shared host words, and at the exchange's own wait every rank
+raises the same ``ValueError`` naming it (no device read: on time on CUDA too). A wait that
+expires (``timeout_s``) raises ``EPBufferError`` naming the ranks that are missing, and
+whether their processes have exited; the buffer is unusable afterwards. On CUDA an expired
+wait inside a kernel is reported into host-mapped status words that the host reads without
+synchronising, so it surfaces at the next exchange; ``DUALPIPE_EXT_CHECKS=1`` synchronises
+at every wait.
 """
 from __future__ import annotations
 

@@ -123,7 +123,7 @@ def _in_flight_worker(rank, world, rounds):
         ep.dispatch(*pa[rank], EXPERTS, async_op=True)
         ok.append(False)
     except RuntimeError as e:
-        ok.append("already in flight" in str(e))
+        ok.append("not waited on yet" in str(e) and "num_slots" in str(e))
         for h in hold:
             h.wait()
     # many successive exchanges reuse the slots (epochs keep growing)
@@ -214,8 +214,8 @@ def _fallback_worker(rank, world):
     ep._has_poll = False  # the wait of Triton releases without tl.atomic_poll
     probs = _all_problems(world, "random", 3)
     got = [ep.dispatch(*probs[rank], EXPERTS)[0] for _ in range(3)]
-    ref = dispatch_exchange_reference(*zip(*probs), EXPERTS, MAX_TOKENS)[rank][0]
-    return all(torch.equal(g, ref) for g in got)
+    ref = dispatch_exchange_reference(*zip(*probs), EXPERTS, MAX_TOKENS)[rank]
+    return all(_received_equal(g, ref) for g in got)
 
 
 def test_spin_loop_wait_without_atomic_poll():

@@ -161,3 +161,40 @@ def _layer_check_worker(rank, world):
 
 def test_layer_refuses_a_buffer_of_other_sizes():
     assert all("EPBuffer's hidden size is 4, the layer's 5" in m for m in run_ranks(_layer_check_worker, 2))
+
+
+def _on_time_worker(rank, world):
+    import types
+
+    from dualpipe_ext.kernels import ep_exchange
+
+    ep = _buffer()
+    ep._fused = True  # as on CUDA: the receive is queued with the put, the wait returns before it ran
+    x, idx, w = problem(rank, world, "random", EXPERTS, TOPK, HIDDEN, MAX_TOKENS)
+    if rank == 1:  # one token too many
+        x, idx, w = (torch.cat([t, t])[:MAX_TOKENS + 1] for t in (x, idx, w))
+    ran = []
+    if rank == 0:  # this rank's receive "has not run yet" at its wait: no device word can say anything
+        ep._kx = types.SimpleNamespace(**{k: getattr(ep_exchange, k) for k in dir(ep_exchange)})
+        ep._kx.launch_recv_dispatch = lambda *a, **k: ran.append("recv")
+    pending = None
+    try:
+        pending = ep.dispatch(x, idx, w, EXPERTS, async_op=True)
+        issued = "issued"
+    except ValueError as e:
+        issued = str(e)
+    at_wait = _errors(pending.wait) if pending is not None else None
+    status_clean = not ep._mem.status_np.any()
+    ep.close()
+    return issued, at_wait, ran, status_clean
+
+
+def test_a_rejected_exchange_raises_at_its_own_wait_on_every_rank():
+    results = run_ranks(_on_time_worker, 2, timeout_s=120)
+    (issued0, wait0, ran0, clean0), (issued1, wait1, _, _) = results
+    # rank 0 passed good input: its wait raises, although its receive never ran
+    assert issued0 == "issued" and ran0 == ["recv"] and clean0
+    assert wait0[0] == "ValueError" and "rank(s) [1]" in wait0[1] and "more tokens than max_tokens" in wait0[1]
+    # rank 1 passed the bad input: it raises at once, the same sentence plus its own detail
+    assert wait1 is None and "rank(s) [1]" in issued1 and "On rank 1: x has 6 tokens" in issued1
+    assert issued1.startswith(wait0[1])
