@@ -80,13 +80,15 @@ def test_peer_that_exits_is_named_without_waiting_for_the_timeout():
     for err, elapsed, after in results[:2]:
         kind, msg = err
         assert kind == "EPBufferError" and "rank 2 (global rank 2, pid" in msg and "has exited" in msg, msg
+        assert "rank 0 (" not in msg and "rank 1 (" not in msg, msg  # only the rank that is gone
         assert elapsed < 20  # the peer's exit is seen long before the 60 s timeout
         assert after[0] == "EPBufferError" and "unusable" in after[1]
     assert not glob.glob("/dev/shm/dualpipe_ext_ep_*")
 
 
-def _silent_worker(rank, world):
+def _silent_worker(rank, world, fused):
     ep = _buffer(timeout_s=1.5)
+    ep._fused = fused
     if rank == 1:
         time.sleep(6)  # alive, but never takes part
         return None
@@ -96,10 +98,12 @@ def _silent_worker(rank, world):
     return err, time.monotonic() - start
 
 
-def test_silent_peer_times_out_naming_it():
-    (err, elapsed), _ = run_ranks(_silent_worker, 2, timeout_s=120, barrier=False)
+@pytest.mark.parametrize("fused", [False, True])
+def test_silent_peer_times_out_naming_it(fused):
+    (err, elapsed), _ = run_ranks(_silent_worker, 2, fused, timeout_s=120, barrier=False)
     kind, msg = err
     assert kind == "EPBufferError" and "rank 1 (global rank 1, pid" in msg and "did not signal" in msg, msg
+    assert "rank 0 (" not in msg, msg  # only the late rank, not the one that waited
     waited = float(msg.split("waited ")[1].split(" s")[0])
     assert 1.5 <= waited < 3 and 1.5 <= elapsed < 5
 
