@@ -39,7 +39,8 @@ def _exchange_worker(rank, world, routings, num_sms, fused=False):
         ref_x, ref_idx, ref_w, ref_src, ref_count = dispatch_exchange_reference(
             *zip(*problems), EXPERTS, MAX_TOKENS)[rank]
         got = ref_src >= 0  # received rows; the receiver leaves the padding rows of recv_x as they were (poison)
-        same = dict(x=torch.equal(recv_x[got], ref_x[got]), pad_untouched=bool(recv_x[~got].isnan().all()), idx=torch.equal(recv_idx, ref_idx), w=torch.equal(recv_w, ref_w),
+        same = dict(x=torch.equal(recv_x[got], ref_x[got]), pad_untouched=bool(recv_x[~got].isnan().all()),
+                    idx=torch.equal(recv_idx, ref_idx), w=torch.equal(recv_w, ref_w),
                     src=torch.equal(handle.recv_src, ref_src), count=torch.equal(handle.recv_count, ref_count))
         # the collective path: the same rows, bit for bit, once the padding is dropped
         cx, cidx, cw, chandle = moe.dispatch(x.detach(), idx, w.detach(), EXPERTS)
