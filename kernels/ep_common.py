@@ -91,9 +91,9 @@ _NUM_META = len(META_FIELDS)
 NUM_WARPS_PUT, NUM_WARPS_RECV, NUM_WARPS_WAIT = 8, 8, 1
 # Values that change from exchange to exchange (or from slot to slot) are never specialised
 # on, so that the first exchange of a shape compiles each kernel once and for all.
-DO_NOT_SPECIALIZE = ("me", "num_tokens", "num_experts", "num_topk", "error", "sig_word", "ack_word", "meta_word",
-                     "zero_word", "epoch_word", "timeout_ns", "max_spins", "dx_off", "didx_off", "dw_off",
-                     "dsrc_off", "cx_off", "cw_off", "word")
+DO_NOT_SPECIALIZE = ("me", "num_tokens", "num_experts", "num_topk", "num_local", "error", "sig_word", "ack_word",
+                     "meta_word", "zero_word", "epoch_word", "timeout_ns", "max_spins", "dx_off", "didx_off",
+                     "dw_off", "dsrc_off", "cx_off", "cw_off", "word")
 
 
 def row_vec(hidden: int, elem_size: int) -> int:

@@ -32,7 +32,7 @@ def _any_order_worker(rank, world, fused):
     from dualpipe_ext import moe
 
     ep = moe.EPBuffer(None, max_tokens=MAX_TOKENS, hidden=HIDDEN, dtype=torch.float32, max_topk=TOPK, num_slots=2,
-                      timeout_s=20)
+                      timeout_s=60)
     ep._fused = fused
     start = time.monotonic()
     inputs = []
@@ -61,7 +61,7 @@ def test_exchanges_waited_in_any_order():
     for fused in (False, True):  # separate wait launches; the waits inside the kernels, as on CUDA
         for rank, (ok, took) in enumerate(run_ranks(_any_order_worker, 2, fused, timeout_s=240)):
             assert all(ok), (fused, rank, ok)
-            assert took < 15, (fused, rank, took)  # no wait ran into the 20 s timeout
+            assert took < 45, (fused, rank, took)  # no wait ran into the 60 s timeout
 
 
 def _over_limit_worker(rank, world):
