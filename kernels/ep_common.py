@@ -29,7 +29,8 @@ def _align(n: int) -> int:
 
 
 class ExchangeLayout(NamedTuple):
-    """Byte offsets of the regions of one rank's symmetric buffer (the same on every rank)."""
+    """Byte offsets of the regions of one rank's symmetric buffer (the same on every rank). Every
+    slot of every region starts at a multiple of 128 bytes, which the kernels rely on."""
 
     world: int
     max_tokens: int
@@ -50,11 +51,9 @@ class ExchangeLayout(NamedTuple):
     @staticmethod
     def build(world: int, max_tokens: int, hidden: int, max_topk: int, num_slots: int, elem_size: int
               ) -> "ExchangeLayout":
-        rows = world * max_tokens
-        sizes = [("sig", 8 * (2 * num_slots * 2 * world + 1)), ("meta", 8 * 2 * num_slots * world * len(META_FIELDS)),
-                 ("dx", num_slots * rows * hidden * elem_size), ("didx", num_slots * rows * max_topk * 4),
-                 ("dw", num_slots * rows * max_topk * 4), ("dsrc", num_slots * rows * 4),
-                 ("cx", num_slots * rows * hidden * elem_size), ("cw", num_slots * rows * max_topk * 4)]
+        strides = _slot_strides(world * max_tokens, hidden, max_topk, elem_size)
+        sizes = [("sig", 8 * (2 * num_slots * 2 * world + 1)), ("meta", 8 * 2 * num_slots * world * len(META_FIELDS))]
+        sizes += [(name, num_slots * stride) for name, stride in zip(("dx", "didx", "dw", "dsrc", "cx", "cw"), strides)]
         offsets, at = {}, 0
         for name, size in sizes:
             offsets[name] = at
@@ -73,10 +72,15 @@ class ExchangeLayout(NamedTuple):
 
     def slot_offsets(self, slot: int) -> Tuple[int, int, int, int, int, int]:
         """Byte offsets of (dx, didx, dw, dsrc, cx, cw) of ``slot``."""
-        rows = self.world * self.max_tokens
-        return (self.dx + slot * rows * self.hidden * self.elem_size, self.didx + slot * rows * self.max_topk * 4,
-                self.dw + slot * rows * self.max_topk * 4, self.dsrc + slot * rows * 4,
-                self.cx + slot * rows * self.hidden * self.elem_size, self.cw + slot * rows * self.max_topk * 4)
+        strides = _slot_strides(self.world * self.max_tokens, self.hidden, self.max_topk, self.elem_size)
+        bases = (self.dx, self.didx, self.dw, self.dsrc, self.cx, self.cw)
+        return tuple(base + slot * stride for base, stride in zip(bases, strides))  # type: ignore[return-value]
+
+
+def _slot_strides(rows: int, hidden: int, max_topk: int, elem_size: int) -> Tuple[int, ...]:
+    """Bytes per slot of (dx, didx, dw, dsrc, cx, cw), each a multiple of 128."""
+    return tuple(_align(n) for n in (rows * hidden * elem_size, rows * max_topk * 4, rows * max_topk * 4, rows * 4,
+                                     rows * hidden * elem_size, rows * max_topk * 4))
 
 
 HAS_POLL = triton is not None and hasattr(tl, "atomic_poll")

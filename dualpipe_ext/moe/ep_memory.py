@@ -149,8 +149,16 @@ def _allocate_cpu(group, nbytes: int, num_status: int, device: torch.device, pid
         buf.unlink()
     buf.peers = peers
     buf.local = peers[rank]
+    _check_aligned([p.data_ptr() for p in peers])
     buf.table = torch.tensor([p.data_ptr() for p in peers], dtype=torch.int64)
     return buf
+
+
+def _check_aligned(ptrs: List[int]) -> None:
+    """The kernels declare every buffer 16-byte aligned (so that rows move as 128-bit accesses)."""
+    if any(p % 16 for p in ptrs):
+        raise RuntimeError(f"EPBuffer: symmetric buffers must start at 16-byte aligned addresses, got "
+                           f"{[hex(p) for p in ptrs]}")
 
 
 def _allocate_cuda(group, nbytes: int, num_status: int, device: torch.device, pids: List[int]) -> SymmetricBuffer:
@@ -165,6 +173,7 @@ def _allocate_cuda(group, nbytes: int, num_status: int, device: torch.device, pi
             warnings.simplefilter("ignore", FutureWarning)
             symm_mem.enable_symm_mem_for_group(group.group_name)
         handle = symm_mem.rendezvous(local, group)
+    _check_aligned(list(handle.buffer_ptrs))
     table = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
     status = torch.zeros(num_status, dtype=torch.int64, pin_memory=True)  # device-visible host memory
     torch.cuda.synchronize(device)

@@ -221,3 +221,17 @@ def _fallback_worker(rank, world):
 
 def test_spin_loop_wait_without_atomic_poll():
     assert all(run_ranks(_fallback_worker, 2, timeout_s=120))
+
+
+@pytest.mark.parametrize("world,max_tokens,hidden,max_topk,slots,elem", [(1, 5, 5, 3, 2, 4), (3, 7, 9, 5, 3, 2),
+                                                                         (8, 4096, 7168, 8, 2, 2)])
+def test_every_slot_of_every_region_is_128_byte_aligned(world, max_tokens, hidden, max_topk, slots, elem):
+    # the kernels declare the regions 16-byte aligned (tl.multiple_of) to move rows as 128-bit accesses
+    from dualpipe_ext.kernels.ep_exchange import ExchangeLayout, row_vec
+
+    lay = ExchangeLayout.build(world, max_tokens, hidden, max_topk, slots, elem)
+    offsets = [o for s in range(slots) for o in lay.slot_offsets(s)]
+    assert all(o % 128 == 0 for o in offsets) and len(set(offsets)) == len(offsets)
+    assert max(offsets) < lay.nbytes
+    vec = row_vec(hidden, elem)
+    assert hidden % vec == 0 and vec * elem <= 16 and (vec * elem == 16 or hidden % (2 * vec))
