@@ -12,35 +12,38 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .ep_common import ACK, COMBINE, DATA, Channel, _common, _consts, launch_wait
+from .ep_common import NUM_WARPS_PUT, NUM_WARPS_RECV, COMBINE, Channel, _common, _consts, advance_epoch
 
 from ._triton import block_range, tl, triton  # None without Triton: the references run without it
 
 if triton is not None:
     from .combine import _round_to
-    from .ep_common import _begin_recv, _region, _signal_all, _wait_counters, _write_meta
+    from .ep_common import (_begin_recv, _received_block, _region, _signal_all, _uses, _wait_counters, _write_meta,
+                            exchange_kernel)
 
 __all__ = ["launch_put_combine", "launch_recv_combine", "combine_exchange_reference"]
 
 if triton is not None:
 
-    @triton.jit
-    def _put_combine_kernel(table_ptr, status_ptr, y_ptr, src_ptr, gw_ptr, me, world, hidden, num_topk, max_tokens,
-                            max_topk, num_experts, error, cx_off, cw_off, sig_word, ack_word, meta_word, zero_word,
-                            ack_target, timeout_ns, max_spins, WEIGHTS: tl.constexpr, WP: tl.constexpr,
-                            KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, WAIT_ACK: tl.constexpr,
-                            HAS_POLL: tl.constexpr):
+    @exchange_kernel
+    def _put_combine_kernel(table_ptr, status_ptr, epoch_ptr, y_ptr, src_ptr, recv_count_ptr, gw_ptr, me, world,
+                            hidden, num_topk, max_tokens, max_topk, num_experts, error, cx_off, cw_off, sig_word,
+                            ack_word, meta_word, zero_word, epoch_word, timeout_ns, max_spins, WEIGHTS: tl.constexpr,
+                            WP: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                            VEC: tl.constexpr, WAIT_ACK: tl.constexpr, HAS_POLL: tl.constexpr):
         pid, num_programs = tl.program_id(0), tl.num_programs(0)
         if WAIT_ACK:
-            _wait_counters(table_ptr, me, world, ack_word, zero_word, ack_target, status_ptr, timeout_ns, max_spins,
-                           WP, HAS_POLL)
+            _wait_counters(table_ptr, me, world, ack_word, zero_word, _uses(epoch_ptr, epoch_word) * num_programs,
+                           status_ptr, timeout_ns, max_spins, WP, HAS_POLL)
+        hidden = hidden // VEC * VEC  # exact: VEC divides hidden; tells the compiler rows are VEC-aligned
         k = tl.arange(0, KP)
         k_ok = k < num_topk
-        blocks = tl.cdiv(max_tokens, BLOCK_T)
-        if error == 0:
-            for item in range(pid, world * blocks, num_programs):
-                s = item // blocks
-                j = (item % blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+        if error == 0:  # only the blocks that hold rows this rank received, spread evenly over the programs
+            p = tl.arange(0, WP)
+            nb = tl.cdiv(tl.load(recv_count_ptr + p, mask=p < world, other=0), BLOCK_T)
+            ends = tl.cumsum(nb, 0)
+            for item in range(pid, tl.sum(nb), num_programs):
+                s, j = _received_block(item, nb, ends, BLOCK_T, WP)
                 row = (s * max_tokens + j).to(tl.int64)
                 t = tl.load(src_ptr + row, mask=j < max_tokens, other=-1)
                 valid = t >= 0
@@ -59,15 +62,18 @@ if triton is not None:
             _write_meta(table_ptr, me, world, meta_word, src_ptr, error, num_experts, num_topk, WP, False)
         _signal_all(table_ptr, me, world, sig_word, WP)
 
-    @triton.jit
-    def _recv_combine_kernel(table_ptr, status_ptr, out_ptr, pos_ptr, idx_ptr, gw_out_ptr, count_ptr, me, world,
-                             num_tokens, hidden, num_topk, num_local, max_tokens, max_topk, num_experts, cx_off, cw_off,
-                             sig_word, ack_word, meta_word, zero_word, data_target, timeout_ns, max_spins,
+    @exchange_kernel
+    def _recv_combine_kernel(table_ptr, status_ptr, epoch_ptr, out_ptr, pos_ptr, idx_ptr, gw_out_ptr, count_ptr, me,
+                             world, num_tokens, hidden, num_topk, num_local, max_tokens, max_topk, cx_off, cw_off,
+                             sig_word, ack_word, meta_word, zero_word, epoch_word, timeout_ns, max_spins,
                              WEIGHTS: tl.constexpr, WP: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
-                             BLOCK_H: tl.constexpr, ACC: tl.constexpr, WAIT: tl.constexpr, HAS_POLL: tl.constexpr):
+                             BLOCK_H: tl.constexpr, VEC: tl.constexpr, ACC: tl.constexpr, WAIT: tl.constexpr,
+                             HAS_POLL: tl.constexpr):
         pid, num_programs = tl.program_id(0), tl.num_programs(0)
-        _begin_recv(table_ptr, status_ptr, me, world, sig_word, zero_word, data_target, meta_word, num_experts,
-                    num_topk, count_ptr, timeout_ns, max_spins, WP, WAIT, HAS_POLL)
+        _begin_recv(table_ptr, status_ptr, me, world, sig_word, zero_word,
+                    (_uses(epoch_ptr, epoch_word) + 1) * num_programs, meta_word, count_ptr, timeout_ns, max_spins,
+                    WP, WAIT, HAS_POLL)
+        hidden = hidden // VEC * VEC  # exact: VEC divides hidden; tells the compiler rows are VEC-aligned
         rows = _region(table_ptr, me, cx_off, out_ptr.dtype.element_ty)
         k = tl.arange(0, KP)
         k_ok = k < num_topk
@@ -94,19 +100,17 @@ if triton is not None:
         _signal_all(table_ptr, me, world, ack_word, WP)
 
 
-def launch_put_combine(ch: Channel, y: torch.Tensor, src: torch.Tensor, grad_w: Optional[torch.Tensor],
-                       num_experts: int, num_topk: int, error: int = 0) -> None:
+def launch_put_combine(ch: Channel, y: torch.Tensor, src: torch.Tensor, recv_count: torch.Tensor,
+                       grad_w: Optional[torch.Tensor], num_experts: int, num_topk: int, error: int = 0) -> None:
     """Put ``y`` [world * max_tokens, hidden] rows back to their tokens' owners (``src`` [rows] int64: the
-    token of each row, -1 for padding), with ``grad_w`` [rows, num_topk] float32 if given."""
+    token of each row, -1 for padding; ``recv_count`` [world] int64: rows received from each rank), with
+    ``grad_w`` [rows, num_topk] float32 if given."""
     lay = ch.layout
     _, _, _, _, cx, cw = lay.slot_offsets(ch.slot)
-    if not ch.fused_wait and ch.epoch > 1:
-        launch_wait(ch, COMBINE, ACK)
     _put_combine_kernel[(ch.num_programs,)](
-        ch.table, ch.status, y, src, grad_w if grad_w is not None else y, ch.me, lay.world, lay.hidden, num_topk,
-        lay.max_tokens, lay.max_topk, num_experts, error, cx, cw, ack_target=(ch.epoch - 1) * ch.num_programs,
-        WEIGHTS=grad_w is not None, WAIT_ACK=ch.fused_wait and ch.epoch > 1, **_common(ch, COMBINE),
-        **_consts(ch, num_topk))
+        ch.table, ch.status, ch.epochs, y, src, recv_count, grad_w if grad_w is not None else y, ch.me, lay.world,
+        lay.hidden, num_topk, lay.max_tokens, lay.max_topk, num_experts, error, cx, cw, WEIGHTS=grad_w is not None,
+        WAIT_ACK=ch.fused_wait, num_warps=NUM_WARPS_PUT, **_common(ch, COMBINE), **_consts(ch, num_topk))
 
 
 def launch_recv_combine(ch: Channel, out: torch.Tensor, pos: torch.Tensor,
@@ -114,19 +118,18 @@ def launch_recv_combine(ch: Channel, out: torch.Tensor, pos: torch.Tensor,
                         num_experts: int, num_topk: int) -> None:
     """Sum this slot's combine-shaped rows into ``out`` [num_tokens, hidden]: token t gets the rows of the
     ranks r with ``pos[t, r] >= 0``. With ``weights = (topk_idx [num_tokens, num_topk] int64, grad_w_out
-    float32)``, slot k of token t gets the value sent by the rank holding expert ``topk_idx[t, k]``."""
+    float32)``, slot k of token t gets the value sent by the rank holding expert ``topk_idx[t, k]``.
+    Then one more completed use of the slot."""
     lay = ch.layout
     _, _, _, _, cx, cw = lay.slot_offsets(ch.slot)
-    if not ch.fused_wait:
-        launch_wait(ch, COMBINE, DATA)
     idx, gw = weights if weights is not None else (pos, out)
     acc = tl.float64 if out.dtype == torch.float64 else tl.float32
     _recv_combine_kernel[(ch.num_programs,)](
-        ch.table, ch.status, out, pos, idx, gw, count_out, ch.me, lay.world, out.shape[0], lay.hidden, num_topk,
-        max(1, num_experts // lay.world), lay.max_tokens, lay.max_topk, num_experts, cx, cw,
-        data_target=ch.epoch * ch.num_programs, WEIGHTS=weights is not None, ACC=acc, WAIT=ch.fused_wait,
-        **_common(ch, COMBINE), **_consts(ch, num_topk))
-
+        ch.table, ch.status, ch.epochs, out, pos, idx, gw, count_out, ch.me, lay.world, out.shape[0], lay.hidden,
+        num_topk, max(1, num_experts // lay.world), lay.max_tokens, lay.max_topk, cx, cw,
+        WEIGHTS=weights is not None, ACC=acc, WAIT=ch.fused_wait, num_warps=NUM_WARPS_RECV, **_common(ch, COMBINE),
+        **_consts(ch, num_topk))
+    advance_epoch(ch, COMBINE)
 
 
 # torch reference

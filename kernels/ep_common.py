@@ -14,7 +14,7 @@ from ._common import next_pow2
 from ._triton import tl, triton  # None without Triton: the references run without it
 
 __all__ = ["ExchangeLayout", "Channel", "DISPATCH", "COMBINE", "DATA", "ACK", "META_FIELDS", "HAS_POLL", "launch_wait",
-           "compact_positions"]
+           "advance_epoch", "compact_positions", "row_vec", "DO_NOT_SPECIALIZE"]
 
 DISPATCH, COMBINE = 0, 1  # exchange shapes (signal rings)
 DATA, ACK = 0, 1  # counter kinds
@@ -29,7 +29,8 @@ def _align(n: int) -> int:
 
 
 class ExchangeLayout(NamedTuple):
-    """Byte offsets of the regions of one rank's symmetric buffer (the same on every rank)."""
+    """Byte offsets of the regions of one rank's symmetric buffer (the same on every rank). Every
+    slot of every region starts at a multiple of 128 bytes, which the kernels rely on."""
 
     world: int
     max_tokens: int
@@ -50,11 +51,9 @@ class ExchangeLayout(NamedTuple):
     @staticmethod
     def build(world: int, max_tokens: int, hidden: int, max_topk: int, num_slots: int, elem_size: int
               ) -> "ExchangeLayout":
-        rows = world * max_tokens
-        sizes = [("sig", 8 * (2 * num_slots * 2 * world + 1)), ("meta", 8 * 2 * num_slots * world * len(META_FIELDS)),
-                 ("dx", num_slots * rows * hidden * elem_size), ("didx", num_slots * rows * max_topk * 4),
-                 ("dw", num_slots * rows * max_topk * 4), ("dsrc", num_slots * rows * 4),
-                 ("cx", num_slots * rows * hidden * elem_size), ("cw", num_slots * rows * max_topk * 4)]
+        strides = _slot_strides(world * max_tokens, hidden, max_topk, elem_size)
+        sizes = [("sig", 8 * (2 * num_slots * 2 * world + 1)), ("meta", 8 * 2 * num_slots * world * len(META_FIELDS))]
+        sizes += [(name, num_slots * stride) for name, stride in zip(("dx", "didx", "dw", "dsrc", "cx", "cw"), strides)]
         offsets, at = {}, 0
         for name, size in sizes:
             offsets[name] = at
@@ -73,19 +72,49 @@ class ExchangeLayout(NamedTuple):
 
     def slot_offsets(self, slot: int) -> Tuple[int, int, int, int, int, int]:
         """Byte offsets of (dx, didx, dw, dsrc, cx, cw) of ``slot``."""
-        rows = self.world * self.max_tokens
-        return (self.dx + slot * rows * self.hidden * self.elem_size, self.didx + slot * rows * self.max_topk * 4,
-                self.dw + slot * rows * self.max_topk * 4, self.dsrc + slot * rows * 4,
-                self.cx + slot * rows * self.hidden * self.elem_size, self.cw + slot * rows * self.max_topk * 4)
+        strides = _slot_strides(self.world * self.max_tokens, self.hidden, self.max_topk, self.elem_size)
+        bases = (self.dx, self.didx, self.dw, self.dsrc, self.cx, self.cw)
+        return tuple(base + slot * stride for base, stride in zip(bases, strides))  # type: ignore[return-value]
+
+
+def _slot_strides(rows: int, hidden: int, max_topk: int, elem_size: int) -> Tuple[int, ...]:
+    """Bytes per slot of (dx, didx, dw, dsrc, cx, cw), each a multiple of 128."""
+    return tuple(_align(n) for n in (rows * hidden * elem_size, rows * max_topk * 4, rows * max_topk * 4, rows * 4,
+                                     rows * hidden * elem_size, rows * max_topk * 4))
 
 
 HAS_POLL = triton is not None and hasattr(tl, "atomic_poll")
-# Rows per block and row elements per step of the row-moving loops (2 KiB of bf16 per
-# step, as in permute/combine; not yet tuned on a GPU).
+# Rows per block and row elements per step of the row-moving loops (2 KiB of bf16 per step).
 _BLOCK_T, _BLOCK_H = 16, 512
 _NUM_META = len(META_FIELDS)
+# Warps per program. A row-moving program has one 16 x 512 tile in flight per step (16 KiB of
+# bf16): at 128-bit accesses that is 1024 vectors, 4 per thread with 8 warps, enough
+# independent stores in flight to cover the latency of a remote (NVLink) write, and few
+# enough registers (the fp32 accumulator of the combine receiver: 32 per thread) for
+# several programs per SM. The one-program wait launch of the CPU path needs one warp.
+NUM_WARPS_PUT, NUM_WARPS_RECV, NUM_WARPS_WAIT = 8, 8, 1
+# Values that change from exchange to exchange (or from slot to slot) are never specialised
+# on, so that the first exchange of a shape compiles each kernel once and for all.
+DO_NOT_SPECIALIZE = ("me", "num_tokens", "num_experts", "num_topk", "num_local", "error", "sig_word", "ack_word",
+                     "meta_word", "zero_word", "epoch_word", "timeout_ns", "max_spins", "dx_off", "didx_off",
+                     "dw_off", "dsrc_off", "cx_off", "cw_off", "word")
+
+
+def row_vec(hidden: int, elem_size: int) -> int:
+    """Elements per 128-bit access that ``hidden`` allows: the largest power of two dividing it, up to
+    16 bytes. Rows start at multiples of it, so the kernels tell the compiler and it vectorises."""
+    vec = 1
+    while vec * elem_size < 16 and hidden % (2 * vec) == 0:
+        vec *= 2
+    return vec
+
 
 if triton is not None:
+
+    def exchange_kernel(fn):
+        """``triton.jit`` with the arguments of ``DO_NOT_SPECIALIZE`` that ``fn`` has left unspecialised."""
+        names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+        return triton.jit(do_not_specialize=[n for n in DO_NOT_SPECIALIZE if n in names])(fn)
 
     @triton.jit
     def _words(table_ptr, rank, word):
@@ -94,7 +123,14 @@ if triton is not None:
 
     @triton.jit
     def _region(table_ptr, rank, offset, ELEM: tl.constexpr):
-        return (tl.load(table_ptr + rank) + offset).to(tl.pointer_type(ELEM))
+        """Pointer to byte ``offset`` of ``rank``'s buffer. Buffers and regions are 128-byte aligned;
+        an address cast from an int64 carries no alignment, so say it, or every access is scalar."""
+        return tl.multiple_of((tl.load(table_ptr + rank) + offset).to(tl.pointer_type(ELEM)), 16)
+
+    @triton.jit
+    def _uses(epoch_ptr, epoch_word):
+        """Completed uses of this exchange's slot: a device word, advanced after every receive."""
+        return tl.load(epoch_ptr + epoch_word, volatile=True)
 
     @triton.jit
     def _wait_counters(table_ptr, me, world, word, zero_word, target, status_ptr, timeout_ns, max_spins,
@@ -149,49 +185,48 @@ if triton is not None:
         tl.store(cell + 3, tl.full([WP], 0, tl.int64) + num_topk, mask=live)
 
     @triton.jit
-    def _read_meta(table_ptr, me, world, meta_word, status_ptr, num_experts, num_topk, count_out_ptr,
-                   WP: tl.constexpr):
-        """Program 0 of a receiver: row counts into ``count_out``; error codes into the status."""
-        p = tl.arange(0, WP)
-        live = p < world
-        cell = _words(table_ptr, me, meta_word) + p * 4
-        counts = tl.load(cell, mask=live, other=0, cache_modifier=".cg")
-        error = tl.load(cell + 1, mask=live, other=0, cache_modifier=".cg")
-        differ = ((tl.load(cell + 2, mask=live, other=0, cache_modifier=".cg") != num_experts)
-                  | (tl.load(cell + 3, mask=live, other=0, cache_modifier=".cg") != num_topk))
-        error = tl.where((error == 0) & differ & live & (num_experts >= 0), 99, error)  # -1: this rank's input was bad
-        tl.store(count_out_ptr + p, counts, mask=live)
-        status = tl.load(status_ptr).to(tl.pointer_type(tl.int64))
-        tl.store(status + world + p, error, mask=live & (error != 0))
-
-    @triton.jit
-    def _begin_recv(table_ptr, status_ptr, me, world, sig_word, zero_word, data_target, meta_word, num_experts,
-                    num_topk, count_out_ptr, timeout_ns, max_spins, WP: tl.constexpr, WAIT: tl.constexpr,
-                    HAS_POLL: tl.constexpr):
-        """Start of every receive kernel: wait for the senders' data (unless a wait launch did),
-        then program 0 reads the metadata."""
+    def _begin_recv(table_ptr, status_ptr, me, world, sig_word, zero_word, data_target, meta_word, count_out_ptr,
+                    timeout_ns, max_spins, WP: tl.constexpr, WAIT: tl.constexpr, HAS_POLL: tl.constexpr):
+        """Start of every receive kernel: wait for the senders' data (unless a wait launch did), then
+        program 0 copies the row counts out; returns every sender's row count ([WP] int64). Error
+        codes and metadata are agreed on the host (see ``EPBuffer``), not here."""
         if WAIT:
             _wait_counters(table_ptr, me, world, sig_word, zero_word, data_target, status_ptr, timeout_ns, max_spins,
                            WP, HAS_POLL)
+        p = tl.arange(0, WP)
+        live = p < world
+        counts = tl.load(_words(table_ptr, me, meta_word) + p * 4, mask=live, other=0, cache_modifier=".cg")
         if tl.program_id(0) == 0:
-            _read_meta(table_ptr, me, world, meta_word, status_ptr, num_experts, num_topk, count_out_ptr, WP)
+            tl.store(count_out_ptr + p, counts, mask=live)
+        return counts
 
     @triton.jit
-    def _wait_kernel(table_ptr, status_ptr, me, world, word, zero_word, target, timeout_ns, max_spins,
-                     WP: tl.constexpr, HAS_POLL: tl.constexpr):
+    def _received_block(item, nb, ends, BLOCK_T: tl.constexpr, WP: tl.constexpr):
+        """Block ``item`` of the received rows (senders in order, ``nb`` [WP] blocks each, ``ends`` their
+        running sum): (sender, rows j [BLOCK_T] of its segment)."""
+        s = tl.sum((ends <= item).to(tl.int32))
+        before = tl.sum(tl.where(tl.arange(0, WP) < s, nb, 0))
+        return s, (item - before) * BLOCK_T + tl.arange(0, BLOCK_T)
+
+    @exchange_kernel
+    def _wait_kernel(table_ptr, status_ptr, epoch_ptr, me, world, word, zero_word, epoch_word, nprog, timeout_ns,
+                     max_spins, AHEAD: tl.constexpr, WP: tl.constexpr, HAS_POLL: tl.constexpr):
+        """Wait until counters ``word + p`` reach (uses + AHEAD) * nprog (CPU path: a launch of its own)."""
+        target = (_uses(epoch_ptr, epoch_word) + AHEAD) * nprog
         _wait_counters(table_ptr, me, world, word, zero_word, target, status_ptr, timeout_ns, max_spins, WP, HAS_POLL)
 
 
-
 class Channel(NamedTuple):
-    """Where one exchange runs: the group's buffers and this exchange's slot and epoch."""
+    """Where one exchange runs: the group's buffers and this exchange's slot. What changes from one
+    use of a slot to the next (its epoch) lives in the device words ``epochs``, so every exchange on a
+    slot launches its kernels with the same host arguments (a CUDA graph replays them)."""
 
     table: torch.Tensor  # [world] int64: base address of every rank's buffer, on the kernels' device
     status: torch.Tensor  # [1] int64: address of the host-visible status words, on the kernels' device
+    epochs: torch.Tensor  # [2 * num_slots] int64 on the kernels' device: completed uses of (shape, slot)
     layout: ExchangeLayout
     me: int  # this rank
     slot: int
-    epoch: int  # uses of (shape, slot) so far, this one included (1 for the first)
     num_programs: int  # programs of every put and receive kernel, the same on every rank
     timeout_ns: int
     max_spins: int  # bound of the spin loop where Triton has no atomic_poll
@@ -202,23 +237,31 @@ class Channel(NamedTuple):
 def _common(ch: Channel, shape: int) -> dict:
     lay = ch.layout
     return dict(sig_word=lay.sig_word(shape, ch.slot, DATA), ack_word=lay.sig_word(shape, ch.slot, ACK),
-                meta_word=lay.meta_word(shape, ch.slot), zero_word=lay.zero_word(), timeout_ns=ch.timeout_ns,
-                max_spins=ch.max_spins)
+                meta_word=lay.meta_word(shape, ch.slot), zero_word=lay.zero_word(),
+                epoch_word=shape * lay.num_slots + ch.slot, timeout_ns=ch.timeout_ns, max_spins=ch.max_spins)
 
 
 def _consts(ch: Channel, num_topk: int) -> dict:
-    return dict(WP=next_pow2(ch.layout.world), KP=next_pow2(max(1, num_topk)), BLOCK_T=_BLOCK_T,
-                BLOCK_H=min(_BLOCK_H, next_pow2(ch.layout.hidden)), HAS_POLL=ch.has_poll)
+    lay = ch.layout
+    return dict(WP=next_pow2(lay.world), KP=next_pow2(max(1, num_topk)), BLOCK_T=_BLOCK_T,
+                BLOCK_H=min(_BLOCK_H, next_pow2(lay.hidden)), VEC=row_vec(lay.hidden, lay.elem_size),
+                HAS_POLL=ch.has_poll)
+
+
+def advance_epoch(ch: Channel, shape: int) -> None:
+    """After the receive of an exchange (in stream order): one more completed use of its slot."""
+    word = shape * ch.layout.num_slots + ch.slot
+    ch.epochs[word:word + 1].add_(1)
 
 
 def launch_wait(ch: Channel, shape: int, kind: int) -> None:
-    """Wait (one program) until every peer's ``kind`` counter of this slot reaches its target."""
-    target = ch.epoch * ch.num_programs if kind == DATA else (ch.epoch - 1) * ch.num_programs
+    """Wait (one program) until every peer's ``kind`` counter of this slot reaches its target: the
+    data of this use (DATA), or the acknowledgements of the previous use (ACK)."""
     c = _common(ch, shape)
-    _wait_kernel[(1,)](ch.table, ch.status, ch.me, ch.layout.world, ch.layout.sig_word(shape, ch.slot, kind),
-                       c["zero_word"], target, c["timeout_ns"], c["max_spins"], WP=next_pow2(ch.layout.world),
-                       HAS_POLL=ch.has_poll)
-
+    _wait_kernel[(1,)](ch.table, ch.status, ch.epochs, ch.me, ch.layout.world, ch.layout.sig_word(shape, ch.slot, kind),
+                       c["zero_word"], c["epoch_word"], ch.num_programs, c["timeout_ns"], c["max_spins"],
+                       AHEAD=1 if kind == DATA else 0, WP=next_pow2(ch.layout.world), HAS_POLL=ch.has_poll,
+                       num_warps=NUM_WARPS_WAIT)
 
 
 def compact_positions(topk_idx: torch.Tensor, num_experts: int, world: int) -> Tuple[torch.Tensor, torch.Tensor]:

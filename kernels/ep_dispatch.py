@@ -11,28 +11,30 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .ep_common import ACK, DATA, DISPATCH, Channel, _common, _consts, launch_wait
+from .ep_common import NUM_WARPS_PUT, NUM_WARPS_RECV, DISPATCH, Channel, _common, _consts, advance_epoch
 
 from ._triton import block_range, tl, triton  # None without Triton: the references run without it
 
 if triton is not None:
-    from .ep_common import _begin_recv, _region, _signal_all, _wait_counters, _words, _write_meta
+    from .ep_common import (_begin_recv, _received_block, _region, _signal_all, _uses, _wait_counters, _write_meta,
+                            exchange_kernel)
 
 __all__ = ["launch_put_dispatch", "launch_recv_dispatch", "dispatch_exchange_reference"]
 
 if triton is not None:
 
-    @triton.jit
-    def _put_dispatch_kernel(table_ptr, status_ptr, x_ptr, pos_ptr, counts_ptr, idx_ptr, w_ptr, me, world,
+    @exchange_kernel
+    def _put_dispatch_kernel(table_ptr, status_ptr, epoch_ptr, x_ptr, pos_ptr, counts_ptr, idx_ptr, w_ptr, me, world,
                              num_tokens, hidden, num_topk, num_local, max_tokens, max_topk, num_experts, error,
-                             dx_off, didx_off, dw_off, dsrc_off, sig_word, ack_word, meta_word, zero_word, ack_target,
+                             dx_off, didx_off, dw_off, dsrc_off, sig_word, ack_word, meta_word, zero_word, epoch_word,
                              timeout_ns, max_spins, ROUTES: tl.constexpr, WP: tl.constexpr, KP: tl.constexpr,
-                             BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, WAIT_ACK: tl.constexpr,
+                             BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, VEC: tl.constexpr, WAIT_ACK: tl.constexpr,
                              HAS_POLL: tl.constexpr):
         pid, num_programs = tl.program_id(0), tl.num_programs(0)
         if WAIT_ACK:  # the receivers have copied out this slot's previous exchange
-            _wait_counters(table_ptr, me, world, ack_word, zero_word, ack_target, status_ptr, timeout_ns, max_spins,
-                           WP, HAS_POLL)
+            _wait_counters(table_ptr, me, world, ack_word, zero_word, _uses(epoch_ptr, epoch_word) * num_programs,
+                           status_ptr, timeout_ns, max_spins, WP, HAS_POLL)
+        hidden = hidden // VEC * VEC  # exact: VEC divides hidden; tells the compiler rows are VEC-aligned
         k = tl.arange(0, KP)
         k_ok = k < num_topk
         if error == 0:
@@ -44,7 +46,7 @@ if triton is not None:
                     for r in range(world):
                         j = tl.load(pos_ptr + t * world + r, mask=t_ok, other=-1)
                         dest = _region(table_ptr, r, dx_off, x_ptr.dtype.element_ty)
-                        cell = ((me * max_tokens + j) * hidden).to(tl.int64)
+                        cell = (me * max_tokens + j).to(tl.int64) * hidden
                         tl.store(dest + cell[:, None] + h[None, :], row, mask=(j >= 0)[:, None] & h_ok[None, :])
                 if ROUTES:
                     idx = tl.load(idx_ptr + t[:, None] * num_topk + k[None, :], mask=t_ok[:, None] & k_ok[None, :],
@@ -67,32 +69,40 @@ if triton is not None:
             _write_meta(table_ptr, me, world, meta_word, counts_ptr, error, num_experts, num_topk, WP, True)
         _signal_all(table_ptr, me, world, sig_word, WP)
 
-    @triton.jit
-    def _recv_dispatch_kernel(table_ptr, status_ptr, out_x_ptr, out_idx_ptr, out_w_ptr, out_src_ptr, count_ptr, me,
-                              world, hidden, num_topk, max_tokens, max_topk, num_experts, dx_off, didx_off, dw_off,
-                              dsrc_off, sig_word, ack_word, meta_word, zero_word, data_target, timeout_ns, max_spins,
+    @exchange_kernel
+    def _recv_dispatch_kernel(table_ptr, status_ptr, epoch_ptr, out_x_ptr, out_idx_ptr, out_w_ptr, out_src_ptr,
+                              count_ptr, me, world, hidden, num_topk, max_tokens, max_topk, dx_off, didx_off, dw_off,
+                              dsrc_off, sig_word, ack_word, meta_word, zero_word, epoch_word, timeout_ns, max_spins,
                               ROUTES: tl.constexpr, WP: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
-                              BLOCK_H: tl.constexpr, WAIT: tl.constexpr, HAS_POLL: tl.constexpr):
+                              BLOCK_H: tl.constexpr, VEC: tl.constexpr, WAIT: tl.constexpr, HAS_POLL: tl.constexpr):
         pid, num_programs = tl.program_id(0), tl.num_programs(0)
-        _begin_recv(table_ptr, status_ptr, me, world, sig_word, zero_word, data_target, meta_word, num_experts,
-                    num_topk, count_ptr, timeout_ns, max_spins, WP, WAIT, HAS_POLL)
-        meta = _words(table_ptr, me, meta_word)
+        counts = _begin_recv(table_ptr, status_ptr, me, world, sig_word, zero_word,
+                             (_uses(epoch_ptr, epoch_word) + 1) * num_programs, meta_word, count_ptr, timeout_ns,
+                             max_spins, WP, WAIT, HAS_POLL)
+        hidden = hidden // VEC * VEC  # exact: VEC divides hidden; tells the compiler rows are VEC-aligned
         src_x = _region(table_ptr, me, dx_off, out_x_ptr.dtype.element_ty)
-        k = tl.arange(0, KP)
-        k_ok = k < num_topk
-        blocks = tl.cdiv(max_tokens, BLOCK_T)
-        for item in range(pid, world * blocks, num_programs):
-            s = item // blocks
-            j = (item % blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
-            j_ok = j < max_tokens
-            valid = j < tl.load(meta + s * 4, cache_modifier=".cg")
+        # the rows: only the blocks that hold received rows, spread evenly over the programs
+        nb = tl.cdiv(counts, BLOCK_T)
+        ends = tl.cumsum(nb, 0)
+        for item in range(pid, tl.sum(nb), num_programs):
+            s, j = _received_block(item, nb, ends, BLOCK_T, WP)
+            valid = j < tl.sum(tl.where(tl.arange(0, WP) == s, counts, 0))
             row = (s * max_tokens + j).to(tl.int64)
             for h0 in range(0, hidden, BLOCK_H):
                 h, h_ok = block_range(h0, BLOCK_H, hidden)
-                v = tl.load(src_x + row[:, None] * hidden + h[None, :], mask=valid[:, None] & h_ok[None, :], other=0.0,
-                            cache_modifier=".cg")
-                tl.store(out_x_ptr + row[:, None] * hidden + h[None, :], v, mask=j_ok[:, None] & h_ok[None, :])
-            if ROUTES:
+                m = valid[:, None] & h_ok[None, :]
+                v = tl.load(src_x + row[:, None] * hidden + h[None, :], mask=m, cache_modifier=".cg")
+                tl.store(out_x_ptr + row[:, None] * hidden + h[None, :], v, mask=m)
+        if ROUTES:  # indices, weights and sources of every row: padding rows get -1, 0, -1
+            k = tl.arange(0, KP)
+            k_ok = k < num_topk
+            blocks = tl.cdiv(max_tokens, BLOCK_T)
+            for item in range(pid, world * blocks, num_programs):
+                s = item // blocks
+                j = (item % blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+                j_ok = j < max_tokens
+                valid = j < tl.sum(tl.where(tl.arange(0, WP) == s, counts, 0))
+                row = (s * max_tokens + j).to(tl.int64)
                 m = valid[:, None] & k_ok[None, :]
                 idx = tl.load(_region(table_ptr, me, didx_off, tl.int32) + row[:, None] * max_topk + k[None, :],
                               mask=m, other=-1, cache_modifier=".cg")
@@ -116,31 +126,27 @@ def launch_put_dispatch(ch: Channel, x: torch.Tensor, pos: torch.Tensor, counts:
     lay = ch.layout
     dx, didx, dw, dsrc, _, _ = lay.slot_offsets(ch.slot)
     idx, w = routes if routes is not None else (pos, x)
-    wait_ack = ch.fused_wait and ch.epoch > 1
-    if not ch.fused_wait and ch.epoch > 1:
-        launch_wait(ch, DISPATCH, ACK)
     _put_dispatch_kernel[(ch.num_programs,)](
-        ch.table, ch.status, x, pos, counts, idx, w, ch.me, lay.world, x.shape[0], lay.hidden, num_topk,
+        ch.table, ch.status, ch.epochs, x, pos, counts, idx, w, ch.me, lay.world, x.shape[0], lay.hidden, num_topk,
         max(1, num_experts // lay.world), lay.max_tokens, lay.max_topk, num_experts, error, dx, didx, dw, dsrc,
-        ack_target=(ch.epoch - 1) * ch.num_programs, ROUTES=routes is not None, WAIT_ACK=wait_ack,
-        **_common(ch, DISPATCH), **_consts(ch, num_topk))
+        ROUTES=routes is not None, WAIT_ACK=ch.fused_wait, num_warps=NUM_WARPS_PUT, **_common(ch, DISPATCH),
+        **_consts(ch, num_topk))
 
 
 def launch_recv_dispatch(ch: Channel, out_x: torch.Tensor, routes_out: Optional[Tuple[torch.Tensor, ...]],
-                         count_out: torch.Tensor, num_experts: int, num_topk: int) -> None:
-    """Copy this slot's dispatch-shaped rows out into ``out_x`` [world * max_tokens, hidden] (and, with
-    ``routes_out = (idx [rows, num_topk] int64, weights float32, src [rows] int64)``, the routes);
-    ``count_out`` [world] int64 gets the rows each rank sent."""
+                         count_out: torch.Tensor, num_topk: int) -> None:
+    """Copy the rows received in this slot into ``out_x`` [world * max_tokens, hidden] (rows past a
+    sender's count are not written) and, with ``routes_out = (idx [rows, num_topk] int64, weights
+    float32, src [rows] int64)``, the routes of every row (padding: -1, 0, -1); ``count_out`` [world]
+    int64 gets the rows each rank sent. Then one more completed use of the slot."""
     lay = ch.layout
     dx, didx, dw, dsrc, _, _ = lay.slot_offsets(ch.slot)
-    if not ch.fused_wait:
-        launch_wait(ch, DISPATCH, DATA)
     idx, w, src = routes_out if routes_out is not None else (count_out, out_x, count_out)
     _recv_dispatch_kernel[(ch.num_programs,)](
-        ch.table, ch.status, out_x, idx, w, src, count_out, ch.me, lay.world, lay.hidden, num_topk, lay.max_tokens,
-        lay.max_topk, num_experts, dx, didx, dw, dsrc, data_target=ch.epoch * ch.num_programs,
-        ROUTES=routes_out is not None, WAIT=ch.fused_wait, **_common(ch, DISPATCH), **_consts(ch, num_topk))
-
+        ch.table, ch.status, ch.epochs, out_x, idx, w, src, count_out, ch.me, lay.world, lay.hidden, num_topk,
+        lay.max_tokens, lay.max_topk, dx, didx, dw, dsrc, ROUTES=routes_out is not None, WAIT=ch.fused_wait,
+        num_warps=NUM_WARPS_RECV, **_common(ch, DISPATCH), **_consts(ch, num_topk))
+    advance_epoch(ch, DISPATCH)
 
 
 # torch reference

@@ -7,31 +7,35 @@
 
 The same meaning as ``moe.dispatch``/``moe.combine``, with fixed shapes: every rank receives
 ``recv_capacity = max_tokens * world`` rows, segment ``s`` (rows ``[s * max_tokens, (s + 1) *
-max_tokens)``) holding the tokens rank ``s`` sent, in token order, then padding rows (zero,
-``recv_idx == -1``, zero weights). How many rows each rank received stays on the device in
+max_tokens)``) holding the tokens rank ``s`` sent, in token order, then padding rows
+(``recv_idx == -1``, zero weights, rows of ``recv_x`` not written: the receiver copies only
+received rows). How many rows each rank received stays on the device in
 the handle. No collective and no host read of a tensor value per exchange: Triton kernels
 write into the peers' symmetric buffers and signal them (``kernels/ep_exchange.py``), a
 persistent grid of ``num_sms`` programs being the SM budget; on CUDA on the communication
 stream. The one collective is the construction.
 
-Exchanges take slots of two rings (dispatch-shaped and combine-shaped, ``num_slots`` each),
-so that up to ``num_slots`` exchanges of each shape can be in flight (``async_op=True``);
-signals carry epochs, so slots are reused without a reset.
+Exchanges take slots of two rings (dispatch-shaped and combine-shaped, ``num_slots`` each):
+the lowest free one, freed when the exchange is waited on, so up to ``num_slots`` exchanges of
+each shape can be in flight (``async_op=True``) and waited on in any order. Signals carry
+epochs kept in device words, so slots are reused without a reset and every use of a slot
+launches the same kernels with the same arguments (CUDA graphs can replay them).
 
 Failures: bad input (too many tokens, wrong hidden size, dtype, device, top-k) is decided
-from shapes on the host; the rank that passed it sends an error code instead of rows, and
-every rank raises the same ``ValueError`` naming it. A wait that expires (``timeout_s``)
-raises ``EPBufferError`` naming the ranks whose signals are missing, and whether their
-processes have exited; the buffer is unusable afterwards. On CUDA the kernels report into
-host-mapped status words that the host reads without synchronising, so a failure surfaces
-at the next exchange that finds it; ``DUALPIPE_EXT_CHECKS=1`` synchronises at every wait.
+from shapes on the host; the rank that passed it takes part without rows, every rank writes
+what it passed on a board of shared host words, and at the exchange's own wait every rank
+raises the same ``ValueError`` naming it (no device read: on time on CUDA too). A wait that
+expires (``timeout_s``) raises ``EPBufferError`` naming the ranks that are missing, and
+whether their processes have exited; the buffer is unusable afterwards. On CUDA an expired
+wait inside a kernel is reported into host-mapped status words that the host reads without
+synchronising, so it surfaces at the next exchange; ``DUALPIPE_EXT_CHECKS=1`` synchronises
+at every wait.
 """
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -56,6 +60,12 @@ _ERRORS = ("x is not a [num_tokens, hidden] tensor", "more tokens than max_token
 _DISAGREE = 99  # the ranks passed different num_experts or num_topk
 _SHAPES = ("dispatch", "combine")
 _CPU_WAIT_SLICE_S = 0.5  # a CPU wait checks its peers' processes this often
+
+
+def _board_rows(num_slots: int) -> int:
+    """Exchanges the host board remembers: a peer is at most 2 * num_slots exchanges past the oldest one
+    this rank has not waited on, itself at most 2 * num_slots behind this rank's newest."""
+    return 4 * num_slots + 8
 
 
 class EPBufferError(RuntimeError):
@@ -84,26 +94,30 @@ class EPHandle:
 
 
 class _Ring:
-    """Slots of one exchange shape: which slot the next exchange takes, its epoch, what is in flight."""
+    """Slots of one exchange shape: the free ones, and which exchange holds each of the others.
 
-    def __init__(self, num_slots: int) -> None:
-        self.num_slots = num_slots
+    An exchange takes the lowest free slot and frees it when waited on, so exchanges may be waited
+    on in any order; every rank issues the same exchanges, so every rank picks the same slots."""
+
+    def __init__(self, num_slots: int, shape: str) -> None:
+        self.num_slots, self.shape = num_slots, shape
         self.uses = [0] * num_slots
-        self.next = 0
-        self.in_flight: Deque[int] = deque()  # ordinals of exchanges not received yet
+        self.held: Dict[int, int] = {}  # slot -> ordinal of the exchange that holds it (not waited on yet)
 
-    def begin(self, ordinal: int, shape: str) -> Tuple[int, int]:
-        if len(self.in_flight) >= self.num_slots:
-            raise RuntimeError(f"EPBuffer: {self.num_slots} {shape}-shaped exchanges are already in flight (exchanges "
-                               f"{list(self.in_flight)}); wait on one first, or build the buffer with more num_slots")
-        slot = self.next
-        self.next = (slot + 1) % self.num_slots
+    def begin(self, ordinal: int) -> Tuple[int, int]:
+        """(slot, uses of it including this one) for exchange ``ordinal``; raises when every slot is held."""
+        if len(self.held) >= self.num_slots:
+            held = ", ".join(f"slot {s}: exchange {o}" for s, o in sorted(self.held.items()))
+            raise RuntimeError(f"EPBuffer: exchange {ordinal} needs a slot of the {self.shape} ring, but all "
+                               f"{self.num_slots} are held by exchanges not waited on yet ({held}); wait on one "
+                               f"first, or build the EPBuffer with a larger num_slots")
+        slot = min(s for s in range(self.num_slots) if s not in self.held)
         self.uses[slot] += 1
-        self.in_flight.append(ordinal)
+        self.held[slot] = ordinal
         return slot, self.uses[slot]
 
-    def end(self, ordinal: int) -> None:
-        self.in_flight.remove(ordinal)
+    def end(self, slot: int) -> None:
+        self.held.pop(slot, None)
 
 
 class EPBuffer:
@@ -152,13 +166,16 @@ class EPBuffer:
         self.layout = kx.ExchangeLayout.build(self.world, max_tokens, hidden, max_topk, num_slots,
                                               torch.empty(0, dtype=dtype).element_size())
         request = (max_tokens, hidden, str(dtype), self.num_sms, max_topk, num_slots, self.device.type)
-        self._mem = allocate(self.group, self.layout.nbytes, 2 * self.world + 1, self.device, request)
+        self._mem = allocate(self.group, self.layout.nbytes, 2 * self.world + 1, self.device, request,
+                             _board_rows(num_slots))
         # CUDA: put and receive launched together on the communication stream, the waits inside the
         # kernels; CPU: the receive launched at wait(), after a wait launch (the interpreter runs a
         # launch's programs one after another). Tests set it on CPU too, to run the CUDA kernels' waits.
         self._fused = self.device.type == "cuda"
         self._global = [dist.get_global_rank(self.group, p) for p in range(self.world)]
-        self._rings = (_Ring(num_slots), _Ring(num_slots))
+        self._rings = (_Ring(num_slots, "dispatch-shaped"), _Ring(num_slots, "combine-shaped"))
+        # completed uses of every (shape, slot), on the device: the kernels read them, the stream advances them
+        self._epochs = torch.zeros(2 * num_slots, dtype=torch.int64, device=self.device)
         self._ordinal = 0
         self._broken: Optional[str] = None
         self._has_poll = kx.HAS_POLL  # False: the spin-loop wait of Triton releases without tl.atomic_poll
@@ -234,9 +251,10 @@ class EPBuffer:
             kx.launch_put_dispatch(ch, x, pos, counts, None, 0, 0, code)
 
         def recv(ch):
-            kx.launch_recv_dispatch(ch, out, None, count, 0 if code == 0 else -1, 0)
+            kx.launch_recv_dispatch(ch, out, None, count, 0)
 
-        return self._exchange(kx.DISPATCH, "combine backward", code, detail, put, recv, lambda: out,
+        agree = (handle.num_experts, handle.num_topk) if code == 0 else (0, 0)
+        return self._exchange(kx.DISPATCH, "combine backward", code, detail, agree, put, recv, lambda: out,
                               (x, pos, counts, out, count), async_op)
 
     def dispatch_backward(self, grad_recv_x: torch.Tensor, grad_recv_weights: torch.Tensor, handle: EPHandle,
@@ -261,18 +279,19 @@ class EPBuffer:
         dev = self.device
         if code == 0:
             rows, src, pos, idx = y.contiguous(), handle.recv_src, handle.pos, handle.topk_idx
-            num_experts, num_topk = handle.num_experts, handle.num_topk
+            recv_count, num_experts, num_topk = handle.recv_count, handle.num_experts, handle.num_topk
             gw = grad_w.contiguous() if grad_w is not None else None
         else:  # take part with no rows, so that every rank's slots stay in step
             rows, pos = self._placeholder_rows(self.recv_capacity), self._placeholder_pos()
             src = torch.full((self.recv_capacity,), -1, dtype=torch.int64, device=dev)
             idx, num_experts, num_topk, gw = torch.zeros(0, 1, dtype=torch.int64, device=dev), 0, 0, None
+            recv_count = torch.zeros(self.world, dtype=torch.int64, device=dev)
         out = new_output((pos.shape[0], self.hidden), self.dtype, dev)
         gw_out = new_output(idx.shape, torch.float32, dev) if gw is not None else None
         count = new_output((self.world,), torch.int64, dev)
 
         def put(ch):
-            kx.launch_put_combine(ch, rows, src, gw, num_experts, num_topk, code)
+            kx.launch_put_combine(ch, rows, src, recv_count, gw, num_experts, num_topk, code)
 
         def recv(ch):
             kx.launch_recv_combine(ch, out, pos, (idx, gw_out) if gw_out is not None else None, count,
@@ -282,8 +301,8 @@ class EPBuffer:
             result = lambda: wrap(out)  # noqa: E731
         else:
             result = (lambda: (out, gw_out)) if grad_w is not None else (lambda: out)
-        return self._exchange(kx.COMBINE, what, code, detail, put, recv, result,
-                              (rows, gw, src, pos, idx, out, gw_out, count), async_op)
+        return self._exchange(kx.COMBINE, what, code, detail, (num_experts, num_topk), put, recv, result,
+                              (rows, gw, src, recv_count, pos, idx, out, gw_out, count), async_op)
 
     def _placeholder_rows(self, n: int = 0) -> torch.Tensor:
         return torch.zeros(n, self.hidden, dtype=self.dtype, device=self.device)
@@ -309,27 +328,34 @@ class EPBuffer:
             return 5, f"{name} is on {t.device}, the buffer on {self.device}"
         return 0, None
 
-    def _exchange(self, shape: int, what: str, code: int, detail: Optional[str], put: Callable, recv: Callable,
-                  result: Callable, keep_alive: tuple, async_op: bool):
-        """Run one exchange: the put now, the receive now (CUDA: on the communication stream) or at wait()."""
+    def _exchange(self, shape: int, what: str, code: int, detail: Optional[str], agree: Tuple[int, int],
+                  put: Callable, recv: Callable, result: Callable, keep_alive: tuple, async_op: bool):
+        """Run one exchange: the put now, the receive now (CUDA: on the communication stream) or at wait().
+
+        ``code``: this rank's error code (0: good input); ``agree``: (num_experts, num_topk), which every
+        rank must have passed alike. Both go on the host board, read at the wait."""
         if self._broken is not None:
             raise EPBufferError(f"EPBuffer (rank {self.rank}) is unusable: {self._broken}; create a new one")
-        if self._fused:  # failures the device reported since the last look, before anything new is queued
-            self._raise_on_status(f"an exchange before {what} (exchange {self._ordinal})", None)
+        if self._fused:  # expired device waits reported since the last look, before anything new is queued
+            self._raise_on_status(f"an exchange before {what} (exchange {self._ordinal})")
         ring, ordinal = self._rings[shape], self._ordinal
-        slot, epoch = ring.begin(ordinal, _SHAPES[shape])
+        slot, uses = ring.begin(ordinal)  # raises on every rank alike, before anything moves
         self._ordinal += 1
-        ch = self._channel(slot, epoch)
+        self._publish(ordinal, code, agree)
+        ch = self._channel(slot)
         label = f"{what} (exchange {ordinal}, {_SHAPES[shape]} slot {slot})"
 
         def finish():
-            if not self._fused:
-                self._cpu_wait(ch, shape, self._kx.DATA, label)
-                recv(ch)
-            elif checks_enabled() and self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            ring.end(ordinal)
-            self._raise_on_status(label, detail)
+            try:
+                if not self._fused:
+                    self._cpu_wait(ch, shape, self._kx.DATA, label)
+                    recv(ch)
+                elif checks_enabled() and self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+            finally:
+                ring.end(slot)
+            self._agree_on_input(ordinal, label, detail)
+            self._raise_on_status(label)
             return result()
 
         if self._fused:
@@ -339,21 +365,70 @@ class EPBuffer:
                 recv(ch)
             pending = InFlight(finish, event=scope.done, device=self.device, keep_alive=keep_alive)
         else:
-            if epoch > 1:
+            if uses > 1:
                 self._cpu_wait(ch, shape, self._kx.ACK, label)
             put(ch)
             pending = InFlight(finish)
         if code != 0:  # the rank that passed bad input completes the exchange, then raises with the others
             pending.wait()
-            self._raise_on_status(label, detail, force=code)
+            raise AssertionError("unreachable: the board names this rank's bad input")  # pragma: no cover
         return pending if async_op else pending.wait()
 
-    def _channel(self, slot: int, epoch: int):
+    def _channel(self, slot: int):
         fused = self._fused
         wait_s = self.timeout_s if fused else min(self.timeout_s, _CPU_WAIT_SLICE_S)
         spins = int(self.timeout_s * (2e6 if fused else 2e3))
-        return self._kx.Channel(self._mem.table, self._mem.status_addr, self.layout, self.rank, slot, epoch,
+        return self._kx.Channel(self._mem.table, self._mem.status_addr, self._epochs, self.layout, self.rank, slot,
                                 self.num_sms, int(wait_s * 1e9), spins, fused, self._has_poll)
+
+    # The host board: what every rank passed to each exchange --------------------------
+
+    def _publish(self, ordinal: int, code: int, agree: Tuple[int, int]) -> None:
+        row = self._mem.board[self.rank][ordinal % len(self._mem.board[self.rank])]
+        row[1], row[2], row[3] = code, agree[0], agree[1]
+        row[0] = ordinal + 1  # last: a peer that sees it sees the rest (x86 stores stay in order)
+
+    def _agree_on_input(self, ordinal: int, label: str, detail: Optional[str]) -> None:
+        """At the wait of exchange ``ordinal``: wait until every rank's host has issued it, then raise the
+        same ``ValueError`` on every rank if any passed bad input. Host memory only: no device read, so a
+        rejected exchange raises at its own wait, also while its kernels are still queued."""
+        board, world = self._mem.board, self.world
+        k = ordinal % len(board[0])
+        start, spins = time.monotonic(), 0
+        while True:
+            seqs = [int(b[k, 0]) for b in board]
+            behind = [p for p in range(world) if seqs[p] < ordinal + 1]
+            if not behind:
+                break
+            spins += 1
+            if spins % 256 == 0:
+                waited = time.monotonic() - start
+                dead = [p for p in behind if not faults.pid_alive(self._mem.pids[p])]
+                raised = faults.raised_by([self._global[p] for p in behind], faults.window())
+                if dead or raised or waited >= self.timeout_s:
+                    self._fail(f"{label} waited {waited:.1f} s for the peers to issue it; " + "; ".join(
+                        self._peer_state(p, p in dead, raised.get(self._global[p])) for p in behind))
+            time.sleep(0 if spins < 64 else 1e-4)
+        if any(seq != ordinal + 1 for seq in seqs):  # a peer issued board-size exchanges more: cannot happen
+            raise RuntimeError(f"EPBuffer {label}: the host board of the group was overwritten ({seqs})")
+        entries = [tuple(int(v) for v in b[k, 1:]) for b in board]
+        codes = [e[0] for e in entries]
+        good = [p for p in range(world) if codes[p] == 0]
+        agreed = [entries[p][1:] for p in good]
+        common = max(agreed, key=lambda v: (agreed.count(v), -agreed.index(v))) if good else None
+        for p in good:
+            if entries[p][1:] != common:
+                codes[p] = _DISAGREE
+        if not any(codes):
+            return
+        bad = [r for r, c in enumerate(codes) if c]
+        names = "; ".join(f"rank {r}: " + (f"num_experts or num_topk differ from the other ranks' "
+                                           f"({entries[r][1]}, {entries[r][2]} against {common[0]}, {common[1]})"
+                                           if codes[r] == _DISAGREE else _ERRORS[codes[r] - 1]) for r in bad)
+        msg = f"EPBuffer {label}: rank(s) {bad} of the group passed bad input ({names}); the exchange was dropped"
+        if detail is not None:
+            msg += f". On rank {self.rank}: {detail}"
+        raise ValueError(msg)
 
     def _cpu_wait(self, ch, shape: int, kind: int, label: str) -> None:
         """Wait in slices so that a peer whose process has exited is named at once."""
@@ -363,7 +438,7 @@ class EPBuffer:
             self._kx.launch_wait(ch, shape, kind)
             if status[2 * world] == 0:
                 return
-            missing = [p for p in range(world) if status[p]]
+            missing = [p for p in range(world) if status[p] and p != self.rank]
             waited = time.monotonic() - start
             dead = [p for p in missing if not faults.pid_alive(self._mem.pids[p])]
             raised = faults.raised_by([self._global[p] for p in missing], faults.window())
@@ -385,27 +460,17 @@ class EPBuffer:
             return f"{who} has exited"
         return f"{who} did not signal (it hangs, or issued a different sequence of exchanges)"
 
-    def _raise_on_status(self, label: str, detail: Optional[str], force: int = 0) -> None:
+    def _raise_on_status(self, label: str) -> None:
+        """Raise ``EPBufferError`` if a device wait has expired (the status words say so)."""
         status, world = self._mem.status_np, self.world
-        if status[2 * world]:
-            missing = [p for p in range(world) if status[p]]
-            status[:world] = 0
-            status[2 * world] = 0
-            self._fail(f"{label} (or an exchange before it) waited {self.timeout_s:g} s; the signals of "
-                       f"rank(s) {missing} did not come (died, hangs, or issued a different sequence of exchanges)")
-        codes = [int(c) for c in status[world:2 * world]]
-        if not any(codes) and not force:
+        if not status[2 * world]:
             return
-        status[world:2 * world] = 0
-        if force and not codes[self.rank]:
-            codes[self.rank] = force
-        bad = [r for r, c in enumerate(codes) if c]
-        names = "; ".join(f"rank {r}: " + ("num_experts or num_topk differ from this rank's" if codes[r] == _DISAGREE
-                                           else _ERRORS[codes[r] - 1]) for r in bad)
-        msg = f"EPBuffer {label}: rank(s) {bad} of the group passed bad input ({names}); the exchange was dropped"
-        if detail is not None:
-            msg += f". On rank {self.rank}: {detail}"
-        raise ValueError(msg)
+        missing = [p for p in range(world) if status[p] and p != self.rank]
+        status[:world] = 0
+        status[2 * world] = 0
+        who = (f"the signals of rank(s) {missing} did not come (died, hangs, or issued a different sequence of "
+               f"exchanges)" if missing else "this rank's own receive of a slot's previous use did not complete")
+        self._fail(f"{label} (or an exchange before it) waited {self.timeout_s:g} s; {who}")
 
     def _fail(self, message: str) -> None:
         self._broken = message

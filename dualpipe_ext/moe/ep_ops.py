@@ -105,8 +105,7 @@ def dispatch_op(ep: EPBuffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
         kx.launch_put_dispatch(ch, rows, pos, counts, (idx, weights), num_experts, num_topk, code)
 
     def recv(ch):
-        kx.launch_recv_dispatch(ch, recv_x, (recv_idx, recv_w, recv_src), recv_count,
-                                num_experts if code == 0 else -1, num_topk)
+        kx.launch_recv_dispatch(ch, recv_x, (recv_idx, recv_w, recv_src), recv_count, num_topk)
 
     def result():
         handle = EPHandle(pos, counts, idx, recv_src, recv_count, num_experts, ep)
@@ -115,7 +114,8 @@ def dispatch_op(ep: EPBuffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
         return out_x, recv_idx, out_w, handle
 
     keep = (rows, pos, counts, idx, weights, recv_x, recv_idx, recv_w, recv_src, recv_count)
-    return ep._exchange(kx.DISPATCH, "dispatch", code, detail, put, recv, result, keep, async_op)
+    return ep._exchange(kx.DISPATCH, "dispatch", code, detail, (num_experts, num_topk), put, recv, result, keep,
+                        async_op)
 
 
 def combine_op(ep: EPBuffer, y: torch.Tensor, handle: EPHandle, async_op: bool):

@@ -52,9 +52,9 @@ def kernels():
     ex = {"table_ptr": "*i64", "status_ptr": "*i64", "x_ptr": "*bf16", "pos_ptr": "*i64", "counts_ptr": "*i64",
           "idx_ptr": "*i64", "w_ptr": "*fp32", "out_x_ptr": "*bf16", "out_idx_ptr": "*i64", "out_w_ptr": "*fp32",
           "out_src_ptr": "*i64", "count_ptr": "*i64", "y_ptr": "*bf16", "src_ptr": "*i64", "gw_ptr": "*fp32",
-          "out_ptr": "*bf16", "gw_out_ptr": "*fp32", "timeout_ns": "i64",
+          "out_ptr": "*bf16", "gw_out_ptr": "*fp32", "timeout_ns": "i64", "epoch_ptr": "*i64", "recv_count_ptr": "*i64",
           **{f"{r}_off": "i64" for r in ("dx", "didx", "dw", "dsrc", "cx", "cw")}}
-    blocks = dict(WP=8, KP=8, BLOCK_T=16, BLOCK_H=512)
+    blocks = dict(WP=8, KP=8, BLOCK_T=16, BLOCK_H=512, VEC=8)
     for poll in (True, False) if ep_exchange.HAS_POLL else (False,):
         yield ep_exchange._put_dispatch_kernel, ex, dict(ROUTES=True, WAIT_ACK=True, HAS_POLL=poll, **blocks)
         yield ep_exchange._recv_dispatch_kernel, ex, dict(ROUTES=True, WAIT=True, HAS_POLL=poll, **blocks)

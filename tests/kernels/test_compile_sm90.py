@@ -16,3 +16,32 @@ def test_kernels_compile_for_sm90(tmp_path):
 
     # 3 dtypes x 3 row kernels, 2 x 2 gate, 3 layout, 2 grouped GEMM, 4 exchange kernels per wait variant
     assert proc.stdout.count("ok ") == 16 + 2 + 4 * (2 if HAS_POLL else 1), proc.stdout
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_exchange_kernels_move_rows_as_128_bit_accesses(tmp_path, dtype):
+    # peer rows are reached through addresses cast from int64: unless the kernels declare them
+    # aligned, every row element is a separate 16- or 32-bit access
+    pytest.importorskip("triton.backends.nvidia")
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    script = os.path.join(os.path.dirname(__file__), "compile_ep_kernels.py")
+    proc = subprocess.run([sys.executable, script, dtype], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    from dualpipe_ext.kernels.ep_exchange import NUM_WARPS_PUT, NUM_WARPS_RECV
+
+    assert set(got) == {"_put_dispatch_kernel", "_recv_dispatch_kernel", "_put_combine_kernel",
+                        "_recv_combine_kernel"}
+    for name, kernel in got.items():
+        ops = kernel["ops"]
+        assert kernel["num_warps"] == (NUM_WARPS_PUT if name.startswith("_put") else NUM_WARPS_RECV)
+        # a 16 x 512 tile per step: 16 x 512 x elem / 16 bytes vectors over 32 x num_warps threads
+        per_tile = 16 * 512 * (2 if dtype == "bf16" else 4) // 16 // (32 * kernel["num_warps"])
+        loads = "ld.global.cg.v4.b32" if name.startswith("_recv") else "ld.global.v4.b32"
+        assert ops.get("st.global.v4.b32", 0) >= per_tile, (name, ops)  # rows stored to peers / outputs
+        assert ops.get(loads, 0) >= per_tile, (name, ops)  # rows loaded (what peers wrote: bypassing L1)
+        if dtype == "bf16":  # no row element moves alone
+            assert not any(op.endswith(".b16") for op in ops), (name, ops)

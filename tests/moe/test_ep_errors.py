@@ -80,13 +80,15 @@ def test_peer_that_exits_is_named_without_waiting_for_the_timeout():
     for err, elapsed, after in results[:2]:
         kind, msg = err
         assert kind == "EPBufferError" and "rank 2 (global rank 2, pid" in msg and "has exited" in msg, msg
+        assert "rank 0 (" not in msg and "rank 1 (" not in msg, msg  # only the rank that is gone
         assert elapsed < 20  # the peer's exit is seen long before the 60 s timeout
         assert after[0] == "EPBufferError" and "unusable" in after[1]
     assert not glob.glob("/dev/shm/dualpipe_ext_ep_*")
 
 
-def _silent_worker(rank, world):
+def _silent_worker(rank, world, fused):
     ep = _buffer(timeout_s=1.5)
+    ep._fused = fused
     if rank == 1:
         time.sleep(6)  # alive, but never takes part
         return None
@@ -96,10 +98,12 @@ def _silent_worker(rank, world):
     return err, time.monotonic() - start
 
 
-def test_silent_peer_times_out_naming_it():
-    (err, elapsed), _ = run_ranks(_silent_worker, 2, timeout_s=120, barrier=False)
+@pytest.mark.parametrize("fused", [False, True])
+def test_silent_peer_times_out_naming_it(fused):
+    (err, elapsed), _ = run_ranks(_silent_worker, 2, fused, timeout_s=120, barrier=False)
     kind, msg = err
     assert kind == "EPBufferError" and "rank 1 (global rank 1, pid" in msg and "did not signal" in msg, msg
+    assert "rank 0 (" not in msg, msg  # only the late rank, not the one that waited
     waited = float(msg.split("waited ")[1].split(" s")[0])
     assert 1.5 <= waited < 3 and 1.5 <= elapsed < 5
 
@@ -161,3 +165,40 @@ def _layer_check_worker(rank, world):
 
 def test_layer_refuses_a_buffer_of_other_sizes():
     assert all("EPBuffer's hidden size is 4, the layer's 5" in m for m in run_ranks(_layer_check_worker, 2))
+
+
+def _on_time_worker(rank, world):
+    import types
+
+    from dualpipe_ext.kernels import ep_exchange
+
+    ep = _buffer()
+    ep._fused = True  # as on CUDA: the receive is queued with the put, the wait returns before it ran
+    x, idx, w = problem(rank, world, "random", EXPERTS, TOPK, HIDDEN, MAX_TOKENS)
+    if rank == 1:  # one token too many
+        x, idx, w = (torch.cat([t, t])[:MAX_TOKENS + 1] for t in (x, idx, w))
+    ran = []
+    if rank == 0:  # this rank's receive "has not run yet" at its wait: no device word can say anything
+        ep._kx = types.SimpleNamespace(**{k: getattr(ep_exchange, k) for k in dir(ep_exchange)})
+        ep._kx.launch_recv_dispatch = lambda *a, **k: ran.append("recv")
+    pending = None
+    try:
+        pending = ep.dispatch(x, idx, w, EXPERTS, async_op=True)
+        issued = "issued"
+    except ValueError as e:
+        issued = str(e)
+    at_wait = _errors(pending.wait) if pending is not None else None
+    status_clean = not ep._mem.status_np.any()
+    ep.close()
+    return issued, at_wait, ran, status_clean
+
+
+def test_a_rejected_exchange_raises_at_its_own_wait_on_every_rank():
+    results = run_ranks(_on_time_worker, 2, timeout_s=120)
+    (issued0, wait0, ran0, clean0), (issued1, wait1, _, _) = results
+    # rank 0 passed good input: its wait raises, although its receive never ran
+    assert issued0 == "issued" and ran0 == ["recv"] and clean0
+    assert wait0[0] == "ValueError" and "rank(s) [1]" in wait0[1] and "more tokens than max_tokens" in wait0[1]
+    # rank 1 passed the bad input: it raises at once, the same sentence plus its own detail
+    assert wait1 is None and "rank(s) [1]" in issued1 and "On rank 1: x has 6 tokens" in issued1
+    assert issued1.startswith(wait0[1])
