@@ -5,6 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}  # one job per core: the machine's memory may start small and grow
 t0=$SECONDS
 if "$PY" -c "import cutlass_library" 2>/dev/null; then
   if DUALPIPE_EXT_CUDA=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e . > /tmp/gpu_build_cuda.log 2>&1; then

@@ -19,14 +19,14 @@ STEPS=(
   "environment|15|nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader; \$PY -c 'import torch, triton; p = torch.cuda.get_device_properties(0); print(torch.__version__, torch.version.cuda, triton.__version__, p.name, p.multi_processor_count, \"SMs\")'"
   "wheels|15|if ls .whl/*.whl >/dev/null 2>&1; then \$PY -m pip install -q --no-index --no-deps --no-compile --target \$SITE .whl/*.whl && ls \$SITE; else echo 'skipped: no .whl/ carried'; fi"
   "build|120|bash tools/gpu_build.sh"
-  "tests_gpu|130|TRITON_INTERPRET=0 \$PY -m pytest -q -m gpu -k 'not float32' -p no:cacheprovider tests/gpu tests/kernels --junitxml=\$LOGS/tests_gpu.xml"
+  "tests_gpu|150|TRITON_INTERPRET=0 \$PY -m pytest -q -m gpu -k 'not float32' -p no:cacheprovider tests/gpu tests/kernels --junitxml=\$LOGS/tests_gpu.xml"
   "bench_ep|35|\$PY bench/bench_ep.py --gpu --quick --sms 8 16 20 24 32 66 132 --json \$FIG"
   "bench_moe_layer|50|\$PY bench/bench_moe_layer.py --quick --json \$FIG"
   "bench_graphs|35|\$PY bench/bench_graphs.py --quick --json \$FIG"
-  "bench_grouped_mm|45|\$PY bench/bench_moe_kernels.py --quick --json \$FIG"
+  "bench_grouped_mm|40|\$PY bench/bench_moe_kernels.py --quick --json \$FIG"
   "bench_fp8|15|\$PY bench/bench_fp8.py --json \$FIG"
-  "bench_overlap|35|\$PY bench/bench_overlap.py --gpu --quick --json \$FIG"
-  "main_job|45|\$PY -m dualpipe_ext.demo --device cuda --schedule dualpipev --pp 1 --ep 1 --steps 12 --seq 128 --hidden 256 --json \$FIG"
+  "bench_overlap|30|\$PY bench/bench_overlap.py --gpu --quick --json \$FIG"
+  "main_job|40|\$PY -m dualpipe_ext.demo --device cuda --schedule dualpipev --pp 1 --ep 1 --steps 12 --seq 128 --hidden 256 --json \$FIG"
 )
 # The call's whole budget; a shorter one (GPU_CHECK_BUDGET_S) leaves the last steps "not run".
 BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
