@@ -21,7 +21,7 @@ STEPS=(
   "build|120|bash tools/gpu_build.sh"
   "tests_gpu|150|TRITON_INTERPRET=0 \$PY -m pytest -q -m gpu -k 'not float32' -p no:cacheprovider tests/gpu tests/kernels --junitxml=\$LOGS/tests_gpu.xml"
   "bench_ep|35|\$PY bench/bench_ep.py --gpu --quick --sms 8 16 20 24 32 66 132 --json \$FIG"
-  "bench_moe_layer|50|\$PY bench/bench_moe_layer.py --quick --json \$FIG"
+  "bench_moe_layer|45|\$PY bench/bench_moe_layer.py --quick --json \$FIG"
   "bench_graphs|35|\$PY bench/bench_graphs.py --quick --json \$FIG"
   "bench_grouped_mm|40|\$PY bench/bench_moe_kernels.py --quick --json \$FIG"
   "bench_fp8|15|\$PY bench/bench_fp8.py --json \$FIG"
