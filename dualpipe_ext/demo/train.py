@@ -161,18 +161,15 @@ def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
         t0 = time.perf_counter()
         loss, _ = pipe.step(*inputs, num_chunks=job.chunks, criterion=causal_lm_loss, labels=labels)
         sync_grads(modules, ids, layout, 1.0 / n_micro)
-        total = torch.zeros(3, dtype=torch.float64)
-        if loss is not None:
-            total[:2] += torch.tensor([float(loss.detach().sum()), float(loss.numel())], dtype=torch.float64)
-        total[2] = float(sum(m.received_rows * m.dispatch_row_bytes for m in moes))  # collective path only
-        dist.all_reduce(total)
+        mine = [float(loss.detach().sum()), float(loss.numel())] if loss is not None else [0.0, 0.0]
+        mine.append(float(sum(m.received_rows * m.dispatch_row_bytes for m in moes)))  # collective path only
+        total = _reduced(mine)
         mean_loss = float(total[0] / total[1])
         if step == 0 and job.check:
             out["check"] = _check_first_step(job, layout, modules, names, everything, mean_loss, device)
         opt.step()
         dt = time.perf_counter() - t0
-        timing = torch.tensor([dt, _exposed_ms(pipe.timeline), _resident_mb()], dtype=torch.float64)
-        dist.all_reduce(timing, op=dist.ReduceOp.MAX)
+        timing = _reduced([dt, _exposed_ms(pipe.timeline), _resident_mb()], dist.ReduceOp.MAX)
         pipe.timeline.clear()
         off_node = _rows_off_node(job, moes)
         if off_node is not None:
@@ -219,23 +216,31 @@ def _rows_off_node(job: JobConfig, moes) -> Optional[Tuple[int, int]]:
 
 
 def _sum_rows(inter: int, flat: int) -> Tuple[int, int]:
-    t = torch.tensor([inter, flat], dtype=torch.int64)
-    dist.all_reduce(t)
+    t = _reduced([inter, flat])
     return int(t[0]), int(t[1])
+
+
+def _reduced(values: List[float], op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """A few host numbers reduced over every rank: [len(values)] float64 on the CPU. The tensor
+    travels on the backend's device (NCCL takes CUDA tensors only)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.cpu()
 
 
 def _evaluate(job: JobConfig, corpus, layout: Layout, pipe, device) -> float:
     """Mean loss on held-out text: forward-only pipeline steps."""
     from dualpipe_ext.integrations import causal_lm_loss
 
-    total = torch.zeros(2, dtype=torch.float64)
+    mine = [0.0, 0.0]
     with torch.no_grad():
         for i in range(job.eval_batches):
             inputs, labels, _ = _feeds(job, corpus, layout, "eval", i, device)
             loss, _ = pipe.step(*inputs, num_chunks=job.chunks, criterion=causal_lm_loss, labels=labels)
             if loss is not None:
-                total += torch.tensor([float(loss.sum()), float(loss.numel())], dtype=torch.float64)
-    dist.all_reduce(total)
+                mine = [mine[0] + float(loss.sum()), mine[1] + float(loss.numel())]
+    total = _reduced(mine)
     pipe.timeline.clear()
     return float(total[0] / total[1])
 
