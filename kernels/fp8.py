@@ -254,7 +254,9 @@ def quantize_reference(x: torch.Tensor, *, ue8m0: bool = False) -> Quantized:
     t, h = x.shape
     xg = _group_view(x.float())
     amax = xg.abs().amax(dim=-1).clamp_min(AMAX_MIN)
-    scale = amax / E4M3_MAX
+    # a tensor divisor: torch on CUDA turns division by a Python number into a multiplication by its
+    # reciprocal, which is not the correctly rounded quotient that defines the scale
+    scale = amax / torch.full_like(amax, E4M3_MAX)
     if ue8m0:
         scale = ((scale.view(torch.int32) + 0x7FFFFF) & 0x7F800000).view(torch.float32)
     codes = e4m3_bits_reference(xg / scale[..., None]).reshape(t, xg.shape[1] * GROUP)[:, :h]

@@ -147,3 +147,16 @@ def test_bad_input():
         fp8.dequantize(q, s, torch.float64)
     with pytest.raises(ValueError, match=r"rows must be \[n, 138\] uint8"):
         fp8.unpack(torch.zeros(4, 130, dtype=torch.uint8), 130)
+
+
+def test_reference_scale_is_the_correctly_rounded_quotient():
+    """amax / 448 rounded once (float64 quotient rounded to float32), not amax * (1 / 448), which is what
+    torch computes on CUDA for a Python-number divisor: the two differ for some amax."""
+    from dualpipe_ext.kernels import fp8
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 128, generator=g) * torch.rand(512, 1, generator=g) * 100
+    scales = fp8.quantize_reference(x).scales[:, 0]
+    exact = (x.abs().amax(1).double() / 448.0).float()
+    assert torch.equal(scales, exact)
+    assert not torch.equal(exact, (x.abs().amax(1) * (1.0 / 448.0)))  # the test can tell the two apart
