@@ -12,6 +12,8 @@ that hold last stages and ``(None, None)`` elsewhere.
 """
 from __future__ import annotations
 
+import atexit
+import weakref
 import zlib
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -45,6 +47,42 @@ def _fingerprint(plan: Plan) -> int:
     text = "|".join(" ".join(str(a) for a in row) for row in plan.actions)
     text += "|" + repr(plan.stages) + f"|{plan.chunks}|{plan.mbs_per_module}"
     return zlib.crc32(text.encode())
+
+
+class RankNames:
+    """How messages name a process: "pipeline rank 1", with its global rank when that differs.
+
+    A callable of its own (not a bound method of the pipeline), so that the executor's link
+    does not tie the pipeline into a reference cycle that keeps its process group alive
+    past ``destroy_process_group``."""
+
+    __slots__ = ("to_global",)
+
+    def __init__(self, to_global: Sequence[int]) -> None:
+        self.to_global = list(to_global)  # pipeline rank -> global rank
+
+    def __call__(self, global_rank: int) -> str:
+        if global_rank in self.to_global:
+            p = self.to_global.index(global_rank)
+            return f"pipeline rank {p}" + ("" if p == global_rank else f" (global rank {global_rank})")
+        return f"global rank {global_rank}"
+
+
+# Pipelines still alive; at interpreter exit they drop their process groups (see _release_groups).
+_LIVE: "weakref.WeakSet[_Pipeline]" = weakref.WeakSet()
+
+
+@atexit.register
+def _release_groups() -> None:
+    """Drop the process-group references of pipelines that live until interpreter exit.
+
+    A gloo process group that is still referenced when the interpreter finalizes is torn down
+    late, in an order that can abort the process ("terminate called without an active
+    exception") after a clean ``destroy_process_group``. Releasing it here, while the
+    interpreter is whole, frees it as ``destroy_process_group`` would have.
+    """
+    for pipe in list(_LIVE):
+        pipe._release()
 
 
 def _device_of(modules: Sequence[nn.Module]) -> torch.device:
@@ -112,18 +150,18 @@ class _Pipeline(nn.Module):
         self.timeline.global_rank = dist.get_rank()
         eager = self.config.eager_comm and dist.get_backend(self.group) == "gloo"
         lookahead = 1 << 30 if self.config.recv_lookahead is None else self.config.recv_lookahead
+        self.rank_name = RankNames(self._to_global)
         link = LinkConfig(self.group, self.rank, self.device, self.config.comm_timeout_s, eager, lookahead,
                           self.rank_name)
         faults.publish_process()
         self.executor = Executor(modules, link, self.timeline)
         self.overlapped_forward_backward = self.executor.overlapped
+        _LIVE.add(self)
 
-    def rank_name(self, global_rank: int) -> str:
-        """How messages name a process: "pipeline rank 1", with its global rank when that differs."""
-        if global_rank in self._to_global:
-            p = self._to_global.index(global_rank)
-            return f"pipeline rank {p}" + ("" if p == global_rank else f" (global rank {global_rank})")
-        return f"global rank {global_rank}"
+    def _release(self) -> None:
+        """Forget the process group (interpreter exit): the pipeline cannot step afterwards."""
+        self.group = None
+        self.executor.link = None
 
     def _check_schedule(self, name: str, num_modules: int) -> None:
         valid = _schedules_with(num_modules)
