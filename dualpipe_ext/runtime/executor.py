@@ -286,7 +286,7 @@ class Executor:
                     free.append(t)  # nothing reads its data again once sent
             else:
                 send.append(t.contiguous())
-        st.comm.send(op, send, free)
+        st.comm.send(index, op, send, free)
 
     def _send_backward(self, st: StepState, index: int, op: Op) -> None:
         grads = st.in_grads[op.module][op.mb]
@@ -297,7 +297,7 @@ class Executor:
         why = p2p.mismatch(send, f"input gradients of stage module {op.module} (micro-batch {op.mb})")
         if why is not None:
             raise StepFailure(why)
-        st.comm.send(op, send)
+        st.comm.send(index, op, send)
 
 
 # Indexed by Kind: compute kinds, then receives and sends from Kind.RECV_F on. Plain functions

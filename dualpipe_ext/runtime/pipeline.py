@@ -129,6 +129,7 @@ class _Pipeline(nn.Module):
         self._p2p_shapes = None if p2p_shapes is None else comm.parse_shapes(p2p_shapes, "p2p_shapes")
         self._p2p_dtype = None if p2p_dtype is None else comm.check_dtype(p2p_dtype, "p2p_dtype")
         self._compiled: Dict[Tuple[int, bool], CompiledPlan] = {}
+        self._p2p_cache = None  # ((shapes, dtype) as declared, P2PSpec or message)
         self.given_plan: Optional[Plan] = None  # a plan of the user's own, or None for a schedule name
         self._agreed: Tuple[Tuple[str, int], ...] = ()  # values every rank's step must share
         if isinstance(schedule, Plan):
@@ -219,6 +220,17 @@ class _Pipeline(nn.Module):
             self._compiled[key] = cp
         return cp
 
+    def _resolve_p2p(self):
+        """This step's P2PSpec (or the message saying what is not declared), made once per declaration."""
+        key = (self._p2p_shapes if self._p2p_shapes is not None else comm.TENSOR_SHAPES,
+               self._p2p_dtype if self._p2p_dtype is not None else comm.TENSOR_DTYPE)
+        cached = self._p2p_cache
+        if cached is not None and cached[0][0] is key[0] and cached[0][1] is key[1]:
+            return cached[1]
+        spec = comm.resolve(self._p2p_shapes, self._p2p_dtype)
+        self._p2p_cache = (key, spec)
+        return spec
+
     def _check(self, cp: CompiledPlan, inputs, criterion, labels, forward_only: bool) -> Optional[str]:
         """What is wrong with this rank's arguments, or None."""
         mbs = cp.mbs_per_module
@@ -295,7 +307,7 @@ class _Pipeline(nn.Module):
         if not isinstance(labels, (list, tuple)):
             labels = [labels]
         cp, kind, message = None, NONE, None
-        p2p = comm.resolve(self._p2p_shapes, self._p2p_dtype)  # a P2PSpec, or what is not declared
+        p2p = self._resolve_p2p()  # a P2PSpec, or what is not declared
         try:  # a bad num_chunks is reported through the agreement, so that every rank raises
             num_chunks = check_int("num_chunks", num_chunks, minimum=0)
             cp = self._plan(num_chunks, forward_only)
