@@ -130,6 +130,7 @@ class _Pipeline(nn.Module):
         self._p2p_dtype = None if p2p_dtype is None else comm.check_dtype(p2p_dtype, "p2p_dtype")
         self._compiled: Dict[Tuple[int, bool], CompiledPlan] = {}
         self._p2p_cache = None  # ((shapes, dtype) as declared, P2PSpec or message)
+        self._names = None  # what agreement messages name ranks by (made at the first step)
         self.given_plan: Optional[Plan] = None  # a plan of the user's own, or None for a schedule name
         self._agreed: Tuple[Tuple[str, int], ...] = ()  # values every rank's step must share
         if isinstance(schedule, Plan):
@@ -193,7 +194,9 @@ class _Pipeline(nn.Module):
         self._agreed = (("the plan (checksum)", _fingerprint(plan)),)
 
     def _agreement_names(self) -> Tuple[Callable[[int], str], List[int]]:
-        return self.rank_name, [dist.get_global_rank(self.group, g) for g in range(self.num_ranks)]
+        if self._names is None:
+            self._names = (self.rank_name, [dist.get_global_rank(self.group, g) for g in range(self.num_ranks)])
+        return self._names
 
     def set_p2p_tensor_shapes(self, shapes: Sequence[Sequence[int]]) -> None:
         """This pipeline's message shapes (one per tensor), instead of the process-wide default."""
