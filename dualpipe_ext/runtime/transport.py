@@ -6,7 +6,10 @@ With ``eager_comm`` on gloo, where every send and receive is an independent oper
 things happen earlier without changing what is sent or computed: receives are posted up to
 ``lookahead`` waits ahead, so that a sender finds its receiver ready, and a ``wait`` blocks
 only on its receives, while sends complete in the background and are checked at later
-waits and at the end of the step.
+waits and at the end of the step. Messages of one pair that the sender posts at one wait and
+the receiver completes at one wait (a forward output and an input gradient, in DualPipe's
+steady state) travel as one: one flat buffer, one send, one receive, each tensor a view
+(``CompiledPlan.send_bundle`` and ``recv_bundles``, the same on both ranks).
 
 Failures raise :class:`CommFailure` with the true cause and time: a wait that does not
 complete within the timeout names this rank, the action, the operations still missing and
