@@ -16,9 +16,9 @@ rank. It is how the tests, benchmarks and examples start their ranks::
 torch imported, process group initialised), so that a slow start on a busy machine does not
 eat into it; start-up has its own bound (``start_timeout_s``). A failure names the ranks that
 raised (with their tracebacks), that exited without a result, or that did not finish in time;
-every process still running is killed before it is raised, so none outlives the call. The group's key-value store lives in the calling process (as
-torchrun's agent holds it), so it outlives any rank: ranks that lose a peer can still read
-who reported what (:mod:`dualpipe_ext.faults`).
+every process still running is killed before it is raised, so none outlives the call. The
+group's key-value store lives in the calling process (as torchrun's agent holds it), so it
+outlives any rank: ranks that lose a peer can still read who reported what (:mod:`dualpipe_ext.faults`).
 """
 from __future__ import annotations
 

@@ -3,7 +3,6 @@ makes every rank raise the same error naming it and its action, at once; a rank 
 exits mid-step is named by every other rank within seconds, and nothing is left running."""
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
