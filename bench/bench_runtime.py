@@ -1,12 +1,18 @@
-"""Step time of the dualpipe_ext runtime against torch.distributed.pipelining's ScheduleDualPipeV.
+"""Step time of the dualpipe_ext runtime beside deepseek-ai/DualPipe and torch.distributed.pipelining.
 
-Both run DualPipeV over the same stage modules, ranks and micro-batches on CPU with gloo.
-Steps alternate between the runtimes so both see the same machine noise; each step's time
-is the slowest rank's, and the table shows medians (and the 20/80 % quantiles) over the
-timed steps. Variants of this runtime: defaults (error agreement on, recording off),
-without the error agreement (``check_errors=False``), and with recording on.
+All run DualPipeV over the same stage modules (two Linear+GELU blocks per stage), ranks and
+micro-batches, on CPU with gloo and one torch thread per rank. The reference is imported from
+a checkout given with ``--reference DIR`` (deepseek-ai/DualPipe, unchanged on disk) and pointed
+at the CPU in this process only: its receive buffers are allocated on the CPU and its device
+check accepts CPU stages. torch's own ``ScheduleDualPipeV`` runs beside them.
 
-    python bench/bench_runtime.py --ranks 4 --chunks 8 --steps 30
+The machine may be shared and noisy, so the runtimes are timed in interleaved rounds: a round
+is ``--steps`` steps of every runtime, one step of each in turn (the order rotating from step
+to step), a step's time is the slowest rank's, and a round's figure is the median of its steps. The table
+gives the median over rounds, the range of the rounds' medians and, per round, the ratio to
+the reference of that round.
+
+    python bench/bench_runtime.py --reference /path/to/DualPipe --configs 2x64,2x512,4x64
 """
 from __future__ import annotations
 
@@ -24,59 +30,69 @@ import torch.nn.functional as F
 from dualpipe_ext.launch import run_ranks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import median, quantile, table  # noqa: E402
+from harness import median, table  # noqa: E402
 
-SIZES = {
-    # name: (hidden, tokens per micro-batch)
-    "tiny": (16, 2),
-    "realistic": (512, 128),
-}
+REFERENCE = "deepseek DualPipeV"
+TORCH = "torch ScheduleDualPipeV"
 
 
-class Block(nn.Module):
-    """Residual MLP block: x + W2 gelu(W1 x)."""
-
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.up = nn.Linear(hidden, 4 * hidden)
-        self.down = nn.Linear(4 * hidden, hidden)
-
-    def forward(self, x):
-        return x + self.down(F.gelu(self.up(x)))
+def make_stage(hidden: int) -> nn.Module:
+    """Two Linear+GELU blocks."""
+    return nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU())
 
 
 def mse(out, target):
     return F.mse_loss(out, target)
 
 
-def _worker(rank, world, args):
+def _load_reference(path: str):
+    """deepseek-ai/DualPipe's DualPipeV from a checkout, pointed at the CPU (in this process only)."""
+    sys.path.insert(0, os.path.abspath(path))
+    import dualpipe
+    import dualpipe.comm as ref_comm
+
+    def cpu_buffers():
+        return [torch.empty(s, dtype=ref_comm.TENSOR_DTYPE, requires_grad=True) for s in ref_comm.TENSOR_SHAPES]
+
+    ref_comm.build_from_tensor_shapes = cpu_buffers
+    torch.cuda.current_device = lambda: "cpu"  # its constructor checks the stages' device against this
+    return dualpipe
+
+
+def _runners(rank, world, args, hidden):
     from torch.distributed.pipelining import PipelineStage, ScheduleDualPipeV
 
     from dualpipe_ext import DualPipeV, RuntimeConfig, set_p2p_tensor_dtype, set_p2p_tensor_shapes
 
-    results = {}
-    for size in args.sizes.split(","):
-        hidden, tokens = SIZES[size]
-        torch.manual_seed(0)
-        full = [Block(hidden) for _ in range(2 * world)]
-        local = [full[rank], full[2 * world - 1 - rank]]
-        x = torch.randn(args.chunks * tokens, hidden)
-        y = torch.randn(args.chunks * tokens, hidden)
-        set_p2p_tensor_shapes([(tokens, hidden)])
-        set_p2p_tensor_dtype(torch.float32)
+    torch.manual_seed(0)
+    full = [make_stage(hidden) for _ in range(2 * world)]
+    local = [full[rank], full[2 * world - 1 - rank]]
+    x = torch.randn(args.chunks * args.micro_batch, hidden)
+    y = torch.randn(args.chunks * args.micro_batch, hidden)
+    set_p2p_tensor_shapes([(args.micro_batch, hidden)])
+    set_p2p_tensor_dtype(torch.float32)
+    runners = {}
 
-        runners = {}
-        for name, cfg in (("ours", RuntimeConfig()), ("ours, no error agreement", RuntimeConfig(check_errors=False)),
-                          ("ours, recording on", RuntimeConfig(record=True))):
-            pipe = DualPipeV(copy.deepcopy(local), config=cfg)
+    def pipeline_runner(pipe):
+        def run():
+            if rank == 0:
+                pipe.step(x, num_chunks=args.chunks, criterion=mse, labels=[y])
+            else:
+                pipe.step(num_chunks=args.chunks)
+        return run
 
-            def run(pipe=pipe):
-                if rank == 0:
-                    pipe.step(x, num_chunks=args.chunks, criterion=mse, labels=[y])
-                else:
-                    pipe.step(num_chunks=args.chunks)
-            runners[name] = run
-
+    runners["ours"] = pipeline_runner(DualPipeV(copy.deepcopy(local)))
+    if args.variants:
+        runners["ours, no error agreement"] = pipeline_runner(
+            DualPipeV(copy.deepcopy(local), config=RuntimeConfig(check_errors=False)))
+        runners["ours, recording on"] = pipeline_runner(DualPipeV(copy.deepcopy(local),
+                                                                  config=RuntimeConfig(record=True)))
+    if args.reference:
+        ref = _load_reference(args.reference)
+        ref.set_p2p_tensor_shapes([(args.micro_batch, hidden)])
+        ref.set_p2p_tensor_dtype(torch.float32)
+        runners[REFERENCE] = pipeline_runner(ref.DualPipeV(copy.deepcopy(local)))
+    if not args.no_torch:
         mods = copy.deepcopy(local)
         stages = [PipelineStage(mods[0], rank, 2 * world, torch.device("cpu")),
                   PipelineStage(mods[1], 2 * world - 1 - rank, 2 * world, torch.device("cpu"))]
@@ -87,67 +103,61 @@ def _worker(rank, world, args):
                 sched.step(x, target=y, losses=[])
             else:
                 sched.step()
-        runners["torch ScheduleDualPipeV"] = run_torch
+        runners[TORCH] = run_torch
+    return runners
 
-        if args.baselines:
-            # 1F1B over the same blocks, one stage per rank: PipelineSchedule vs torch Schedule1F1B.
-            from torch.distributed.pipelining import Schedule1F1B
 
-            from dualpipe_ext import PipelineSchedule
-
-            ours_1f1b = PipelineSchedule(copy.deepcopy(full[rank]), "1f1b")
-            theirs_1f1b = Schedule1F1B(PipelineStage(copy.deepcopy(full[rank]), rank, world, torch.device("cpu")),
-                                       n_microbatches=args.chunks, loss_fn=mse, scale_grads=False)
-
-            def run_ours_1f1b():
-                ours_1f1b.step(*([x] if rank == 0 else []), num_chunks=args.chunks,
-                               criterion=mse if rank == world - 1 else None, labels=[y] if rank == world - 1 else [])
-
-            def run_torch_1f1b():
-                if rank == 0:
-                    theirs_1f1b.step(x)
-                elif rank == world - 1:
-                    theirs_1f1b.step(target=y, losses=[])
-                else:
-                    theirs_1f1b.step()
-            runners["1f1b: ours PipelineSchedule"] = run_ours_1f1b
-            runners["1f1b: torch Schedule1F1B"] = run_torch_1f1b
-
-        times = {k: [] for k in runners}
-        for it in range(args.warmup + args.steps):
-            for name, fn in runners.items():
+def _worker(rank, world, args, hidden):
+    runners = _runners(rank, world, args, hidden)
+    names = list(runners)
+    for _ in range(args.warmup):
+        for name in names:
+            runners[name]()
+    rounds = {n: [] for n in names}  # per runner: the median step of each round
+    for r in range(args.rounds):
+        times = {n: [] for n in names}
+        for i in range(args.steps):
+            k = (r + i) % len(names)
+            for name in names[k:] + names[:k]:
                 dist.barrier()
                 t0 = time.perf_counter()
-                fn()
+                runners[name]()
                 dt = torch.tensor([time.perf_counter() - t0])
                 dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-                if it >= args.warmup:
-                    times[name].append(dt.item())
-        results[size] = times
-    return results
+                times[name].append(dt.item())
+        for name in names:
+            rounds[name].append(median(times[name]))
+    return rounds
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ranks", type=int, default=4)
+    p.add_argument("--reference", default=None, help="a checkout of deepseek-ai/DualPipe to time beside ours")
+    p.add_argument("--configs", default="2x64,2x512,4x64", help="RANKSxHIDDEN, comma-separated")
     p.add_argument("--chunks", type=int, default=8)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--micro-batch", type=int, default=4, help="rows per micro-batch")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per runtime and round")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--sizes", default="tiny,realistic")
-    p.add_argument("--baselines", action="store_true", help="also time 1F1B: PipelineSchedule vs Schedule1F1B")
+    p.add_argument("--variants", action="store_true", help="also ours without error agreement and with recording")
+    p.add_argument("--no-torch", action="store_true", help="leave out torch's ScheduleDualPipeV")
     args = p.parse_args()
-    results = run_ranks(_worker, args.ranks, args, timeout_s=1800)[0]
     rows = []
-    for size, times in results.items():
-        hidden, tokens = SIZES[size]
-        for name, ts in times.items():
-            ref = median(times["1f1b: torch Schedule1F1B" if name.startswith("1f1b") else "torch ScheduleDualPipeV"])
-            m = median(ts)
-            rows.append([f"{size} (hidden {hidden}, {tokens} tokens/mb)", name, f"{m * 1e3:.2f}",
-                         f"{quantile(ts, 0.2) * 1e3:.2f} - {quantile(ts, 0.8) * 1e3:.2f}", f"{m / ref:.3f}"])
-    print(f"DualPipeV, {args.ranks} ranks, {args.chunks} micro-batches, gloo on CPU, torch {torch.__version__}, "
-          f"{args.steps} timed steps (median of the slowest rank per step)")
-    print(table(["size", "runtime", "median step ms", "p20 - p80 ms", "ratio vs torch, same schedule"], rows))
+    for config in args.configs.split(","):
+        ranks, hidden = (int(v) for v in config.split("x"))
+        rounds = run_ranks(_worker, ranks, args, hidden, timeout_s=1800)[0]
+        base = REFERENCE if REFERENCE in rounds else TORCH if TORCH in rounds else "ours"
+        for name, ms in rounds.items():
+            per_round = [m / b for m, b in zip(ms, rounds[base])]
+            rows.append([f"{ranks} ranks, hidden {hidden}", name, f"{median(ms) * 1e3:.2f}",
+                         f"{min(ms) * 1e3:.2f} - {max(ms) * 1e3:.2f}", f"{median(per_round):.2f}",
+                         " ".join(f"{v:.2f}" for v in per_round)])
+        print(f"done {config}", file=sys.stderr, flush=True)
+    print(f"DualPipeV, {args.chunks} micro-batches of {args.micro_batch} rows, two Linear+GELU blocks per stage, "
+          f"gloo on CPU, one thread per rank, torch {torch.__version__}; {args.rounds} interleaved rounds of "
+          f"{args.steps} steps (a step: the slowest rank)")
+    print(table(["config", "runtime", "median of round medians, ms", "rounds' range, ms", "ratio vs reference",
+                 "ratio per round"], rows))
 
 
 if __name__ == "__main__":

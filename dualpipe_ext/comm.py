@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -89,6 +90,29 @@ class P2PSpec:
     def empty(self, device: torch.device, requires_grad: bool) -> List[torch.Tensor]:
         """Fresh receive buffers, one per shape."""
         return [torch.empty(s, dtype=self.dtype, device=device, requires_grad=requires_grad) for s in self.shapes]
+
+    @cached_property
+    def numel(self) -> int:
+        """Elements of one message (all its tensors)."""
+        n = 0
+        for s in self.shapes:
+            k = 1
+            for d in s:
+                k *= d
+            n += k
+        return n
+
+    def views(self, flat: torch.Tensor, offset: int, requires_grad: bool) -> List[torch.Tensor]:
+        """One message's tensors as views of ``flat`` from ``offset`` (leaves of their own for autograd)."""
+        out = []
+        for s in self.shapes:
+            k = 1
+            for d in s:
+                k *= d
+            t = flat.narrow(0, offset, k).view(s).detach()
+            out.append(t.requires_grad_() if requires_grad else t)
+            offset += k
+        return out
 
     def zeros(self, device: torch.device) -> List[torch.Tensor]:
         return [torch.zeros(s, dtype=self.dtype, device=device) for s in self.shapes]

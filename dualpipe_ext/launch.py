@@ -12,11 +12,13 @@ rank. It is how the tests, benchmarks and examples start their ranks::
 
     results = run_ranks(work, 4, 10, timeout_s=120)
 
-A failure names the ranks that raised (with their tracebacks), that exited without a result,
-or that did not finish in time; every process still running is killed before it is raised,
-so none outlives the call. The group's key-value store lives in the calling process (as
-torchrun's agent holds it), so it outlives any rank: ranks that lose a peer can still read
-who reported what (:mod:`dualpipe_ext.faults`).
+``timeout_s`` bounds ``fn``: it counts from the moment every rank has started (process up,
+torch imported, process group initialised), so that a slow start on a busy machine does not
+eat into it; start-up has its own bound (``start_timeout_s``). A failure names the ranks that
+raised (with their tracebacks), that exited without a result, or that did not finish in time;
+every process still running is killed before it is raised, so none outlives the call. The
+group's key-value store lives in the calling process (as torchrun's agent holds it), so it
+outlives any rank: ranks that lose a peer can still read who reported what (:mod:`dualpipe_ext.faults`).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import socket
 import time
 import traceback
 from datetime import timedelta
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 __all__ = ["LaunchError", "free_port", "run_ranks"]
 
@@ -45,11 +47,17 @@ class LaunchError(RuntimeError):
     """Some ranks raised, exited without a result or did not finish; raised after all are stopped."""
 
     def __init__(self, errors: Dict[int, str], exited: Dict[int, int], unfinished: List[int],
-                 timeout_s: float, results: Optional[Dict[int, Any]] = None, grace_s: float = _GRACE_S) -> None:
+                 timeout_s: float, results: Optional[Dict[int, Any]] = None, grace_s: float = _GRACE_S,
+                 not_started: Sequence[int] = (), start_timeout_s: float = 0.0) -> None:
         lines = []
-        if unfinished:
+        late = [r for r in unfinished if r not in not_started]
+        early = [r for r in unfinished if r in not_started]
+        if early:
+            lines.append(f"ranks {early} did not start within {start_timeout_s:g} s (process start, imports, process "
+                         f"group) and were killed")
+        if late:
             limit = f"{timeout_s:g} s" + (f", or {grace_s:g} s after a failure" if errors or exited else "")
-            lines.append(f"ranks {unfinished} did not finish in time ({limit}) and were killed")
+            lines.append(f"ranks {late} did not finish in time ({limit}) and were killed")
         lines += [f"rank {r} exited with code {code} without a result" for r, code in sorted(exited.items())]
         lines += [f"rank {r} raised:\n{tb}" for r, tb in sorted(errors.items())]
         super().__init__("\n".join(lines))
@@ -85,6 +93,7 @@ def _rank_main(fn: Callable, rank: int, world: int, port: int, args: tuple, out:
                                   timeout=timedelta(seconds=init_timeout_s))
             dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                                     timeout=timedelta(seconds=init_timeout_s))
+        out.put((rank, "started", None))
         result = fn(rank, world, *args)
         if init and barrier:
             dist.barrier()
@@ -100,7 +109,7 @@ def _rank_main(fn: Callable, rank: int, world: int, port: int, args: tuple, out:
 
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 120.0, backend: str = "gloo",
               init: bool = True, barrier: bool = True, init_timeout_s: float = 60.0,
-              grace_s: float = _GRACE_S) -> List[Any]:
+              grace_s: float = _GRACE_S, start_timeout_s: Optional[float] = None) -> List[Any]:
     """Call ``fn(rank, world, *args)`` on ``world`` spawned processes; return the results by rank.
 
     ``fn`` and ``args`` must pickle (``fn`` a module-level function); results travel back
@@ -110,10 +119,13 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float =
     ``init=False`` leaves ``init_process_group`` to ``fn`` (on the port in ``MASTER_PORT``).
     ``barrier=False`` skips the closing barrier, for groups that ``fn`` leaves broken on
     purpose. ``backend="nccl"`` gives rank ``r`` the GPU ``r % device_count``. ``init_timeout_s``
-    is the process group's timeout (its collectives' and the store's).
+    is the process group's timeout (its collectives' and the store's). ``timeout_s`` counts from
+    when every rank has started ``fn``; ``start_timeout_s`` (default: ``init_timeout_s`` plus a
+    minute for imports) bounds the start-up before that.
 
     Raises :class:`LaunchError` naming the ranks that raised, exited or did not finish
-    within ``timeout_s`` (or ``grace_s`` after the first rank failed), after killing every
+    within ``timeout_s`` (or ``grace_s`` after the first rank failed) or did not start within
+    ``start_timeout_s``, after killing every
     process still running; its ``results`` holds what the other ranks returned.
     """
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
@@ -146,8 +158,11 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float =
     results: Dict[int, bytes] = {}
     errors: Dict[int, str] = {}
     exited: Dict[int, int] = {}
+    started: Set[int] = set()
+    if start_timeout_s is None:
+        start_timeout_s = init_timeout_s + 60.0
     try:
-        deadline = _collect(procs, out, results, errors, exited, timeout_s, grace_s)
+        deadline = _collect(procs, out, results, errors, exited, started, timeout_s, grace_s, start_timeout_s)
         for p in procs:  # the results are in; let the processes wind down
             p.join(timeout=max(0.1, deadline - time.monotonic()))
     finally:
@@ -160,18 +175,22 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float =
     unfinished = [r for r in range(world) if r not in results and r not in errors and r not in exited]
     loaded = {r: torch.load(io.BytesIO(v), weights_only=False) for r, v in results.items()}
     if errors or exited or unfinished:
-        raise LaunchError(errors, exited, unfinished, timeout_s, loaded, grace_s)
+        raise LaunchError(errors, exited, unfinished, timeout_s, loaded, grace_s,
+                          [r for r in range(world) if r not in started], start_timeout_s)
     return [loaded[r] for r in range(len(procs))]
 
 
 def _collect(procs: List[Any], out: "mp.Queue", results: Dict[int, bytes], errors: Dict[int, str],
-             exited: Dict[int, int], timeout_s: float, grace_s: float) -> float:
+             exited: Dict[int, int], started: Set[int], timeout_s: float, grace_s: float,
+             start_timeout_s: float) -> float:
     """Read the ranks' reports until all are in, the deadline passes or the failed ranks' grace ends.
 
-    Returns the deadline that held when it stopped.
+    The deadline is ``start_timeout_s`` away until every rank has started ``fn``, then
+    ``timeout_s`` from that moment. Returns the deadline that held when it stopped.
     """
     world = len(procs)
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + start_timeout_s
+    all_started = False
     exited_at: Dict[int, float] = {}
     while len(results) + len(errors) + len(exited) < world:
         now = time.monotonic()
@@ -182,6 +201,14 @@ def _collect(procs: List[Any], out: "mp.Queue", results: Dict[int, bytes], error
         except queue_mod.Empty:
             pass
         else:
+            if status == "started":
+                started.add(rank)
+                if not all_started and len(started) == world:
+                    all_started = True
+                    deadline = min(deadline, time.monotonic() + timeout_s) if errors or exited else \
+                        time.monotonic() + timeout_s
+                continue
+            started.add(rank)
             (results if status == "ok" else errors)[rank] = value
             if status != "ok":
                 deadline = min(deadline, time.monotonic() + grace_s)

@@ -9,12 +9,12 @@ table, its peers are already translated to the ranks the process group uses, and
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import List, NamedTuple, Sequence
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 from dualpipe_ext import _C
 from dualpipe_ext.schedules.analysis import validate
 
-__all__ = ["CompiledPlan", "Kind", "Op", "Receive"]
+__all__ = ["CompiledPlan", "Kind", "Op", "Receive", "RecvBundle"]
 
 
 class Kind(IntEnum):
@@ -66,6 +66,41 @@ class Receive(NamedTuple):
     wait: int  # ordinal of the wait that completes it
 
 
+class RecvBundle(NamedTuple):
+    """Receives from one peer that arrive as one message: the same wait completes them on this
+    rank, and the peer sends them at one wait of its own (one buffer, one send)."""
+
+    indices: Tuple[int, ...]  # positions of the receives in CompiledPlan.ops, in plan order
+    wait: int  # ordinal of the wait that completes them
+
+
+_SENDS = (_C.ActionType.SEND_FORWARD, _C.ActionType.SEND_BACKWARD)
+_RECVS = (_C.ActionType.RECV_FORWARD, _C.ActionType.RECV_BACKWARD)
+
+
+def _ordinals(actions, types, peer: int) -> List[int]:
+    """Wait ordinal of each action of ``types`` with ``peer``, in plan order."""
+    out, ordinal = [], 0
+    for a in actions:
+        if a.type == _C.ActionType.WAIT:
+            ordinal += 1
+        elif a.type in types and a.peer == peer:
+            out.append(ordinal)
+    return out
+
+
+def _bundle_starts(plan: "_C.Plan", sender: int, receiver: int) -> List[bool]:
+    """Per message from ``sender`` to ``receiver`` (in order): whether it starts a new bundle.
+
+    Messages of one pair are matched in order; consecutive ones go as one when the sender sends
+    them at one wait and the receiver completes them at one wait. Both ranks compute the same."""
+    sent = _ordinals(plan.actions[sender], _SENDS, receiver)
+    got = _ordinals(plan.actions[receiver], _RECVS, sender)
+    if len(sent) != len(got):  # the validator refuses such a plan; keep every message on its own
+        return [True] * len(sent)
+    return [k == 0 or sent[k] != sent[k - 1] or got[k] != got[k - 1] for k in range(len(sent))]
+
+
 class CompiledPlan:
     """One rank's ops, plus what the stage table says about its local modules."""
 
@@ -103,3 +138,34 @@ class CompiledPlan:
             if op.kind == Kind.WAIT:
                 ordinal += 1
         self.num_waits = ordinal
+        # Bundles: receives (and sends) of one pair that travel as one message (see _bundle_starts).
+        self.send_bundle: List[int] = [-1] * len(self.ops)  # per send op: a key shared by its bundle
+        self.recv_bundles: List[RecvBundle] = []  # in plan order
+        self.recv_bundle_of: Dict[int, int] = {}  # receive op index -> position in recv_bundles
+        peers = {a.peer for a in plan.actions[rank] if a.peer >= 0}
+        starts_out = {p: _bundle_starts(plan, rank, p) for p in peers}
+        starts_in = {p: _bundle_starts(plan, p, rank) for p in peers}
+        count_out = {p: 0 for p in peers}
+        count_in = {p: 0 for p in peers}
+        key = -1
+        open_send: Dict[int, int] = {}  # peer -> key of the open send bundle
+        open_recv: Dict[int, int] = {}  # peer -> position of the open receive bundle
+        members: List[List[int]] = []  # per receive bundle: its op indices
+        for i, a in enumerate(plan.actions[rank]):
+            if a.type in _SENDS:
+                k = count_out[a.peer]
+                count_out[a.peer] += 1
+                if starts_out[a.peer][k]:
+                    key += 1
+                    open_send[a.peer] = key
+                self.send_bundle[i] = open_send[a.peer]
+            elif a.type in _RECVS:
+                k = count_in[a.peer]
+                count_in[a.peer] += 1
+                if starts_in[a.peer][k]:
+                    open_recv[a.peer] = len(members)
+                    members.append([])
+                    self.recv_bundles.append(RecvBundle((), self.wait_ordinal[i]))
+                members[open_recv[a.peer]].append(i)
+                self.recv_bundle_of[i] = open_recv[a.peer]
+        self.recv_bundles = [RecvBundle(tuple(m), b.wait) for m, b in zip(members, self.recv_bundles)]

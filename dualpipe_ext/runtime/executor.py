@@ -87,9 +87,6 @@ class Executor:
         # The most micro-batch activations (graphs of one micro-batch through one stage) the last
         # training step held at once, counted from what it holds: the simulator's peak_activations.
         self.peak_activations = 0
-        # Indexed by Kind: compute kinds, then receives and sends from Kind.RECV_F on.
-        self._compute = (self._forward, self._backward, self._backward_input, self._weight, self._forward_backward)
-        self._comm = (self._recv_forward, self._recv_backward, self._send_forward, self._send_backward)
 
     def run(self, plan: CompiledPlan, p2p: P2PSpec, feeds: Dict[int, Sequence[Sequence[torch.Tensor]]],
             labels: Dict[int, Sequence[Sequence[torch.Tensor]]], criterion: Optional[Callable],
@@ -108,7 +105,7 @@ class Executor:
         return StepResult(error, st.losses, st.outputs)
 
     def _walk(self, st: StepState, rec: Optional[Recorder]) -> Optional[str]:
-        comm, compute, comm_ops = st.comm, self._compute, self._comm
+        comm, compute, comm_ops = st.comm, _COMPUTE, _COMM
         profiling = torch._C._autograd._profiler_enabled()
         error: Optional[str] = None
         peak = 0
@@ -125,7 +122,7 @@ class Executor:
                 elif kind >= _RECV_F:
                     if error is None:
                         try:
-                            comm_ops[kind - _RECV_F](st, index, op)
+                            comm_ops[kind - _RECV_F](self, st, index, op)
                         except CommFailure:
                             raise
                         except StepFailure as e:
@@ -142,9 +139,9 @@ class Executor:
                             start = _now()
                         if profiling:
                             with torch.profiler.record_function(op.token):
-                                compute[kind](st, op)
+                                compute[kind](self, st, op)
                         else:
-                            compute[kind](st, op)
+                            compute[kind](self, st, op)
                         if rec is not None:
                             rec.add(op.token, "compute", start, _now(), index)
                     except Exception as e:  # noqa: BLE001 - any failure is reported on every rank
@@ -289,7 +286,7 @@ class Executor:
                     free.append(t)  # nothing reads its data again once sent
             else:
                 send.append(t.contiguous())
-        st.comm.send(op, send, free)
+        st.comm.send(index, op, send, free)
 
     def _send_backward(self, st: StepState, index: int, op: Op) -> None:
         grads = st.in_grads[op.module][op.mb]
@@ -300,4 +297,11 @@ class Executor:
         why = p2p.mismatch(send, f"input gradients of stage module {op.module} (micro-batch {op.mb})")
         if why is not None:
             raise StepFailure(why)
-        st.comm.send(op, send)
+        st.comm.send(index, op, send)
+
+
+# Indexed by Kind: compute kinds, then receives and sends from Kind.RECV_F on. Plain functions
+# (not bound methods kept on the executor, which would tie it into a reference cycle).
+_COMPUTE = (Executor._forward, Executor._backward, Executor._backward_input, Executor._weight,
+            Executor._forward_backward)
+_COMM = (Executor._recv_forward, Executor._recv_backward, Executor._send_forward, Executor._send_backward)

@@ -12,6 +12,8 @@ that hold last stages and ``(None, None)`` elsewhere.
 """
 from __future__ import annotations
 
+import atexit
+import weakref
 import zlib
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -45,6 +47,42 @@ def _fingerprint(plan: Plan) -> int:
     text = "|".join(" ".join(str(a) for a in row) for row in plan.actions)
     text += "|" + repr(plan.stages) + f"|{plan.chunks}|{plan.mbs_per_module}"
     return zlib.crc32(text.encode())
+
+
+class RankNames:
+    """How messages name a process: "pipeline rank 1", with its global rank when that differs.
+
+    A callable of its own (not a bound method of the pipeline), so that the executor's link
+    does not tie the pipeline into a reference cycle that keeps its process group alive
+    past ``destroy_process_group``."""
+
+    __slots__ = ("to_global",)
+
+    def __init__(self, to_global: Sequence[int]) -> None:
+        self.to_global = list(to_global)  # pipeline rank -> global rank
+
+    def __call__(self, global_rank: int) -> str:
+        if global_rank in self.to_global:
+            p = self.to_global.index(global_rank)
+            return f"pipeline rank {p}" + ("" if p == global_rank else f" (global rank {global_rank})")
+        return f"global rank {global_rank}"
+
+
+# Pipelines still alive; at interpreter exit they drop their process groups (see _release_groups).
+_LIVE: "weakref.WeakSet[_Pipeline]" = weakref.WeakSet()
+
+
+@atexit.register
+def _release_groups() -> None:
+    """Drop the process-group references of pipelines that live until interpreter exit.
+
+    A gloo process group that is still referenced when the interpreter finalizes is torn down
+    late, in an order that can abort the process ("terminate called without an active
+    exception") after a clean ``destroy_process_group``. Releasing it here, while the
+    interpreter is whole, frees it as ``destroy_process_group`` would have.
+    """
+    for pipe in list(_LIVE):
+        pipe._release()
 
 
 def _device_of(modules: Sequence[nn.Module]) -> torch.device:
@@ -91,6 +129,8 @@ class _Pipeline(nn.Module):
         self._p2p_shapes = None if p2p_shapes is None else comm.parse_shapes(p2p_shapes, "p2p_shapes")
         self._p2p_dtype = None if p2p_dtype is None else comm.check_dtype(p2p_dtype, "p2p_dtype")
         self._compiled: Dict[Tuple[int, bool], CompiledPlan] = {}
+        self._p2p_cache = None  # ((shapes, dtype) as declared, P2PSpec or message)
+        self._names = None  # what agreement messages name ranks by (made at the first step)
         self.given_plan: Optional[Plan] = None  # a plan of the user's own, or None for a schedule name
         self._agreed: Tuple[Tuple[str, int], ...] = ()  # values every rank's step must share
         if isinstance(schedule, Plan):
@@ -112,18 +152,18 @@ class _Pipeline(nn.Module):
         self.timeline.global_rank = dist.get_rank()
         eager = self.config.eager_comm and dist.get_backend(self.group) == "gloo"
         lookahead = 1 << 30 if self.config.recv_lookahead is None else self.config.recv_lookahead
+        self.rank_name = RankNames(self._to_global)
         link = LinkConfig(self.group, self.rank, self.device, self.config.comm_timeout_s, eager, lookahead,
                           self.rank_name)
         faults.publish_process()
         self.executor = Executor(modules, link, self.timeline)
         self.overlapped_forward_backward = self.executor.overlapped
+        _LIVE.add(self)
 
-    def rank_name(self, global_rank: int) -> str:
-        """How messages name a process: "pipeline rank 1", with its global rank when that differs."""
-        if global_rank in self._to_global:
-            p = self._to_global.index(global_rank)
-            return f"pipeline rank {p}" + ("" if p == global_rank else f" (global rank {global_rank})")
-        return f"global rank {global_rank}"
+    def _release(self) -> None:
+        """Forget the process group (interpreter exit): the pipeline cannot step afterwards."""
+        self.group = None
+        self.executor.link = None
 
     def _check_schedule(self, name: str, num_modules: int) -> None:
         valid = _schedules_with(num_modules)
@@ -154,7 +194,9 @@ class _Pipeline(nn.Module):
         self._agreed = (("the plan (checksum)", _fingerprint(plan)),)
 
     def _agreement_names(self) -> Tuple[Callable[[int], str], List[int]]:
-        return self.rank_name, [dist.get_global_rank(self.group, g) for g in range(self.num_ranks)]
+        if self._names is None:
+            self._names = (self.rank_name, [dist.get_global_rank(self.group, g) for g in range(self.num_ranks)])
+        return self._names
 
     def set_p2p_tensor_shapes(self, shapes: Sequence[Sequence[int]]) -> None:
         """This pipeline's message shapes (one per tensor), instead of the process-wide default."""
@@ -180,6 +222,17 @@ class _Pipeline(nn.Module):
             cp = CompiledPlan(plan, self.rank, self._to_global, self._to_group)
             self._compiled[key] = cp
         return cp
+
+    def _resolve_p2p(self):
+        """This step's P2PSpec (or the message saying what is not declared), made once per declaration."""
+        key = (self._p2p_shapes if self._p2p_shapes is not None else comm.TENSOR_SHAPES,
+               self._p2p_dtype if self._p2p_dtype is not None else comm.TENSOR_DTYPE)
+        cached = self._p2p_cache
+        if cached is not None and cached[0][0] is key[0] and cached[0][1] is key[1]:
+            return cached[1]
+        spec = comm.resolve(self._p2p_shapes, self._p2p_dtype)
+        self._p2p_cache = (key, spec)
+        return spec
 
     def _check(self, cp: CompiledPlan, inputs, criterion, labels, forward_only: bool) -> Optional[str]:
         """What is wrong with this rank's arguments, or None."""
@@ -257,7 +310,7 @@ class _Pipeline(nn.Module):
         if not isinstance(labels, (list, tuple)):
             labels = [labels]
         cp, kind, message = None, NONE, None
-        p2p = comm.resolve(self._p2p_shapes, self._p2p_dtype)  # a P2PSpec, or what is not declared
+        p2p = self._resolve_p2p()  # a P2PSpec, or what is not declared
         try:  # a bad num_chunks is reported through the agreement, so that every rank raises
             num_chunks = check_int("num_chunks", num_chunks, minimum=0)
             cp = self._plan(num_chunks, forward_only)

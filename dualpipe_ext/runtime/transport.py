@@ -6,7 +6,10 @@ With ``eager_comm`` on gloo, where every send and receive is an independent oper
 things happen earlier without changing what is sent or computed: receives are posted up to
 ``lookahead`` waits ahead, so that a sender finds its receiver ready, and a ``wait`` blocks
 only on its receives, while sends complete in the background and are checked at later
-waits and at the end of the step.
+waits and at the end of the step. Messages of one pair that the sender posts at one wait and
+the receiver completes at one wait (a forward output and an input gradient, in DualPipe's
+steady state) travel as one: one flat buffer, one send, one receive, each tensor a view
+(``CompiledPlan.send_bundle`` and ``recv_bundles``, the same on both ranks).
 
 Failures raise :class:`CommFailure` with the true cause and time: a wait that does not
 complete within the timeout names this rank, the action, the operations still missing and
@@ -56,6 +59,7 @@ class Transfer(NamedTuple):
     op: Op
     tensors: List[torch.Tensor]
     free: Sequence[torch.Tensor] = ()  # sent outputs whose storage can go once the send completed
+    index: int = -1  # position of the op in the plan
 
 
 class InFlight(NamedTuple):
@@ -84,7 +88,7 @@ class StepComm:
         self.wait_with_timeout = link.device.type == "cpu"
         self.pending: List[Transfer] = []  # queued until the next wait
         self.posted: Dict[int, PostedReceive] = {}  # eager: op index -> receive posted ahead
-        self.next_receive = 0  # eager: position in plan.receives of the next receive to post
+        self.next_receive = 0  # eager: position in plan.recv_bundles of the next bundle to post
         self.receiving: List[InFlight] = []  # eager: receives the next wait completes
         self.sending: List[InFlight] = []  # eager: posted sends in flight
         self.started = faults.begin_window()  # reports on the fault board older than this are from earlier incidents
@@ -105,42 +109,55 @@ class StepComm:
             self.receiving.append(InFlight(posted.works, op.token, (), op.peer))
             return posted.buffers
         bufs = self.p2p.empty(self.link.device, op.kind == Kind.RECV_F and not self.forward_only)
-        self.pending.append(Transfer(op, bufs))
+        self.pending.append(Transfer(op, bufs, (), index))
         return bufs
 
-    def send(self, op: Op, tensors: List[torch.Tensor], free: Sequence[torch.Tensor] = ()) -> None:
-        self.pending.append(Transfer(op, tensors, free))
+    def send(self, index: int, op: Op, tensors: List[torch.Tensor], free: Sequence[torch.Tensor] = ()) -> None:
+        """Queue the send ``op`` (at ``index``) of ``tensors`` until the next wait."""
+        self.pending.append(Transfer(op, tensors, free, index))
 
     def drain(self, index: int, op: Op) -> None:
         """After an error: keep this send or receive matched, with placeholder data."""
         if op.kind == Kind.RECV_F or op.kind == Kind.RECV_B:
             self.receive(index, op)
         else:
-            self.send(op, self.p2p.zeros(self.link.device))
+            self.send(index, op, self.p2p.zeros(self.link.device))
 
     def _post_receives(self, limit: int) -> None:
         """Post the receives that the waits up to ordinal ``limit`` complete."""
-        receives = self.plan.receives
+        bundles = self.plan.recv_bundles
         i = self.next_receive
-        while i < len(receives) and receives[i].wait <= limit:
-            self._post_receive(receives[i].index)
+        while i < len(bundles) and bundles[i].wait <= limit:
+            self._post_bundle(bundles[i].indices)
             i += 1
         self.next_receive = i
 
     def _post_receives_through(self, index: int) -> None:
-        receives = self.plan.receives
-        while self.next_receive < len(receives) and receives[self.next_receive].index <= index:
-            self._post_receive(receives[self.next_receive].index)
+        bundles = self.plan.recv_bundles
+        while self.next_receive < len(bundles) and bundles[self.next_receive].indices[0] <= index:
+            self._post_bundle(bundles[self.next_receive].indices)
             self.next_receive += 1
 
-    def _post_receive(self, index: int) -> None:
-        op = self.plan.ops[index]
-        bufs = self.p2p.empty(self.link.device, op.kind == Kind.RECV_F and not self.forward_only)
-        recv, peer = self.link.group.recv, op.group_peer
+    def _post_bundle(self, indices: Sequence[int]) -> None:
+        """Post the receives of one bundle: one message, one buffer (each tensor a view of it)."""
+        ops = self.plan.ops
+        first = ops[indices[0]]
+        grads = not self.forward_only
+        p2p = self.p2p
+        recv, peer = self.link.group.recv, first.group_peer
         try:
-            self.posted[index] = PostedReceive(bufs, [recv([b], peer, 0) for b in bufs])
+            if len(indices) == 1 and len(p2p.shapes) == 1:
+                bufs = p2p.empty(self.link.device, grads and first.kind == Kind.RECV_F)
+                self.posted[indices[0]] = PostedReceive(bufs, [recv(bufs, peer, 0)])
+                return
+            flat = torch.empty(p2p.numel * len(indices), dtype=p2p.dtype, device=self.link.device)
+            work = [recv([flat], peer, 0)]
+            for j, i in enumerate(indices):
+                views = p2p.views(flat, j * p2p.numel, grads and ops[i].kind == Kind.RECV_F)
+                self.posted[i] = PostedReceive(views, work if j == 0 else [])
         except RuntimeError as e:
-            self._failed(index, op.token, [InFlight([], op.token, (), op.peer)], e, time.monotonic(), "posting")
+            self._failed(indices[0], first.token, [InFlight([], first.token, (), first.peer)], e, time.monotonic(),
+                         "posting")
 
     # Waiting ------------------------------------------------------------------------------
 
@@ -179,15 +196,8 @@ class StepComm:
             self._sent(entry, end, "end of step")
 
     def _wait_eager(self, index: int, token: str) -> None:
-        send = self.link.group.send
-        pending, self.pending = self.pending, []
-        for tr in pending:
-            peer = tr.op.group_peer
-            try:
-                works = [send([t], peer, 0) for t in tr.tensors]
-                self.sending.append(InFlight(works, tr.op.token, tr.free, tr.op.peer))
-            except RuntimeError as e:
-                self._failed(index, token, [InFlight([], tr.op.token, (), tr.op.peer)], e, time.monotonic(), "posting")
+        if self.pending:
+            self._send_bundles(index, token)
         if self.link.lookahead > 0 and index < len(self.plan.ops):
             self._post_receives(self.plan.wait_ordinal[index] + self.link.lookahead)
         if self.receiving:
@@ -197,6 +207,29 @@ class StepComm:
         sending = self.sending
         while sending and all(w.is_completed() for w in sending[0].works):
             self._sent(sending.pop(0), index, token)
+
+    def _send_bundles(self, index: int, token: str) -> None:
+        """Post the queued sends, one message per bundle (see CompiledPlan.send_bundle)."""
+        send, bundle_of = self.link.group.send, self.plan.send_bundle
+        pending, self.pending = self.pending, []
+        groups: Dict[int, List[Transfer]] = {}
+        for tr in pending:
+            groups.setdefault(bundle_of[tr.index], []).append(tr)
+        for group in groups.values():
+            first = group[0]
+            try:
+                if len(group) == 1 and len(first.tensors) == 1:
+                    works = [send(first.tensors, first.op.group_peer, 0)]
+                    self.sending.append(InFlight(works, first.op.token, first.free, first.op.peer))
+                    continue
+                flat = torch.cat([t.reshape(-1) for tr in group for t in tr.tensors])
+                for tr in group:  # copied: the outputs' storage can go now
+                    _release(tr.free)
+                works = [send([flat], first.op.group_peer, 0)]
+                self.sending.append(InFlight(works, "+".join(tr.op.token for tr in group), (), first.op.peer))
+            except RuntimeError as e:
+                self._failed(index, token, [InFlight([], first.op.token, (), first.op.peer)], e, time.monotonic(),
+                             "posting")
 
     def _sent(self, entry: InFlight, index: int, token: str) -> None:
         self._wait_all([entry], index, token)  # completed or not: surfaces backend errors

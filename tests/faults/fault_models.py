@@ -84,9 +84,9 @@ class FaultyStage(Stage):
 _send, _receive = transport.StepComm.send, transport.StepComm.receive
 
 
-def _faulty_send(self, op, tensors, free=()):
+def _faulty_send(self, index, op, tensors, free=()):
     _hit("send")
-    return _send(self, op, tensors, free)
+    return _send(self, index, op, tensors, free)
 
 
 def _faulty_receive(self, index, op):

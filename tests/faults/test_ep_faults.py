@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import glob
 import re
-import time
 
 import pytest
 
@@ -17,16 +16,15 @@ from ep_fault_workers import EP_TIMEOUT_S, ep_faults
 @pytest.fixture(scope="module")
 def outcome(tmp_path_factory):
     pid_dir = tmp_path_factory.mktemp("pids")
-    start = time.monotonic()
     with pytest.raises(LaunchError) as info:
         run_ranks(ep_faults, 4, ["collective", "ep"], True, str(pid_dir), timeout_s=400, barrier=False, grace_s=60)
     pids = {r: int((pid_dir / f"{r}.pid").read_text()) for r in range(4)}
-    return info.value, pids, time.monotonic() - start
+    return info.value, pids
 
 
 @pytest.mark.parametrize("path", ["collective", "ep"])
 def test_a_raise_inside_an_overlapped_pair_is_named_on_every_rank(outcome, path):
-    err, _, _ = outcome
+    err, _ = outcome
     for rank in (0, 2, 3):
         got = err.results[rank][path]
         assert got["type"] == "PipelineError", got
@@ -42,7 +40,7 @@ def test_a_raise_inside_an_overlapped_pair_is_named_on_every_rank(outcome, path)
 
 
 def test_a_process_that_exits_in_an_overlapped_pair_is_named_by_every_other_rank(outcome):
-    err, pids, took = outcome
+    err, pids = outcome
     assert err.exited == {1: 17} and not err.errors and not err.unfinished, str(err)
     for rank in (0, 2, 3):
         got = err.results[rank]["kill"]
@@ -54,4 +52,3 @@ def test_a_process_that_exits_in_an_overlapped_pair_is_named_by_every_other_rank
 
     assert not any(pid_alive(p) for p in pids.values())  # no orphan
     assert not glob.glob("/dev/shm/dualpipe_ext_ep_*")  # the EPBuffers' files are gone
-    assert took < 200

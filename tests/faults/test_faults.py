@@ -3,9 +3,7 @@ makes every rank raise the same error naming it and its action, at once; a rank 
 exits mid-step is named by every other rank within seconds, and nothing is left running."""
 from __future__ import annotations
 
-import os
 import re
-import time
 
 import pytest
 
@@ -60,11 +58,9 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("schedule,site,victim,nth", [("dualpipe", "backward", 1, 2), ("dualpipev", "forward", 2, 5),
                                                        ("zb1p", "weight", 0, 2)])
 def test_a_process_that_exits_mid_step_is_named_by_every_other_rank(tmp_path, schedule, site, victim, nth):
-    start = time.monotonic()
     with pytest.raises(LaunchError) as info:
         run_ranks(killed_step, 4, schedule, site, victim, nth, str(tmp_path), timeout_s=200, barrier=False,
                   grace_s=60)
-    took = time.monotonic() - start
     err = info.value
     assert err.exited == {victim: 17} and not err.errors and not err.unfinished, str(err)
     pids = {r: int((tmp_path / f"{r}.pid").read_text()) for r in range(4)}
@@ -80,4 +76,3 @@ def test_a_process_that_exits_mid_step_is_named_by_every_other_rank(tmp_path, sc
         assert "waited" not in msg and "timeout" not in msg, msg  # the cause is a lost connection
         assert got["elapsed"] < 20, got  # seconds, not the 60 s timeout
     assert not any(_alive(p) for p in pids.values())  # no orphan
-    assert took < 120
