@@ -16,6 +16,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_results_by_rank_in_one_group():
     results = run_ranks(report, 3, "x", timeout_s=60)
     assert [r["rank"] for r in results] == [0, 1, 2]
@@ -32,6 +33,7 @@ def test_a_raising_rank_is_named_with_its_traceback():
     assert "rank 1 raised:" in str(err) and "Traceback" in str(err)
 
 
+@pytest.mark.slow
 def test_a_straggler_is_named_and_killed(tmp_path):
     # timeout_s counts from when both ranks run the function: a slow start-up (spawn, import torch)
     # on a busy machine does not count against it, so rank 0 always finishes and rank 1 never does.
@@ -56,5 +58,6 @@ def test_a_rank_that_exits_without_a_result():
     assert info.value.exited == {0: 3} and "rank 0 exited with code 3" in str(info.value)
 
 
+@pytest.mark.slow
 def test_without_init_the_function_sets_up_its_own_group():
     assert run_ranks(own_group, 2, timeout_s=60, init=False) == [2, 2]

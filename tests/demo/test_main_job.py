@@ -23,6 +23,7 @@ def _losses(out):
     ("--steps", "6", "--schedule", "dualpipev", "--two-batch"),
     ("--steps", "5", "--no-overlap"),
 ])
+@pytest.mark.slow
 def test_main_job_trains_and_matches_the_unpipelined_model(flags):
     code, out = _run(*flags, "--seq", "32", "--hidden", "32")
     assert code == 0, out
@@ -34,6 +35,7 @@ def test_main_job_trains_and_matches_the_unpipelined_model(flags):
     assert (pairs > 0) == ("--no-overlap" not in flags), out
 
 
+@pytest.mark.slow
 def test_main_job_on_the_epbuffer_path():
     code, out = _run("--steps", "4", "--ep-path", "buffer", "--seq", "16", "--hidden", "32", "--chunks", "4",
                      "--layers", "2", "--eval-batches", "1", timeout=600)

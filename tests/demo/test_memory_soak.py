@@ -1,10 +1,12 @@
 """200 steps of the main job on CPU: the resident memory after step 200 is within 5 % of its
 value after step 20 (no leak per step)."""
+import pytest
 import re
 import subprocess
 import sys
 
 
+@pytest.mark.slow
 def test_resident_memory_flat_over_200_steps():
     proc = subprocess.run([sys.executable, "-m", "dualpipe_ext.demo", "--steps", "200", "--hidden", "16", "--seq", "16",
                            "--chunks", "4", "--layers", "2", "--no-check", "--eval-batches", "1"],

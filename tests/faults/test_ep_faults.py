@@ -22,6 +22,7 @@ def outcome(tmp_path_factory):
     return info.value, pids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["collective", "ep"])
 def test_a_raise_inside_an_overlapped_pair_is_named_on_every_rank(outcome, path):
     err, _ = outcome

@@ -55,6 +55,7 @@ def _alive(pid: int) -> bool:
     return pid_alive(pid)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule,site,victim,nth", [("dualpipe", "backward", 1, 2), ("dualpipev", "forward", 2, 5),
                                                        ("zb1p", "weight", 0, 2)])
 def test_a_process_that_exits_mid_step_is_named_by_every_other_rank(tmp_path, schedule, site, victim, nth):

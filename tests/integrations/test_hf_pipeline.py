@@ -89,6 +89,7 @@ def test_not_a_causal_lm():
         pipeline_stages(build("qwen3_moe").model, 2)
 
 
+@pytest.mark.slow
 def test_schedules_on_two_ranks_match_the_unsplit_model(two_ranks):
     # DualPipe, DualPipeV and 1F1B over each model (conftest.PIPELINE_CASES, hf_workers.pipeline)
     from hf_workers import PIPELINE_CASES as CASES

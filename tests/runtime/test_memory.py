@@ -43,6 +43,7 @@ def _worker(rank, world, schedule, chunks):
     return pipe.executor.peak_activations, sim, alive, len(outputs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule,chunks", [("dualpipe", 8), ("dualpipe", 12), ("dualpipev", 10)])
 def test_peak_activations_match_the_simulator_and_none_are_held_after_the_step(schedule, chunks):
     for rank, (peak, sim, alive, made) in enumerate(run_ranks(_worker, 4, schedule, chunks, timeout_s=120)):

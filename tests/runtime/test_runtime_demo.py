@@ -1,4 +1,5 @@
 """The packaged demo runs, checks itself against the sequential reference and says so."""
+import pytest
 import os
 import subprocess
 import sys
@@ -6,6 +7,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow
 def test_demo_passes_its_own_check():
     proc = subprocess.run(
         [sys.executable, "-m", "dualpipe_ext.demo.pipeline", "--ranks", "2", "--chunks", "4",
@@ -25,6 +27,7 @@ def _svg_groups(path):
     return {g.get("id"): len(g.findall(f".//{ns}path")) for g in root.iter(ns + "g") if g.get("id")}
 
 
+@pytest.mark.slow
 def test_demo_timeline_and_records(tmp_path, capsys):
     import json
 

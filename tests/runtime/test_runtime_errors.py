@@ -52,6 +52,7 @@ def test_plans_that_cannot_run_are_refused_on_every_rank(outcomes, case):
     assert got[0]["type"] == "ValueError" and PLAN_REFUSALS[case] in got[0]["message"], got[0]
 
 
+@pytest.mark.slow
 def test_silent_peer_times_out_naming_rank_action_and_missing_ops():
     results = run_ranks(stuck_peer, 2, timeout_s=60, barrier=False)
     err = results[0]

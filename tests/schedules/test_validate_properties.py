@@ -113,6 +113,7 @@ def _check_agreement(plan, what: str = "") -> None:
         assert f"first offending action: rank {got.rank}, step {got.step}: {got.token}" in str(got)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(generated(max_ranks=24, max_chunks=64))
 def test_no_generated_plan_is_rejected(plan):
@@ -127,6 +128,7 @@ def test_one_action_moved_dropped_or_duplicated(case):
     _check_agreement(plan, what)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(random_plans())
 def test_random_plans(plan):

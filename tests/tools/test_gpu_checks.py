@@ -1,5 +1,6 @@
 """The GPU check script runs its checks on CPU too (kernels under Triton's interpreter, EPBuffer
 on shared memory), so it keeps working between GPU sessions; every check must pass."""
+import pytest
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow
 def test_gpu_checks_pass_on_cpu(tmp_path):
     out = tmp_path / "checks.json"
     env = dict(os.environ, TRITON_INTERPRET="1")

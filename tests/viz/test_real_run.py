@@ -1,6 +1,7 @@
 """Records of a real DualPipe run (4 gloo processes on 127.0.0.1) merge, export, draw and predict."""
 from __future__ import annotations
 
+import pytest
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from dualpipe_ext.viz.records import load_record, merge_step
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+@pytest.mark.slow
 def test_recorded_dualpipe_run(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(HERE)))
     proc = subprocess.run([sys.executable, os.path.join(HERE, "record_run.py"), str(tmp_path), "--ranks", "4",
