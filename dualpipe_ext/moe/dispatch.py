@@ -167,7 +167,7 @@ def dispatch(
     group=None,
     async_op: bool = False,
     *,
-    num_sms: Optional[int] = None,
+    num_comm_sms: Optional[int] = None,
     fp8: bool = False,
     ue8m0: bool = False,
 ) -> Union[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchHandle], InFlight]:
@@ -180,7 +180,7 @@ def dispatch(
         num_experts: experts over the whole group, divisible by its size.
         group: process group (None: the default group; no torch.distributed: one rank).
         async_op: return a handle whose ``wait()`` gives the results once the transfer ends.
-        num_sms: SM budget of the packing kernel on CUDA (None: unbounded).
+        num_comm_sms: the communication's SM budget, the grid of the packing kernel (None: unbounded).
         fp8: send the rows as FP8 (DeepSeek-V3's dispatch: e4m3, one float32 scale per 1x128 group,
             ``hidden + 4 * ceil(hidden / 128)`` bytes a row; see ``kernels/fp8.py``); ``recv_x`` is
             then the dequantized rows, in ``x``'s dtype, exactly those of a plain dispatch of
@@ -220,7 +220,7 @@ def dispatch(
         num_recv = received[:, 0].tolist()
         total_send = sum(num_send)
         with torch.set_grad_enabled(grad_mode):
-            send_x = permute(x, layout.send_pos, total_send, num_sms=num_sms)
+            send_x = permute(x, layout.send_pos, total_send, num_sms=num_comm_sms)
             send_idx, send_weights = _pack_expert_slots(topk_idx, topk_weights, layout.send_pos, total_send,
                                                         num_experts // world)
             handle = DispatchHandle(layout.send_pos, tuple(num_send), tuple(num_recv), num_experts, group, topk_idx)
@@ -247,7 +247,7 @@ def combine(
     handle: DispatchHandle,
     async_op: bool = False,
     *,
-    num_sms: Optional[int] = None,
+    num_comm_sms: Optional[int] = None,
 ) -> Union[torch.Tensor, InFlight]:
     """Send expert outputs back and sum, for every original token, its rows from all ranks.
 
@@ -255,7 +255,7 @@ def combine(
         y: [num_recv, hidden] float, one row per token received by ``dispatch``.
         handle: the ``DispatchHandle`` of that dispatch.
         async_op: return a handle whose ``wait()`` gives the result once the transfer ends.
-        num_sms: SM budget of the reduction kernel on CUDA (None: unbounded).
+        num_comm_sms: the communication's SM budget, the grid of the reduction kernel (None: unbounded).
     Returns:
         [num_tokens, hidden], dtype of ``y`` (or a handle with ``async_op``).
     """
@@ -303,7 +303,7 @@ def combine(
 
         def finish() -> torch.Tensor:
             with torch.set_grad_enabled(grad_mode):
-                return combine_rows(rows, handle.send_pos, None, num_sms=num_sms)
+                return combine_rows(rows, handle.send_pos, None, num_sms=num_comm_sms)
 
         return works, finish
 
@@ -312,7 +312,7 @@ def combine(
 
 
 def combine_backward(grad_out: torch.Tensor, handle: DispatchHandle, async_op: bool = False, *,
-                     num_sms: Optional[int] = None):
+                     num_comm_sms: Optional[int] = None):
     """Gradient of ``combine``: ``grad_out`` [num_tokens, hidden] -> [num_recv, hidden] row gradients.
 
     Each token's gradient is copied to every rank it was dispatched to (a dispatch-shaped
@@ -322,7 +322,7 @@ def combine_backward(grad_out: torch.Tensor, handle: DispatchHandle, async_op: b
 
     _check_handle("combine_backward", handle)
     _check_rows("combine_backward", "grad_out", grad_out, handle.num_tokens)
-    send = permute(grad_out, handle.send_pos, sum(handle.num_send_per_rank), num_sms=num_sms)
+    send = permute(grad_out, handle.send_pos, sum(handle.num_send_per_rank), num_sms=num_comm_sms)
     works: list = []
     rows = all_to_all_async(send, handle.num_recv_per_rank, handle.num_send_per_rank, handle.group, works)
     pending = InFlight(rows, works=works, what="moe.combine_backward")
@@ -330,7 +330,7 @@ def combine_backward(grad_out: torch.Tensor, handle: DispatchHandle, async_op: b
 
 
 def dispatch_backward(grad_recv_x: torch.Tensor, grad_recv_weights: torch.Tensor, handle: DispatchHandle,
-                      topk_idx: torch.Tensor, async_op: bool = False, *, num_sms: Optional[int] = None):
+                      topk_idx: torch.Tensor, async_op: bool = False, *, num_comm_sms: Optional[int] = None):
     """Gradient of ``dispatch`` w.r.t. its token rows and routing weights.
 
     grad_recv_x: [num_recv, hidden]; grad_recv_weights: [num_recv, num_topk] float32;
@@ -360,7 +360,7 @@ def dispatch_backward(grad_recv_x: torch.Tensor, grad_recv_weights: torch.Tensor
                              handle.group, works)
 
     def finish():
-        grad_x = combine_rows(rows(), handle.send_pos, None, num_sms=num_sms)
+        grad_x = combine_rows(rows(), handle.send_pos, None, num_sms=num_comm_sms)
         return grad_x, _weights_grad(wrows(), handle, topk_idx)
 
     pending = InFlight(finish, works=works, what="moe.dispatch_backward")

@@ -180,9 +180,6 @@ class MoEStage(ComponentStage):
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
         overlap = overlap or OverlapConfig()
-        if ep is not None and overlap.num_comm_sms is not None and overlap.num_comm_sms != ep.num_sms:
-            raise ValueError(f"OverlapConfig.num_comm_sms ({overlap.num_comm_sms}) must equal the EPBuffer's num_sms "
-                             f"({ep.num_sms}): the exchange kernels are the communication")
         blocks = [MoEBlock(config, group, overlap, device, dtype, ep) for _ in range(num_layers)]
         super().__init__(blocks, overlap=overlap)
         self.config = config
