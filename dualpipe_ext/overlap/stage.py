@@ -31,18 +31,21 @@ __all__ = ["ComponentStage", "OverlappedStage", "MoEStage", "OverlappedMoEStage"
 
 
 class _Chunk:
-    """One chunk's forward runs (the whole micro-batch, or its two halves) and its input."""
+    """One chunk's forward runs (the whole micro-batch, or its two halves) and its input.
+    ``handover``: while the engine takes the chunk's output gradient over (a list), the
+    output's backward appends the gradient to it instead of running the components."""
 
-    __slots__ = ("runs", "input", "split", "value")
+    __slots__ = ("runs", "input", "split", "value", "handover")
 
     def __init__(self, runs: List[ForwardRun], x: torch.Tensor, split: bool, value: torch.Tensor) -> None:
         self.runs, self.input, self.split, self.value = runs, x, split, value
+        self.handover: Optional[list] = None
 
 
 class _Chain(torch.autograd.Function):
     """Connects a chunk's output to its input and the stage's parameters; its backward runs the
     components' backward, or, while the engine captures the pair's backward chunk, hands the
-    output gradient over to the engine (the stage's ``_capture`` list)."""
+    output gradient over to the engine (the chunk's ``handover`` list)."""
 
     @staticmethod
     def forward(ctx, stage, chunk, x, anchor):
@@ -54,8 +57,8 @@ class _Chain(torch.autograd.Function):
     def backward(ctx, grad):
         stage, chunk = ctx.stage, ctx.chunk
         ctx.chunk = None
-        if stage._capture is not None:
-            stage._capture.append((chunk, grad))
+        if chunk.handover is not None:
+            chunk.handover.append(grad)
             return None, None, None, None
         return None, None, stage.backward_chunk(chunk, grad), None
 
@@ -82,7 +85,6 @@ class ComponentStage(nn.Module):
         self.prologue, self.epilogue = prologue, epilogue
         self.overlap = overlap or OverlapConfig()
         self._context_fn = context_fn
-        self._capture: Optional[list] = None  # set by the engine while it captures a pair's backward chunk
 
     # what the engine asks of a stage -------------------------------------------------------
 
@@ -95,6 +97,13 @@ class ComponentStage(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError if ``x`` cannot be this stage's input."""
+
+    def chunk_of(self, node: Any) -> Optional[_Chunk]:
+        """The chunk whose output's autograd ``node`` (a ``grad_fn``) this is, when its forward ran
+        through this stage (None: any other node)."""
+        if isinstance(node, _Chain._backward_cls) and getattr(node, "stage", None) is self:
+            return node.chunk
+        return None
 
     def sm_partition(self) -> contextlib.AbstractContextManager:
         """The SM partition of an overlapped step: communication keeps ``num_comm_sms``."""
