@@ -90,11 +90,28 @@ def _check_dispatch(x, topk_idx, topk_weights, num_experts, world, fp8=False) ->
         return 6, f"num_experts ({num_experts}) must be divisible by the expert-parallel size ({world})"
     if topk_idx.shape[1] > num_experts:
         return 2, f"num_topk ({topk_idx.shape[1]}) must not exceed num_experts ({num_experts})"
-    bad = routing_values_problem(topk_idx, topk_weights, num_experts)
-    if bad is not None:
-        return (7 if bad.startswith("topk_idx") else 8), bad
     if fp8 and x.dtype not in _FP8_DTYPES:
         return 9, f"fp8 dispatch quantizes float32, bfloat16 or float16 rows, got {x.dtype}"
+    return 0, None
+
+
+def _routing_flags(topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[3] int64 on the routing's device, computed there (no host read): any topk_idx entry out of
+    [-1, num_experts), the first such entry (0 if none), any non-finite weight."""
+    flat = topk_idx.flatten()
+    if flat.numel() == 0:
+        return torch.zeros(3, dtype=torch.int64, device=topk_idx.device)
+    bad = (flat < -1) | (flat >= num_experts)
+    return torch.stack([bad.any().long(), flat[bad.to(torch.uint8).argmax()],
+                        (~torch.isfinite(topk_weights)).any().long()])
+
+
+def _routing_problem(flags: List[int], num_experts: int) -> Tuple[int, Optional[str]]:
+    """(error code, message) from ``_routing_flags`` read on the host, as ``routing_values_problem`` says it."""
+    if flags[0]:
+        return 7, f"topk_idx entries must be -1 (no expert) or in [0, {num_experts}), found {flags[1]}"
+    if flags[2]:
+        return 8, "topk_weights contain NaN or infinity"
     return 0, None
 
 
@@ -202,8 +219,15 @@ def dispatch(
     if code == 0:
         from dualpipe_ext.kernels.dispatch_layout import dispatch_layout
 
-        layout = dispatch_layout(topk_idx, num_experts, world, check_indices=False)
-        control[:, 0] = layout.num_tokens_per_rank.cpu()
+        # the routing's values are checked on the device and read with the counts (one transfer, which
+        # the all-to-all sizes need anyway); bad entries are left out of the layout meanwhile
+        flags = _routing_flags(topk_idx, topk_weights, num_experts)
+        in_range = (topk_idx >= -1) & (topk_idx < num_experts)
+        layout = dispatch_layout(torch.where(in_range, topk_idx, -1), num_experts, world, check_indices=False)
+        host = torch.cat([layout.num_tokens_per_rank.to(torch.int64), flags]).cpu()
+        control[:, 0] = host[:world]
+        code, detail = _routing_problem(host[world:].tolist(), num_experts)
+        control[:, 1] = code
         control[:, 2:] = torch.tensor([x.shape[1], _FLOATS.index(x.dtype), topk_idx.shape[1], num_experts,
                                        int(bool(fp8)) * (1 + int(bool(ue8m0)))])
     get_received, control_work = exchange_control_async(control, group)
