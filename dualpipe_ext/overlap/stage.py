@@ -81,9 +81,16 @@ class ComponentStage(nn.Module):
             if not hasattr(layer, "moe") or not callable(getattr(layer, "attention", None)):
                 raise ValueError(f"layer {i} ({type(layer).__name__}) is not a component layer: it needs an `moe` "
                                  f"(dualpipe_ext.moe.MoE) and `attention(x, context) -> (h, u)`")
+        overlap = overlap or OverlapConfig()
+        for i, layer in enumerate(layers):
+            sms = getattr(layer.moe, "num_comm_sms", None)
+            if overlap.num_comm_sms is not None and sms != overlap.num_comm_sms:
+                raise ValueError(f"layer {i}'s MoE has num_comm_sms={sms}, the stage's OverlapConfig "
+                                 f"{overlap.num_comm_sms}: build the layers' MoE with the same budget (e.g. "
+                                 f"replace_moe(model, num_comm_sms={overlap.num_comm_sms}))")
         self.layers = nn.ModuleList(layers)
         self.prologue, self.epilogue = prologue, epilogue
-        self.overlap = overlap or OverlapConfig()
+        self.overlap = overlap
         self._context_fn = context_fn
 
     # what the engine asks of a stage -------------------------------------------------------
