@@ -113,7 +113,8 @@ class ComponentStage(nn.Module):
         return None
 
     def sm_partition(self) -> contextlib.AbstractContextManager:
-        """The SM partition of an overlapped step: communication keeps ``num_comm_sms``."""
+        """cuBLAS's side of the SM partition of an overlapped step (the layers' own kernels take
+        ``num_comm_sms`` as an argument): communication keeps ``num_comm_sms``."""
         device = next(self.parameters()).device
         return sm_partition(device, self.overlap.num_comm_sms)
 
