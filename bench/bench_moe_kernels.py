@@ -126,13 +126,13 @@ def cases(s: Setting):
         return lambda d: dispatch_layout(d["topk_idx"], s.num_experts, s.world, check_indices=False, impl=impl)
 
     def permute_case(impl):
-        return lambda d: permute(d["x"], d["send_pos"], d["num_rows"], check_pos=False, impl=impl)
+        return lambda d: permute(d["x"], d["send_pos"], d["num_rows"], impl=impl)
 
     def combine_case(impl):
-        return lambda d: combine(d["sent"], d["send_pos"], check_pos=False, impl=impl)
+        return lambda d: combine(d["sent"], d["send_pos"], impl=impl)
 
     def reduce_case(impl):
-        return lambda d: combine(d["expert_out"], d["expand_pos"], d["recv_weights"], check_pos=False, impl=impl)
+        return lambda d: combine(d["expert_out"], d["expand_pos"], d["recv_weights"], impl=impl)
 
     t, h, e, k, r = s.num_tokens, s.hidden, s.num_experts, s.topk, s.world
     return [

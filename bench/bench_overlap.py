@@ -223,7 +223,8 @@ def run_gpu(args) -> dict:
             try:
                 one_ex = _concurrent_ms(dev, lambda: ep.dispatch(x, idx, w, experts), None, iters)[0]
                 with sm_partition(dev, sms):
-                    one_gemm = _concurrent_ms(dev, None, lambda: grouped_mm(gx, gw, ends, backend), iters)[1]
+                    one_gemm = _concurrent_ms(dev, None, lambda: grouped_mm(gx, gw, ends, backend, num_comm_sms=sms),
+                                              iters)[1]
                 n_ex = max(1, min(200, round(one_gemm / max(one_ex, 1e-6))))  # exchanges as long as one GEMM
 
                 def exchanges():
@@ -232,7 +233,7 @@ def run_gpu(args) -> dict:
 
                 def gemm():
                     with sm_partition(dev, sms):
-                        grouped_mm(gx, gw, ends, backend)
+                        grouped_mm(gx, gw, ends, backend, num_comm_sms=sms)
 
                 ex_alone = _concurrent_ms(dev, exchanges, None, iters)[0]
                 gemm_alone = _concurrent_ms(dev, None, gemm, iters)[1]

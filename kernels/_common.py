@@ -74,8 +74,10 @@ def persistent_grid(num_items: int, num_sms: Optional[int]) -> int:
 
 
 def check_num_sms(num_sms: Optional[int], name: str = "num_sms") -> None:
-    if num_sms is not None and (not isinstance(num_sms, int) or isinstance(num_sms, bool) or num_sms < 1):
-        raise ValueError(f"{name} must be a positive int or None, got {num_sms!r}")
+    """A kernel's grid argument: the one SM-budget validator (``dualpipe_ext.sm_budget``)."""
+    from dualpipe_ext.sm_budget import check_num_comm_sms
+
+    check_num_comm_sms(num_sms, name)
 
 
 def next_pow2(n: int) -> int:

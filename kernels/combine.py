@@ -17,6 +17,7 @@ import torch
 from ._common import (
     FLOAT_DTYPES,
     check_num_sms,
+    checks_enabled,
     check_positions,
     check_same_device,
     check_tensor,
@@ -49,7 +50,6 @@ def combine(
     weights: Optional[torch.Tensor] = None,
     *,
     num_sms: Optional[int] = None,
-    check_pos: bool = True,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Sum each token's rows (optionally weighted); differentiable in ``rows`` and ``weights``.
@@ -59,14 +59,14 @@ def combine(
         pos: [num_tokens, num_cols] int64, row of ``rows`` for token t and column c, or -1.
         weights: optional [num_tokens, num_cols] float32, aligned with ``pos``.
         num_sms: cap on the persistent grid (programs), None for one program per block of tokens.
-        check_pos: verify position range (costs a device-to-host sync on CUDA).
         impl: "auto" | "triton" | "reference".
+    Positions are range-checked (a host read) only in debug mode (``DUALPIPE_EXT_CHECKS=1``).
     Returns:
         [num_tokens, hidden] in the dtype of ``rows``; tokens with no valid position get 0.
     """
     _check(rows, pos, weights)
     check_num_sms(num_sms)
-    return combine_op(rows, pos, weights, num_sms, check_pos, use_triton(impl, rows, pos))
+    return combine_op(rows, pos, weights, num_sms, checks_enabled(), use_triton(impl, rows, pos))
 
 
 # Triton

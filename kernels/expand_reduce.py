@@ -60,8 +60,7 @@ def expand(
     valid = recv_idx >= 0
     expand_pos = torch.where(valid, layout.send_pos.gather(1, recv_idx.clamp(min=0)), -1)
     total = int(layout.num_tokens_per_rank.sum()) if num_rows is None else num_rows
-    expanded_x = permute(recv_x, expand_pos, total, num_sms=num_sms, check_pos=checks and num_rows is not None,
-                         impl=impl)
+    expanded_x = permute(recv_x, expand_pos, total, num_sms=num_sms, impl=impl)
     return Expanded(expanded_x, layout.num_tokens_per_rank, expand_pos)
 
 
@@ -82,4 +81,4 @@ def reduce(
     Returns:
         [num_recv_tokens, hidden] in the dtype of ``expert_out``.
     """
-    return combine(expert_out, expand_pos, recv_weights, num_sms=num_sms, check_pos=False, impl=impl)
+    return combine(expert_out, expand_pos, recv_weights, num_sms=num_sms, impl=impl)

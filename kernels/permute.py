@@ -19,6 +19,7 @@ import torch
 from ._common import (
     FLOAT_DTYPES,
     check_num_sms,
+    checks_enabled,
     check_positions,
     check_same_device,
     check_tensor,
@@ -51,7 +52,6 @@ def permute(
     num_rows: int,
     *,
     num_sms: Optional[int] = None,
-    check_pos: bool = True,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Scatter token rows into a ``[num_rows, hidden]`` buffer; differentiable in ``x``.
@@ -61,14 +61,14 @@ def permute(
         send_pos: [num_tokens, num_cols] int64, destination row of token t for column c, or -1.
         num_rows: rows of the output buffer.
         num_sms: cap on the persistent grid (programs), None for one program per block of tokens.
-        check_pos: verify position range (costs a device-to-host sync on CUDA).
         impl: "auto" | "triton" | "reference".
+    Positions are range-checked (a host read) only in debug mode (``DUALPIPE_EXT_CHECKS=1``).
     Returns:
         [num_rows, hidden] in the dtype of ``x``.
     """
     _check(x, send_pos, num_rows)
     check_num_sms(num_sms)
-    return permute_op(x, send_pos, num_rows, num_sms, check_pos, use_triton(impl, x, send_pos))
+    return permute_op(x, send_pos, num_rows, num_sms, checks_enabled(), use_triton(impl, x, send_pos))
 
 
 def unpermute(
@@ -76,7 +76,6 @@ def unpermute(
     send_pos: torch.Tensor,
     *,
     num_sms: Optional[int] = None,
-    check_pos: bool = True,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Gradient of ``permute``: ``grad_x[t] = sum_c grad_out[send_pos[t, c]]`` (fp32 accumulation).
@@ -91,7 +90,7 @@ def unpermute(
     check_tensor("send_pos", send_pos, ndim=2, dtypes=(torch.int64,))
     check_same_device(grad_out=grad_out, send_pos=send_pos)
     check_num_sms(num_sms)
-    return unpermute_op(grad_out, send_pos, num_sms, check_pos, use_triton(impl, grad_out, send_pos))
+    return unpermute_op(grad_out, send_pos, num_sms, checks_enabled(), use_triton(impl, grad_out, send_pos))
 
 
 # Triton

@@ -195,9 +195,9 @@ def _check_options(options: Dict[str, Any]) -> None:
     if unknown:
         raise ValueError(f"replace_moe: unknown option(s) {unknown}; the MoE constructor takes {accepted}")
     if "num_comm_sms" in options:
-        from dualpipe_ext.kernels._common import check_num_sms
+        from dualpipe_ext.sm_budget import check_num_comm_sms
 
-        check_num_sms(options["num_comm_sms"], "num_comm_sms")
+        check_num_comm_sms(options["num_comm_sms"], "replace_moe: num_comm_sms")
 
 
 def _check_group(group: Optional[dist.ProcessGroup]) -> int:

@@ -90,11 +90,28 @@ def _check_dispatch(x, topk_idx, topk_weights, num_experts, world, fp8=False) ->
         return 6, f"num_experts ({num_experts}) must be divisible by the expert-parallel size ({world})"
     if topk_idx.shape[1] > num_experts:
         return 2, f"num_topk ({topk_idx.shape[1]}) must not exceed num_experts ({num_experts})"
-    bad = routing_values_problem(topk_idx, topk_weights, num_experts)
-    if bad is not None:
-        return (7 if bad.startswith("topk_idx") else 8), bad
     if fp8 and x.dtype not in _FP8_DTYPES:
         return 9, f"fp8 dispatch quantizes float32, bfloat16 or float16 rows, got {x.dtype}"
+    return 0, None
+
+
+def _routing_flags(topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[3] int64 on the routing's device, computed there (no host read): any topk_idx entry out of
+    [-1, num_experts), the first such entry (0 if none), any non-finite weight."""
+    flat = topk_idx.flatten()
+    if flat.numel() == 0:
+        return torch.zeros(3, dtype=torch.int64, device=topk_idx.device)
+    bad = (flat < -1) | (flat >= num_experts)
+    return torch.stack([bad.any().long(), flat[bad.to(torch.uint8).argmax()],
+                        (~torch.isfinite(topk_weights)).any().long()])
+
+
+def _routing_problem(flags: List[int], num_experts: int) -> Tuple[int, Optional[str]]:
+    """(error code, message) from ``_routing_flags`` read on the host, as ``routing_values_problem`` says it."""
+    if flags[0]:
+        return 7, f"topk_idx entries must be -1 (no expert) or in [0, {num_experts}), found {flags[1]}"
+    if flags[2]:
+        return 8, "topk_weights contain NaN or infinity"
     return 0, None
 
 
@@ -167,7 +184,7 @@ def dispatch(
     group=None,
     async_op: bool = False,
     *,
-    num_sms: Optional[int] = None,
+    num_comm_sms: Optional[int] = None,
     fp8: bool = False,
     ue8m0: bool = False,
 ) -> Union[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchHandle], InFlight]:
@@ -180,7 +197,7 @@ def dispatch(
         num_experts: experts over the whole group, divisible by its size.
         group: process group (None: the default group; no torch.distributed: one rank).
         async_op: return a handle whose ``wait()`` gives the results once the transfer ends.
-        num_sms: SM budget of the packing kernel on CUDA (None: unbounded).
+        num_comm_sms: the communication's SM budget, the grid of the packing kernel (None: unbounded).
         fp8: send the rows as FP8 (DeepSeek-V3's dispatch: e4m3, one float32 scale per 1x128 group,
             ``hidden + 4 * ceil(hidden / 128)`` bytes a row; see ``kernels/fp8.py``); ``recv_x`` is
             then the dequantized rows, in ``x``'s dtype, exactly those of a plain dispatch of
@@ -202,8 +219,15 @@ def dispatch(
     if code == 0:
         from dualpipe_ext.kernels.dispatch_layout import dispatch_layout
 
-        layout = dispatch_layout(topk_idx, num_experts, world, check_indices=False)
-        control[:, 0] = layout.num_tokens_per_rank.cpu()
+        # the routing's values are checked on the device and read with the counts (one transfer, which
+        # the all-to-all sizes need anyway); bad entries are left out of the layout meanwhile
+        flags = _routing_flags(topk_idx, topk_weights, num_experts)
+        in_range = (topk_idx >= -1) & (topk_idx < num_experts)
+        layout = dispatch_layout(torch.where(in_range, topk_idx, -1), num_experts, world, check_indices=False)
+        host = torch.cat([layout.num_tokens_per_rank.to(torch.int64), flags]).cpu()
+        control[:, 0] = host[:world]
+        code, detail = _routing_problem(host[world:].tolist(), num_experts)
+        control[:, 1] = code
         control[:, 2:] = torch.tensor([x.shape[1], _FLOATS.index(x.dtype), topk_idx.shape[1], num_experts,
                                        int(bool(fp8)) * (1 + int(bool(ue8m0)))])
     get_received, control_work = exchange_control_async(control, group)
@@ -220,7 +244,7 @@ def dispatch(
         num_recv = received[:, 0].tolist()
         total_send = sum(num_send)
         with torch.set_grad_enabled(grad_mode):
-            send_x = permute(x, layout.send_pos, total_send, num_sms=num_sms)
+            send_x = permute(x, layout.send_pos, total_send, num_sms=num_comm_sms)
             send_idx, send_weights = _pack_expert_slots(topk_idx, topk_weights, layout.send_pos, total_send,
                                                         num_experts // world)
             handle = DispatchHandle(layout.send_pos, tuple(num_send), tuple(num_recv), num_experts, group, topk_idx)
@@ -247,7 +271,7 @@ def combine(
     handle: DispatchHandle,
     async_op: bool = False,
     *,
-    num_sms: Optional[int] = None,
+    num_comm_sms: Optional[int] = None,
 ) -> Union[torch.Tensor, InFlight]:
     """Send expert outputs back and sum, for every original token, its rows from all ranks.
 
@@ -255,7 +279,7 @@ def combine(
         y: [num_recv, hidden] float, one row per token received by ``dispatch``.
         handle: the ``DispatchHandle`` of that dispatch.
         async_op: return a handle whose ``wait()`` gives the result once the transfer ends.
-        num_sms: SM budget of the reduction kernel on CUDA (None: unbounded).
+        num_comm_sms: the communication's SM budget, the grid of the reduction kernel (None: unbounded).
     Returns:
         [num_tokens, hidden], dtype of ``y`` (or a handle with ``async_op``).
     """
@@ -303,7 +327,7 @@ def combine(
 
         def finish() -> torch.Tensor:
             with torch.set_grad_enabled(grad_mode):
-                return combine_rows(rows, handle.send_pos, None, num_sms=num_sms)
+                return combine_rows(rows, handle.send_pos, None, num_sms=num_comm_sms)
 
         return works, finish
 
@@ -312,7 +336,7 @@ def combine(
 
 
 def combine_backward(grad_out: torch.Tensor, handle: DispatchHandle, async_op: bool = False, *,
-                     num_sms: Optional[int] = None):
+                     num_comm_sms: Optional[int] = None):
     """Gradient of ``combine``: ``grad_out`` [num_tokens, hidden] -> [num_recv, hidden] row gradients.
 
     Each token's gradient is copied to every rank it was dispatched to (a dispatch-shaped
@@ -322,7 +346,7 @@ def combine_backward(grad_out: torch.Tensor, handle: DispatchHandle, async_op: b
 
     _check_handle("combine_backward", handle)
     _check_rows("combine_backward", "grad_out", grad_out, handle.num_tokens)
-    send = permute(grad_out, handle.send_pos, sum(handle.num_send_per_rank), num_sms=num_sms)
+    send = permute(grad_out, handle.send_pos, sum(handle.num_send_per_rank), num_sms=num_comm_sms)
     works: list = []
     rows = all_to_all_async(send, handle.num_recv_per_rank, handle.num_send_per_rank, handle.group, works)
     pending = InFlight(rows, works=works, what="moe.combine_backward")
@@ -330,7 +354,7 @@ def combine_backward(grad_out: torch.Tensor, handle: DispatchHandle, async_op: b
 
 
 def dispatch_backward(grad_recv_x: torch.Tensor, grad_recv_weights: torch.Tensor, handle: DispatchHandle,
-                      topk_idx: torch.Tensor, async_op: bool = False, *, num_sms: Optional[int] = None):
+                      topk_idx: torch.Tensor, async_op: bool = False, *, num_comm_sms: Optional[int] = None):
     """Gradient of ``dispatch`` w.r.t. its token rows and routing weights.
 
     grad_recv_x: [num_recv, hidden]; grad_recv_weights: [num_recv, num_topk] float32;
@@ -360,7 +384,7 @@ def dispatch_backward(grad_recv_x: torch.Tensor, grad_recv_weights: torch.Tensor
                              handle.group, works)
 
     def finish():
-        grad_x = combine_rows(rows(), handle.send_pos, None, num_sms=num_sms)
+        grad_x = combine_rows(rows(), handle.send_pos, None, num_sms=num_comm_sms)
         return grad_x, _weights_grad(wrows(), handle, topk_idx)
 
     pending = InFlight(finish, works=works, what="moe.dispatch_backward")

@@ -65,39 +65,44 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class _GroupedLinear(torch.autograd.Function):
+    """The budget ``num_comm_sms`` travels in the context to the backward's GEMMs (which autograd
+    may run on another thread), the deferred weight gradient's included."""
+
     @staticmethod
-    def forward(ctx, x, weight, group_ends, backend):
+    def forward(ctx, x, weight, group_ends, backend, num_comm_sms):
         ctx.save_for_backward(x, weight, group_ends)
-        ctx.backend = backend
-        return grouped_mm(x, weight, group_ends, backend)
+        ctx.backend, ctx.num_comm_sms = backend, num_comm_sms
+        return grouped_mm(x, weight, group_ends, backend, num_comm_sms)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, group_ends = ctx.saved_tensors
+        backend, num_comm_sms = ctx.backend, ctx.num_comm_sms
         grad = grad.contiguous()
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grouped_mm(grad, weight.transpose(1, 2).contiguous(), group_ends, ctx.backend)
+            grad_x = grouped_mm(grad, weight.transpose(1, 2).contiguous(), group_ends, backend, num_comm_sms)
         if not ctx.needs_input_grad[1]:
-            return grad_x, None, None, None
-        backend = ctx.backend
+            return grad_x, None, None, None, None
 
         def weight_grad() -> torch.Tensor:
-            return grouped_wgrad(grad, x, group_ends, backend)
+            return grouped_wgrad(grad, x, group_ends, backend, num_comm_sms)
 
         if WeightGradStore.enabled:
             WeightGradStore.put(lambda: _accumulate(weight, weight_grad))
-            return grad_x, None, None, None
-        return grad_x, weight_grad(), None, None
+            return grad_x, None, None, None, None
+        return grad_x, weight_grad(), None, None, None
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor, backend: str = "auto",
+                   num_comm_sms: Optional[int] = None) -> torch.Tensor:
     """``out[rows of g] = x[rows of g] @ weight[g]^T``; weight gradient deferrable.
 
     x: [num_rows, k]; weight: [num_groups, n, k]; group_ends: [num_groups] int64 cumulative
-    row counts ending at num_rows. Returns [num_rows, n].
+    row counts ending at num_rows. Returns [num_rows, n]. The GEMMs of forward and backward
+    leave ``num_comm_sms`` SMs to communication (None: the whole device).
     """
-    return _GroupedLinear.apply(x, weight, group_ends, backend)
+    return _GroupedLinear.apply(x, weight, group_ends, backend, num_comm_sms)
 
 
 class GroupedExperts(nn.Module):
@@ -122,8 +127,10 @@ class GroupedExperts(nn.Module):
         nn.init.uniform_(self.gate_up, -1 / math.sqrt(self.hidden), 1 / math.sqrt(self.hidden))
         nn.init.uniform_(self.down, -1 / math.sqrt(self.intermediate), 1 / math.sqrt(self.intermediate))
 
-    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """x: [num_rows, hidden] grouped by expert; num_tokens_per_expert: [num_experts] int64."""
+    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor,
+                num_comm_sms: Optional[int] = None) -> torch.Tensor:
+        """x: [num_rows, hidden] grouped by expert; num_tokens_per_expert: [num_experts] int64.
+        The grouped GEMMs (and their backward) leave ``num_comm_sms`` SMs to communication."""
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.hidden:
             raise ValueError(f"GroupedExperts input must be [num_rows, {self.hidden}], got "
                              f"{tuple(getattr(x, 'shape', ())) or type(x).__name__}")
@@ -134,9 +141,9 @@ class GroupedExperts(nn.Module):
                              f"got {getattr(counts, 'dtype', type(counts).__name__)} "
                              f"{tuple(getattr(counts, 'shape', ()))}")
         group_ends = torch.cumsum(num_tokens_per_expert, 0)
-        h = grouped_linear(x, self.gate_up, group_ends, self.backend)
+        h = grouped_linear(x, self.gate_up, group_ends, self.backend, num_comm_sms)
         gate, up = h.split(self.intermediate, dim=-1)
-        return grouped_linear(F.silu(gate) * up, self.down, group_ends, self.backend)
+        return grouped_linear(F.silu(gate) * up, self.down, group_ends, self.backend, num_comm_sms)
 
 
 class SharedExperts(nn.Module):
@@ -164,7 +171,7 @@ def experts_forward(
     recv_x: torch.Tensor,
     recv_idx: torch.Tensor,
     recv_weights: torch.Tensor,
-    num_sms: Optional[int] = None,
+    num_comm_sms: Optional[int] = None,
     capacity: bool = False,
 ) -> torch.Tensor:
     """Expert side of a dispatch: ``y[i] = sum_k recv_weights[i, k] * expert_{recv_idx[i, k]}(recv_x[i])``.
@@ -174,7 +181,8 @@ def experts_forward(
     Gradients reach recv_x, recv_weights and the expert weights. With ``capacity`` (rows of an
     ``EPBuffer`` dispatch, padding included) the expanded buffer has its worst-case size
     ``num_recv * min(num_topk, num_experts)``, so nothing is read on the host; padding rows
-    (all -1) give zero rows.
+    (all -1) give zero rows. ``num_comm_sms``: the grid of the expanding and reducing kernels,
+    and the SMs the grouped GEMMs leave free (None: unbounded).
     """
     from dualpipe_ext.kernels.expand_reduce import expand, reduce
 
@@ -190,6 +198,6 @@ def experts_forward(
         raise ValueError(f"experts_forward: recv_x {tuple(recv_x.shape)}, recv_idx {tuple(recv_idx.shape)} and "
                          f"recv_weights {tuple(recv_weights.shape)} must agree on num_recv (and num_topk)")
     num_rows = recv_idx.shape[0] * min(recv_idx.shape[1], experts.num_experts) if capacity else None
-    expanded = expand(recv_x, recv_idx, experts.num_experts, num_rows=num_rows, num_sms=num_sms)
-    expert_out = experts(expanded.expanded_x, expanded.num_tokens_per_local_expert)
-    return reduce(expert_out, expanded.expand_pos, recv_weights, num_sms=num_sms)
+    expanded = expand(recv_x, recv_idx, experts.num_experts, num_rows=num_rows, num_sms=num_comm_sms)
+    expert_out = experts(expanded.expanded_x, expanded.num_tokens_per_local_expert, num_comm_sms)
+    return reduce(expert_out, expanded.expand_pos, recv_weights, num_sms=num_comm_sms)

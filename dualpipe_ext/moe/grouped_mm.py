@@ -11,10 +11,10 @@ input gradient); ``grouped_wgrad(grad, x, group_ends)``: ``dw[g] = grad[rows of 
 - "loop": one matmul per group (CPU, and anything else); it reads the group ends on the host.
 
 Every backend but "loop" keeps the group ends on the device, so capacity-sized buffers
-(rows past the last end are not computed) run without a host read. Inside
-``sm_budget.sm_partition`` the Triton kernels' persistent grids and CUTLASS's ``sm_count``
-take the compute budget, leaving the communication its SMs (``torch._grouped_mm`` runs on
-cuBLAS's carveout).
+(rows past the last end are not computed) run without a host read. ``num_comm_sms``
+(None: no budget) is the communication's SMs: the Triton kernels' persistent grids and
+CUTLASS's ``sm_count`` take the rest, ``sm_budget.compute_sms(device, num_comm_sms)``
+(``torch._grouped_mm`` runs on cuBLAS's carveout, ``sm_budget.sm_partition``).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from dualpipe_ext.sm_budget import compute_sms
+from dualpipe_ext import sm_budget
 
 __all__ = ["BACKENDS", "grouped_mm", "grouped_wgrad", "pick_backend", "cutlass_grouped_mm", "cuda_extension",
            "require_cuda_extension"]
@@ -89,11 +89,13 @@ def _loop(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor) -> torch.T
     return out
 
 
-def cutlass_grouped_mm(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+def cutlass_grouped_mm(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor,
+                       num_comm_sms: Optional[int] = None) -> torch.Tensor:
     """``out[rows of g] = x[rows of g] @ w[g]^T`` by the CUTLASS sm90 kernel (bf16, CUDA).
 
     CPU tensors run the PyTorch reference (``kernels.grouped_mm.grouped_mm_reference``),
     which defines what the kernel computes. x [rows, k], w [groups, n, k], group_ends [groups].
+    The kernel's ``sm_count`` leaves ``num_comm_sms`` SMs free (0: the whole device).
     """
     from dualpipe_ext.kernels.grouped_mm import grouped_mm_reference
 
@@ -102,11 +104,12 @@ def cutlass_grouped_mm(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tenso
     ext = require_cuda_extension()
     with torch.cuda.device(x.device):
         return ext.grouped_mm_bf16(x, w, group_ends.to(torch.int32), torch.cuda.current_stream().cuda_stream,
-                                   compute_sms(x.device) or 0)
+                                   sm_budget.compute_sms(x.device, num_comm_sms) or 0)
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """``out[rows of g] = x[rows of g] @ w[g]^T``.
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor, backend: str = "auto",
+               num_comm_sms: Optional[int] = None) -> torch.Tensor:
+    """``out[rows of g] = x[rows of g] @ w[g]^T``, leaving ``num_comm_sms`` SMs to communication.
 
     x: [num_rows, k]; w: [num_groups, n, k] same dtype; group_ends: [num_groups] int
     cumulative row counts ending at num_rows. Returns [num_rows, n].
@@ -115,16 +118,19 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor, backe
     if which == "torch":
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=group_ends.to(torch.int32))
     if which == "cutlass":
-        return cutlass_grouped_mm(x, w, group_ends)
+        return cutlass_grouped_mm(x, w, group_ends, num_comm_sms)
     if which == "triton":
         from dualpipe_ext.kernels.grouped_mm import grouped_mm
 
-        return grouped_mm(x, w.contiguous(), group_ends, num_sms=compute_sms(x.device), impl="triton")
+        return grouped_mm(x, w.contiguous(), group_ends, num_sms=sm_budget.compute_sms(x.device, num_comm_sms),
+                          impl="triton")
     return _loop(x, w, group_ends)
 
 
-def grouped_wgrad(grad: torch.Tensor, x: torch.Tensor, group_ends: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """``dw[g] = grad[rows of g]^T @ x[rows of g]``: [num_groups, n, k] from grad [rows, n], x [rows, k]."""
+def grouped_wgrad(grad: torch.Tensor, x: torch.Tensor, group_ends: torch.Tensor, backend: str = "auto",
+                  num_comm_sms: Optional[int] = None) -> torch.Tensor:
+    """``dw[g] = grad[rows of g]^T @ x[rows of g]``: [num_groups, n, k] from grad [rows, n], x [rows, k],
+    leaving ``num_comm_sms`` SMs to communication."""
     num_groups = group_ends.shape[0]
     which = pick_backend(x, grad.new_empty(1, grad.shape[1]), backend)
     if which == "torch" and _aligned(grad.shape[1], x.shape[1]):
@@ -132,8 +138,8 @@ def grouped_wgrad(grad: torch.Tensor, x: torch.Tensor, group_ends: torch.Tensor,
     if which == "triton":
         from dualpipe_ext.kernels.grouped_mm import grouped_wgrad as triton_wgrad
 
-        return triton_wgrad(grad.contiguous(), x.contiguous(), group_ends, num_sms=compute_sms(x.device),
-                            impl="triton")
+        return triton_wgrad(grad.contiguous(), x.contiguous(), group_ends,
+                            num_sms=sm_budget.compute_sms(x.device, num_comm_sms), impl="triton")
     dw = grad.new_zeros(num_groups, grad.shape[1], x.shape[1])
     begin = 0
     for g, end in enumerate(group_ends.tolist()):

@@ -195,9 +195,9 @@ class HierarchicalEP:
 
     _groups: Dict[Tuple[int, Tuple[int, ...]], Any] = {}  # subgroups by world and global ranks, shared
 
-    def __init__(self, group=None, ranks_per_node: Optional[int] = None, *, num_sms: Optional[int] = None,
+    def __init__(self, group=None, ranks_per_node: Optional[int] = None, *, num_comm_sms: Optional[int] = None,
                  track: bool = False):
-        self.group, self.num_sms = group, num_sms
+        self.group, self.num_comm_sms = group, num_comm_sms
         self.layout = node_layout(group, ranks_per_node)
         self.node_group, self.rail_group = self._subgroups(group, self.layout)
         self.last_handle: Optional[HierarchicalHandle] = None
@@ -249,12 +249,13 @@ class HierarchicalEP:
         in-node source. Differentiable in ``x`` and ``topk_weights``."""
         self._check_experts(num_experts)
         per_node = num_experts // self.layout.num_nodes if isinstance(num_experts, int) else num_experts
-        first = dispatch(x, topk_idx, topk_weights, num_experts, self.rail_group, async_op=True, num_sms=self.num_sms)
+        sms = self.num_comm_sms
+        first = dispatch(x, topk_idx, topk_weights, num_experts, self.rail_group, async_op=True, num_comm_sms=sms)
         row_bytes = x.shape[-1] * x.element_size() if isinstance(x, torch.Tensor) and x.dim() == 2 else 0
 
         def second(res):
             rx, ridx, rw, inter = res
-            pending = dispatch(rx, ridx, rw, per_node, self.node_group, async_op=True, num_sms=self.num_sms)
+            pending = dispatch(rx, ridx, rw, per_node, self.node_group, async_op=True, num_comm_sms=sms)
 
             def finish():
                 px, pidx, pw, intra = pending.wait()
@@ -269,17 +270,18 @@ class HierarchicalEP:
     def combine(self, y: torch.Tensor, handle: HierarchicalHandle, async_op: bool = False):
         """As ``moe.combine``: y [num_recv, hidden] -> [num_tokens, hidden], summed inside the node first."""
         _check_handle("combine", handle)
-        first = combine(y, handle.intra, async_op=True, num_sms=self.num_sms)
-        pending = _chain(first, lambda rows: combine(rows, handle.inter, async_op=True, num_sms=self.num_sms),
+        sms = self.num_comm_sms
+        first = combine(y, handle.intra, async_op=True, num_comm_sms=sms)
+        pending = _chain(first, lambda rows: combine(rows, handle.inter, async_op=True, num_comm_sms=sms),
                          "moe.combine (hierarchical)")
         return _maybe_async(pending, async_op)
 
     def combine_backward(self, grad_out: torch.Tensor, handle: HierarchicalHandle, async_op: bool = False):
         """Gradient of ``combine``: grad_out [num_tokens, hidden] -> [num_recv, hidden]."""
         _check_handle("combine_backward", handle)
-        first = combine_backward(grad_out, handle.inter, async_op=True, num_sms=self.num_sms)
+        first = combine_backward(grad_out, handle.inter, async_op=True, num_comm_sms=self.num_comm_sms)
         pending = _chain(first, lambda rows: combine_backward(rows, handle.intra, async_op=True,
-                                                              num_sms=self.num_sms),
+                                                              num_comm_sms=self.num_comm_sms),
                          "moe.combine_backward (hierarchical)")
         return _maybe_async(pending, async_op)
 
@@ -288,9 +290,9 @@ class HierarchicalEP:
         """Gradient of ``dispatch``: ``(grad_x [num_tokens, hidden], grad_topk_weights [num_tokens, num_topk])``."""
         _check_handle("dispatch_backward", handle)
         first = dispatch_backward(grad_recv_x, grad_recv_weights, handle.intra, handle.intra.topk_idx,
-                                  async_op=True, num_sms=self.num_sms)
+                                  async_op=True, num_comm_sms=self.num_comm_sms)
         pending = _chain(first, lambda g: dispatch_backward(g[0], g[1], handle.inter, handle.topk_idx,
-                                                            async_op=True, num_sms=self.num_sms),
+                                                            async_op=True, num_comm_sms=self.num_comm_sms),
                          "moe.dispatch_backward (hierarchical)")
         return _maybe_async(pending, async_op)
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from dualpipe_ext import faults
 from dualpipe_ext.debug import checks_enabled
+from dualpipe_ext.sm_budget import check_num_comm_sms
 
 from .collectives import group_rank, group_size
 from .dispatch import combine, combine_backward, dispatch, dispatch_backward
@@ -95,8 +96,10 @@ class MoE(nn.Module):
     Tokens move through the collective path (``moe.dispatch``/``moe.combine``, any backend,
     any number of hosts) or, with ``ep=EPBuffer(group, ...)``, through the device-side one:
     no collective and no host read in forward or backward, the expert side working on the
-    buffer's capacity-sized rows. ``num_comm_sms`` is the grid of its token-moving kernels
-    (packing, combining, expanding; None: unbounded), the SMs it leaves the experts' GEMMs.
+    buffer's capacity-sized rows. ``num_comm_sms`` (None: unbounded) is the communication's SM
+    budget: the grid of its token-moving kernels (packing, combining, expanding; an EPBuffer's
+    ``num_sms`` must equal it), and the SMs the experts' grouped GEMMs leave free, forward and
+    backward.
     """
 
     def __init__(self, config: MoEConfig, group=None, *, num_comm_sms: Optional[int] = None,
@@ -104,15 +107,13 @@ class MoE(nn.Module):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"MoE takes a dualpipe_ext.moe.MoEConfig, got {type(config).__name__}")
-        if num_comm_sms is not None and (isinstance(num_comm_sms, bool) or not isinstance(num_comm_sms, int)
-                                         or num_comm_sms < 1):
-            raise ValueError(f"MoE: num_comm_sms must be None or a positive int, got {num_comm_sms!r}")
+        check_num_comm_sms(num_comm_sms, "MoE: num_comm_sms")
         world = group_size(group)
         faults.publish_process()  # so that peers can tell whether this process exited, after a failure
         if config.num_experts % world:
             raise ValueError(f"num_experts ({config.num_experts}) must be divisible by the expert-parallel size ({world})")
         if ep is not None:
-            _check_ep(ep, config, group)
+            _check_ep(ep, config, group, num_comm_sms)
         if ep is not None and config.hierarchical:
             raise ValueError("MoE: hierarchical dispatch runs on the collective path; pass ep=None")
         self.config, self.group, self.num_comm_sms, self.ep = config, group, num_comm_sms, ep
@@ -168,7 +169,7 @@ class MoE(nn.Module):
         if self.hier is not None:
             return self.hier.dispatch(x, topk_idx, topk_weights, self.config.num_experts, async_op=async_op)
         return dispatch(x, topk_idx, topk_weights, self.config.num_experts, self.group, async_op=async_op,
-                        num_sms=self.num_comm_sms, fp8=self.config.fp8_dispatch, ue8m0=self.config.fp8_ue8m0)
+                        num_comm_sms=self.num_comm_sms, fp8=self.config.fp8_dispatch, ue8m0=self.config.fp8_ue8m0)
 
     @property
     def dispatch_row_bytes(self) -> int:
@@ -184,7 +185,7 @@ class MoE(nn.Module):
         """This rank's routed experts on the received rows: [num_recv, hidden] in the dtype of recv_x."""
         if self.ep is None:
             self.received_rows += recv_x.shape[0]
-        return experts_forward(self.experts, recv_x, recv_idx, recv_weights, num_sms=self.num_comm_sms,
+        return experts_forward(self.experts, recv_x, recv_idx, recv_weights, num_comm_sms=self.num_comm_sms,
                                capacity=self.ep is not None)
 
     def combine(self, y: torch.Tensor, handle, async_op: bool = False):
@@ -193,7 +194,7 @@ class MoE(nn.Module):
             return self.ep.combine(y, handle, async_op=async_op)
         if self.hier is not None:
             return self.hier.combine(y, handle, async_op=async_op)
-        return combine(y, handle, async_op=async_op, num_sms=self.num_comm_sms)
+        return combine(y, handle, async_op=async_op, num_comm_sms=self.num_comm_sms)
 
     def combine_backward(self, grad_out: torch.Tensor, handle, async_op: bool = False):
         """Gradient of ``combine`` [num_tokens, hidden] -> the received rows' gradients (or an InFlight)."""
@@ -201,7 +202,7 @@ class MoE(nn.Module):
             return self.ep.combine_backward(grad_out, handle, async_op=async_op)
         if self.hier is not None:
             return self.hier.combine_backward(grad_out, handle, async_op=async_op)
-        return combine_backward(grad_out, handle, async_op=async_op, num_sms=self.num_comm_sms)
+        return combine_backward(grad_out, handle, async_op=async_op, num_comm_sms=self.num_comm_sms)
 
     def dispatch_backward(self, grad_recv_x: torch.Tensor, grad_recv_weights: torch.Tensor, handle,
                           async_op: bool = False):
@@ -212,7 +213,7 @@ class MoE(nn.Module):
         if self.hier is not None:
             return self.hier.dispatch_backward(grad_recv_x, grad_recv_weights, handle, async_op=async_op)
         return dispatch_backward(grad_recv_x, grad_recv_weights, handle, handle.topk_idx, async_op=async_op,
-                                 num_sms=self.num_comm_sms)
+                                 num_comm_sms=self.num_comm_sms)
 
     def use_hierarchical(self, ranks_per_node: Optional[int] = None, *, track: bool = False) -> None:
         """Dispatch hierarchically over nodes of ``ranks_per_node`` ranks from now on (collective over the
@@ -285,12 +286,12 @@ def _node_setup(config: MoEConfig, group, num_comm_sms):
     if config.topk_nodes is not None:
         check_node_limit(config.num_experts, config.topk, config.n_group, config.topk_group, layout.num_nodes,
                          min(config.topk_nodes, layout.num_nodes))
-    hier = HierarchicalEP(group, layout.ranks_per_node, num_sms=num_comm_sms) if config.hierarchical else None
+    hier = HierarchicalEP(group, layout.ranks_per_node, num_comm_sms=num_comm_sms) if config.hierarchical else None
     return layout.num_nodes, hier
 
 
-def _check_ep(ep: EPBuffer, config: MoEConfig, group) -> None:
-    """The buffer must serve this layer's group and sizes."""
+def _check_ep(ep: EPBuffer, config: MoEConfig, group, num_comm_sms: Optional[int]) -> None:
+    """The buffer must serve this layer's group and sizes, its exchange kernels run ``num_comm_sms`` programs."""
     import torch.distributed as dist
 
     if config.fp8_dispatch:
@@ -302,6 +303,9 @@ def _check_ep(ep: EPBuffer, config: MoEConfig, group) -> None:
     if dist.get_process_group_ranks(ep.group) != mine:
         raise ValueError(f"MoE: the EPBuffer serves the ranks {dist.get_process_group_ranks(ep.group)}, the layer's "
                          f"group is {mine}")
+    if num_comm_sms is not None and num_comm_sms != ep.num_sms:
+        raise ValueError(f"MoE: num_comm_sms ({num_comm_sms}) must equal the EPBuffer's num_sms ({ep.num_sms}): "
+                         f"the exchange kernels are the communication")
     if ep.hidden != config.hidden:
         raise ValueError(f"MoE: the EPBuffer's hidden size is {ep.hidden}, the layer's {config.hidden}")
     if ep.max_topk < config.topk:

@@ -6,6 +6,7 @@ from typing import Optional
 
 from dualpipe_ext import _C
 from dualpipe_ext.moe.layer import MoEConfig
+from dualpipe_ext.sm_budget import check_num_comm_sms
 
 __all__ = ["BlockConfig", "OverlapConfig", "ComponentCosts"]
 
@@ -55,9 +56,10 @@ class OverlapConfig:
     """Tuning knobs of the overlap engine; none changes the results, except ``two_batch``, which
     changes how weight-gradient sums are rounded (halves accumulate one after the other)."""
 
-    # SMs of the communication: the grid of the exchange kernels (an EPBuffer's num_sms must
-    # match), and what the compute kernels leave free during an overlapped step (cuBLAS
-    # carveout, the grouped GEMMs' grids). DeepSeek-V3: 20 of 132. None: no partition.
+    # SMs of the communication, passed to every MoE layer of the stage: the grid of the exchange
+    # kernels (an EPBuffer's num_sms must match), and what the experts' grouped GEMMs leave
+    # free (their grids, forward and backward) and cuBLAS during an overlapped step (its
+    # carveout). DeepSeek-V3: 20 of 132. None: no partition.
     num_comm_sms: Optional[int] = None
     # Split every chunk into two halves of its batch, whose exchanges run under each other's
     # computation: a chunk with no partner (warm-up, cool-down, PP=1) then overlaps with itself.
@@ -72,8 +74,7 @@ class OverlapConfig:
     inject_latency_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.num_comm_sms is not None and (not isinstance(self.num_comm_sms, int) or self.num_comm_sms < 1):
-            raise ValueError(f"OverlapConfig.num_comm_sms must be None or a positive int, got {self.num_comm_sms!r}")
+        check_num_comm_sms(self.num_comm_sms, "OverlapConfig.num_comm_sms")
         if not (self.inject_latency_s >= 0):
             raise ValueError(f"OverlapConfig.inject_latency_s must be >= 0, got {self.inject_latency_s}")
         if not isinstance(self.costs, ComponentCosts):

@@ -13,7 +13,7 @@ the same operations on the same data, only in another order.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -74,22 +74,46 @@ def execute(runs: Sequence[Run], interleave: bool, config) -> None:
             run.finish_layers()
 
 
+def _output_chunks(module1, roots: Sequence[Any]) -> List[Any]:
+    """The chunks of module1 whose outputs the autograd graph from ``roots`` reaches (a walk of the
+    graph above module1's outputs only: it stops at them)."""
+    found, seen, stack = [], set(), [r for r in roots if r is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        chunk = module1.chunk_of(node)
+        if chunk is not None:
+            found.append(chunk)
+        else:
+            stack.extend(n for n, _ in node.next_functions if n is not None)
+    return found
+
+
 def _capture_output_grad(module1, loss1: Optional[torch.Tensor], outputs1: Sequence[torch.Tensor],
                          grads1: Sequence[torch.Tensor]):
-    """Backpropagate the loss (or the output gradients) down to module1's output only."""
-    module1._capture = []
+    """Backpropagate the loss (or the output gradients) down to module1's output only:
+    ``(chunk, output gradient)``; the chunk's ``handover`` takes the gradient."""
+    roots = [loss1.grad_fn] if loss1 is not None else [o.grad_fn for o in outputs1]
+    chunks = _output_chunks(module1, roots)
+    if len(chunks) != 1:
+        raise RuntimeError(f"overlapped_forward_backward: expected the backward chunk to reach one output of module1 "
+                           f"({type(module1).__name__}), reached {len(chunks)}")
+    chunk = chunks[0]
+    chunk.handover = []
     try:
         if loss1 is not None:
             loss1.backward()
         elif outputs1:
             run_backward(list(outputs1), list(grads1))
-        captured = module1._capture
+        captured = chunk.handover
     finally:
-        module1._capture = None
+        chunk.handover = None
     if len(captured) != 1:
         raise RuntimeError(f"overlapped_forward_backward: expected the backward chunk to reach one output of module1 "
                            f"({type(module1).__name__}), reached {len(captured)}")
-    return captured[0]
+    return chunk, captured[0]
 
 
 def overlapped_forward_backward(module0, inputs0: Sequence[torch.Tensor], criterion0: Optional[Callable],

@@ -31,18 +31,21 @@ __all__ = ["ComponentStage", "OverlappedStage", "MoEStage", "OverlappedMoEStage"
 
 
 class _Chunk:
-    """One chunk's forward runs (the whole micro-batch, or its two halves) and its input."""
+    """One chunk's forward runs (the whole micro-batch, or its two halves) and its input.
+    ``handover``: while the engine takes the chunk's output gradient over (a list), the
+    output's backward appends the gradient to it instead of running the components."""
 
-    __slots__ = ("runs", "input", "split", "value")
+    __slots__ = ("runs", "input", "split", "value", "handover")
 
     def __init__(self, runs: List[ForwardRun], x: torch.Tensor, split: bool, value: torch.Tensor) -> None:
         self.runs, self.input, self.split, self.value = runs, x, split, value
+        self.handover: Optional[list] = None
 
 
 class _Chain(torch.autograd.Function):
     """Connects a chunk's output to its input and the stage's parameters; its backward runs the
     components' backward, or, while the engine captures the pair's backward chunk, hands the
-    output gradient over to the engine (the stage's ``_capture`` list)."""
+    output gradient over to the engine (the chunk's ``handover`` list)."""
 
     @staticmethod
     def forward(ctx, stage, chunk, x, anchor):
@@ -54,8 +57,8 @@ class _Chain(torch.autograd.Function):
     def backward(ctx, grad):
         stage, chunk = ctx.stage, ctx.chunk
         ctx.chunk = None
-        if stage._capture is not None:
-            stage._capture.append((chunk, grad))
+        if chunk.handover is not None:
+            chunk.handover.append(grad)
             return None, None, None, None
         return None, None, stage.backward_chunk(chunk, grad), None
 
@@ -78,11 +81,17 @@ class ComponentStage(nn.Module):
             if not hasattr(layer, "moe") or not callable(getattr(layer, "attention", None)):
                 raise ValueError(f"layer {i} ({type(layer).__name__}) is not a component layer: it needs an `moe` "
                                  f"(dualpipe_ext.moe.MoE) and `attention(x, context) -> (h, u)`")
+        overlap = overlap or OverlapConfig()
+        for i, layer in enumerate(layers):
+            sms = getattr(layer.moe, "num_comm_sms", None)
+            if overlap.num_comm_sms is not None and sms != overlap.num_comm_sms:
+                raise ValueError(f"layer {i}'s MoE has num_comm_sms={sms}, the stage's OverlapConfig "
+                                 f"{overlap.num_comm_sms}: build the layers' MoE with the same budget (e.g. "
+                                 f"replace_moe(model, num_comm_sms={overlap.num_comm_sms}))")
         self.layers = nn.ModuleList(layers)
         self.prologue, self.epilogue = prologue, epilogue
-        self.overlap = overlap or OverlapConfig()
+        self.overlap = overlap
         self._context_fn = context_fn
-        self._capture: Optional[list] = None  # set by the engine while it captures a pair's backward chunk
 
     # what the engine asks of a stage -------------------------------------------------------
 
@@ -96,8 +105,16 @@ class ComponentStage(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError if ``x`` cannot be this stage's input."""
 
+    def chunk_of(self, node: Any) -> Optional[_Chunk]:
+        """The chunk whose output's autograd ``node`` (a ``grad_fn``) this is, when its forward ran
+        through this stage (None: any other node)."""
+        if isinstance(node, _Chain._backward_cls) and getattr(node, "stage", None) is self:
+            return node.chunk
+        return None
+
     def sm_partition(self) -> contextlib.AbstractContextManager:
-        """The SM partition of an overlapped step: communication keeps ``num_comm_sms``."""
+        """cuBLAS's side of the SM partition of an overlapped step (the layers' own kernels take
+        ``num_comm_sms`` as an argument): communication keeps ``num_comm_sms``."""
         device = next(self.parameters()).device
         return sm_partition(device, self.overlap.num_comm_sms)
 
@@ -180,9 +197,6 @@ class MoEStage(ComponentStage):
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
         overlap = overlap or OverlapConfig()
-        if ep is not None and overlap.num_comm_sms is not None and overlap.num_comm_sms != ep.num_sms:
-            raise ValueError(f"OverlapConfig.num_comm_sms ({overlap.num_comm_sms}) must equal the EPBuffer's num_sms "
-                             f"({ep.num_sms}): the exchange kernels are the communication")
         blocks = [MoEBlock(config, group, overlap, device, dtype, ep) for _ in range(num_layers)]
         super().__init__(blocks, overlap=overlap)
         self.config = config

@@ -113,7 +113,8 @@ def test_combine_gradcheck():
     assert torch.autograd.gradcheck(lambda r: combine(r, pos), (rows,))
 
 
-def test_combine_bad_input():
+def test_combine_bad_input(monkeypatch):
+    monkeypatch.setenv("DUALPIPE_EXT_CHECKS", "1")  # position checks read the host: debug mode
     rows = torch.randn(3, 4)
     pos = torch.tensor([[0, 1], [2, -1]])
     with pytest.raises(ValueError, match=r"\[0, 3\)"):

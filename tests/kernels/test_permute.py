@@ -91,7 +91,8 @@ def test_permute_gradcheck():
     assert torch.autograd.gradcheck(lambda x: permute(x, send_pos, num_rows), (x,))
 
 
-def test_permute_bad_input():
+def test_permute_bad_input(monkeypatch):
+    monkeypatch.setenv("DUALPIPE_EXT_CHECKS", "1")  # position checks read the host: debug mode
     x = torch.randn(3, 4)
     pos = torch.tensor([[0], [1], [2]])
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
@@ -104,3 +105,21 @@ def test_permute_bad_input():
         permute(x, pos, 3, num_sms=0)
     with pytest.raises(ValueError, match="dtype"):
         permute(x.int(), pos, 3)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_position_checks_follow_debug_mode_only(monkeypatch, debug):
+    """The one switch: the position checks (host reads) of permute and combine run in debug mode only."""
+    from dualpipe_ext.kernels import combine as combine_module
+    from dualpipe_ext.kernels import permute as permute_module
+
+    checked = []
+    for module in (permute_module, combine_module):
+        real = module.check_positions
+        monkeypatch.setattr(module, "check_positions", lambda name, *a, _real=real: checked.append(name) or
+                            _real(name, *a))
+    monkeypatch.setenv("DUALPIPE_EXT_CHECKS", "1" if debug else "0")
+    x, send_pos = torch.randn(2, 4), torch.tensor([[0, 2], [1, -1]])
+    sent = permute(x, send_pos, 3, impl="reference")
+    combine_module.combine(sent, send_pos, impl="reference")
+    assert checked == (["send_pos", "pos"] if debug else [])

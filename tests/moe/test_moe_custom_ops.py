@@ -90,7 +90,8 @@ def test_compile_fullgraph_matches_eager(dtype):
         torch.testing.assert_close(got, want, **tol)
 
 
-def test_bad_positions_raise_inside_compiled_code():
+def test_bad_positions_raise_inside_compiled_code(monkeypatch):
+    monkeypatch.setenv("DUALPIPE_EXT_CHECKS", "1")  # value checks read the host: debug mode
     send_pos, num_rows = _layout()
     x = torch.randn(send_pos.shape[0], 4)
     torch._dynamo.reset()

@@ -29,3 +29,15 @@ def test_stage_input_shape_error_and_single_process_run():
     stage(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert all(p.grad is not None for p in stage.parameters())
+
+
+def test_stage_and_layers_share_one_budget():
+    """The stage's OverlapConfig.num_comm_sms reaches every MoE block; layers built with another budget
+    are refused (one value: the GEMMs take it from the layer, cuBLAS's carveout from the stage)."""
+    from dualpipe_ext.overlap import ComponentStage
+
+    stage = MoEStage(BlockConfig(MOE), 2, overlap=OverlapConfig(num_comm_sms=3))
+    assert [b.moe.num_comm_sms for b in stage.blocks] == [3, 3]
+    with pytest.raises(ValueError, match="num_comm_sms=3, the stage's OverlapConfig 5"):
+        ComponentStage(list(stage.blocks), overlap=OverlapConfig(num_comm_sms=5))
+    assert ComponentStage(list(stage.blocks), overlap=OverlapConfig(num_comm_sms=3)).overlap.num_comm_sms == 3
