@@ -50,9 +50,18 @@ class JobConfig:
 
 
 def _batch(job: JobConfig, corpus, split: str, step: int, replica: int, direction: int, n_micro: int) -> torch.Tensor:
-    """[n_micro * micro_batch, seq] int64 input ids a replica feeds in one direction at ``step``."""
-    g = torch.Generator().manual_seed(1_000_003 * (step + 1) + 1009 * replica + 17 * direction + (split == "eval"))
-    return corpus.windows("train" if split == "train" else "held_out", n_micro * job.micro_batch, job.lm.seq, g)
+    """[n_micro * micro_batch, seq] int64 input ids a replica feeds in one direction at ``step``.
+
+    Micro-batch ``m = replica * n_micro + i`` of a direction has its own generator, so the global
+    batch depends on the micro-batches per direction (``chunks * ep``), not on how the replicas
+    share them: a checkpoint resumed with another ``--ep`` (and ``--chunks`` to match) sees the same data.
+    """
+    out = []
+    for i in range(n_micro):
+        m = replica * n_micro + i
+        g = torch.Generator().manual_seed(1_000_003 * (step + 1) + 1009 * m + 17 * direction + (split == "eval"))
+        out.append(corpus.windows("train" if split == "train" else "held_out", job.micro_batch, job.lm.seq, g))
+    return torch.cat(out)
 
 
 def _feeds(job: JobConfig, corpus, layout: Layout, split: str, step: int, device) -> Tuple[list, list, List[torch.Tensor]]:
