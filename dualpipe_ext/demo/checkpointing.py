@@ -26,7 +26,7 @@ def _meta(job) -> dict:
 
 def _same_model(saved: dict, lm) -> list:
     mine = dataclasses.asdict(lm)
-    return [f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in mine.items() if k != "seed" and saved.get(k) != v]
+    return [f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in mine.items() if k not in ("seed", "seq") and saved.get(k) != v]
 
 
 def save(job, layout, modules, names, opt, step: int) -> Dict[str, float]:
