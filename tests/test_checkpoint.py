@@ -13,7 +13,7 @@ from dualpipe_ext import checkpoint as ckpt
 
 def test_moe_state_has_one_key_per_global_expert():
     moe = build()["a"]
-    state = ckpt.moe_state(moe, "layers.3.mlp.", for_save=False)
+    state = moe.global_state_dict("layers.3.mlp.")
     assert sorted(k for k in state if ".experts." in k)[:3] == ["layers.3.mlp.experts.down.0",
                                                                 "layers.3.mlp.experts.down.1",
                                                                 "layers.3.mlp.experts.down.2"]
