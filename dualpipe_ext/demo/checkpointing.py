@@ -36,6 +36,8 @@ def save(job, layout, modules, names, opt, step: int) -> Dict[str, float]:
     state = ckpt.model_state(modules, names, for_save=True)
     state.update(ckpt.optimizer_state(opt, modules, names, for_save=True))
     rank_files = {"torch_rng": torch.get_rng_state(), "layout": [job.schedule, job.pp, job.ep]}
+    if job.device == "cuda":
+        rank_files["cuda_rng"] = torch.cuda.get_rng_state()
     path = ckpt.save(job.save, step, state, _meta(job), rank_files)
     dt = time.perf_counter() - t0
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
@@ -71,6 +73,9 @@ def resume(job, layout, modules, names, opt) -> Tuple[int, Dict[str, float]]:
     ckpt.finish_moe_load(modules)
     rank_file = os.path.join(path, f"rank{dist.get_rank()}.pt")
     if [meta["schedule"], meta["pp"], meta["ep"]] == [job.schedule, job.pp, job.ep] and os.path.isfile(rank_file):
-        torch.set_rng_state(torch.load(rank_file, weights_only=False)["torch_rng"])
+        saved = torch.load(rank_file, weights_only=False)
+        torch.set_rng_state(saved["torch_rng"])
+        if "cuda_rng" in saved and job.device == "cuda":
+            torch.cuda.set_rng_state(saved["cuda_rng"])
     dist.barrier()
     return step, {"load_s": time.perf_counter() - t0, "loaded": path}
