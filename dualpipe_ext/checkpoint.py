@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["CheckpointError", "model_state", "optimizer_state", "moe_state", "save", "load", "latest",
-           "read_meta", "checkpoint_keys"]
+           "read_meta", "checkpoint_keys", "resolve", "check_fits", "finish_moe_load"]
 
 META = "meta.json"
 LATEST = "latest"

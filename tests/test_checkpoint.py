@@ -24,6 +24,7 @@ def test_moe_state_has_one_key_per_global_expert():
             "layers.3.mlp.shared.gate_up"} <= set(state)
 
 
+@pytest.mark.slow
 def test_save_and_load_in_one_process_is_bitwise(tmp_path):
     model = build()
     opt = train_step(model, seed=0)
