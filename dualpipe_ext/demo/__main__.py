@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     a("--timeout", type=float, default=300.0, help="seconds a rank waits for a peer (default 300)")
     a("--seed", type=int, default=0, help="seed of the weights and the data order (default 0)")
     a("--json", metavar="PATH", help="also write the run's figures (losses, tokens/s, exposed time, check) as JSON")
+    a("--save", metavar="DIR", help="save a checkpoint under DIR every --save-every steps and at the end")
+    a("--save-every", type=int, default=0, metavar="N", help="steps between checkpoints (default 0: at the end only)")
+    a("--resume", metavar="DIR", help="continue from the latest checkpoint under DIR (any --pp/--ep)")
     return p
 
 
@@ -84,11 +87,22 @@ def _job(args):
                      overlap=not args.no_overlap, two_batch=args.two_batch, steps=args.steps, chunks=args.chunks,
                      micro_batch=args.micro_batch, lr=args.lr, eval_batches=args.eval_batches, device=args.device,
                      check=not args.no_check, timeout_s=args.timeout, fp8_dispatch=args.fp8_dispatch,
-                     ep_nodes=args.ep_nodes,
+                     ep_nodes=args.ep_nodes, save=args.save, save_every=args.save_every, resume=args.resume,
                      ep_ranks_per_node=args.ep // args.ep_nodes if args.ep_nodes and not _torchrun() else None)
 
 
 def _check_args(p: argparse.ArgumentParser, args) -> None:
+    if args.save_every < 0 or (args.save_every and not args.save):
+        p.error("--save-every N takes N >= 0 and needs --save DIR")
+    if args.resume:
+        from dualpipe_ext.checkpoint import CheckpointError, resolve
+
+        from .checkpointing import check_resume
+
+        try:
+            check_resume(resolve(args.resume), _job(args))
+        except CheckpointError as e:
+            p.error(str(e))
     stages = args.pp if args.schedule == "dualpipe" else 2 * args.pp
     if min(args.steps, args.layers, args.hidden, args.seq, args.micro_batch, args.chunks, args.pp, args.ep,
            args.experts, args.topk) < 1 or args.eval_batches < 0 or not args.lr > 0 or not args.timeout > 0:
@@ -163,8 +177,16 @@ def _report(job, results: List[dict], wall_s: float, json_path: Optional[str] = 
               f"{len(rss)} ({(rss[-1] / rss[19] - 1) * 100:+.1f} %)")
     if r0.get("dispatch_bytes"):
         print(_bytes_line(job, r0))
+    ckpt = r0.get("checkpoint") or {}
+    if job.save or job.resume:
+        print(f"losses from step {r0['first_step']}: {r0['losses']!r}")
+    if "loaded" in ckpt:
+        print(f"checkpoint: resumed from {ckpt['loaded']} at step {r0['first_step']} (load {ckpt['load_s']:.2f} s)")
+    if "saved" in ckpt:
+        print(f"checkpoint: saved {ckpt['saved']} ({ckpt['save_bytes'] / 2 ** 20:.2f} MiB, last save "
+              f"{ckpt['save_s']:.2f} s)")
     ok = True
-    if job.check:
+    if job.check and "check" in r0:
         mismatches = [f"rank {r}: {m}" for r, res in enumerate(results) for m in res["check"]["mismatches"]]
         worst = max(res["check"]["worst"] for res in results)
         compared = sum(res["check"]["compared"] for res in results)

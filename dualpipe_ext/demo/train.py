@@ -45,12 +45,24 @@ class JobConfig:
     fp8_dispatch: bool = False  # tokens dispatched as FP8 (collective path), the check's reference rounds alike
     ep_nodes: int = 0  # nodes the expert-parallel group spans, dispatched hierarchically (0: flat dispatch)
     ep_ranks_per_node: Optional[int] = None  # expert-parallel ranks per node (None: the launch's LOCAL_WORLD_SIZE)
+    save: Optional[str] = None  # checkpoint folder (written every save_every steps and at the end)
+    save_every: int = 0  # 0: at the end only
+    resume: Optional[str] = None  # checkpoint (or folder of them) to start from
 
 
 def _batch(job: JobConfig, corpus, split: str, step: int, replica: int, direction: int, n_micro: int) -> torch.Tensor:
-    """[n_micro * micro_batch, seq] int64 input ids a replica feeds in one direction at ``step``."""
-    g = torch.Generator().manual_seed(1_000_003 * (step + 1) + 1009 * replica + 17 * direction + (split == "eval"))
-    return corpus.windows("train" if split == "train" else "held_out", n_micro * job.micro_batch, job.lm.seq, g)
+    """[n_micro * micro_batch, seq] int64 input ids a replica feeds in one direction at ``step``.
+
+    Micro-batch ``m = replica * n_micro + i`` of a direction has its own generator, so the global
+    batch depends on the micro-batches per direction (``chunks * ep``), not on how the replicas
+    share them: a checkpoint resumed with another ``--ep`` (and ``--chunks`` to match) sees the same data.
+    """
+    out = []
+    for i in range(n_micro):
+        m = replica * n_micro + i
+        g = torch.Generator().manual_seed(1_000_003 * (step + 1) + 1009 * m + 17 * direction + (split == "eval"))
+        out.append(corpus.windows("train" if split == "train" else "held_out", job.micro_batch, job.lm.seq, g))
+    return torch.cat(out)
 
 
 def _feeds(job: JobConfig, corpus, layout: Layout, split: str, step: int, device) -> Tuple[list, list, List[torch.Tensor]]:
@@ -146,13 +158,18 @@ def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
     opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0)
     n_micro = job.chunks * job.ep
     tokens_per_step = n_micro * job.micro_batch * job.lm.seq
+    start_step, ckpt_stats = 0, {}
+    if job.resume:
+        from .checkpointing import resume
+
+        start_step, ckpt_stats = resume(job, layout, modules, names, opt)
     bar = None
     if job.progress and rank == 0:
-        bar = _progress(job.steps)
+        bar = _progress(job.steps - start_step)
     out: Dict[str, object] = {"losses": [], "step_s": [], "exposed_ms": [], "resident_mb": [], "pairs": 0,
                               "dispatch_bytes": [], "dispatch_row_bytes": moes[0].dispatch_row_bytes if moes else 0,
                               "off_node": []}
-    for step in range(job.steps):
+    for step in range(start_step, job.steps):
         inputs, labels, everything = _feeds(job, corpus, layout, "train", step, device)
         opt.zero_grad(set_to_none=True)
         for m in moes:
@@ -182,12 +199,17 @@ def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
         if bar is not None:
             bar.update(step, mean_loss, tokens_per_step / float(timing[0]), float(timing[1]), float(total[2]),
                        off_node)
+        if job.save and ((job.save_every and (step + 1) % job.save_every == 0) or step + 1 == job.steps):
+            from .checkpointing import save
+
+            ckpt_stats.update(save(job, layout, modules, names, opt, step + 1))
     if bar is not None:
         bar.close()
     out["pairs"] = pipe.executor.num_overlapped_calls
     out["held_out"] = _evaluate(job, corpus, layout, pipe, device)
     out["copies_differ"] = copies_differ(modules, ids, layout)
     out["tokens_per_step"] = tokens_per_step
+    out["first_step"], out["checkpoint"] = start_step, ckpt_stats
     if buffer is not None:
         buffer.close()
     return out

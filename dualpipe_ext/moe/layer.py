@@ -261,6 +261,14 @@ class MoE(nn.Module):
             out = out + self.shared(x)
         return out.reshape(shape)
 
+    def global_state_dict(self, prefix: str = "", *, for_save: bool = False) -> dict:
+        """This rank's state under global names for ``dualpipe_ext.checkpoint``: one key per routed expert
+        (``{prefix}experts.gate_up.{E}`` [2 * I, hidden] for the global expert E), the router, shared
+        experts, ``expert_bias`` and ``expert_load`` (group-summed, collective, with ``for_save``)."""
+        from dualpipe_ext.checkpoint import moe_state
+
+        return moe_state(self, prefix, for_save=for_save)
+
     @torch.no_grad()
     def update_bias(self) -> None:
         """Aux-loss-free balancing step: raise the bias of under-loaded experts, lower over-loaded ones.
