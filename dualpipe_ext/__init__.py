@@ -25,7 +25,7 @@ _EXPORTS = {
 }
 
 # subpackages loaded on first attribute access
-_SUBMODULES = ("moe", "overlap", "integrations", "schedules", "runtime", "viz")
+_SUBMODULES = ("moe", "overlap", "integrations", "schedules", "runtime", "viz", "checkpoint", "graphs")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["__version__"]
 
