@@ -158,3 +158,44 @@ def test_moe_layer_with_fp8_dispatch_on_the_epbuffer_path():
         # the same FP8-rounded rows reach the same experts; only the summation order may differ
         assert torch.allclose(ep["out"], coll["out"], rtol=1e-5, atol=1e-6)
         assert torch.allclose(ep["grad_x"], coll["grad_x"], rtol=1e-5, atol=1e-6)
+
+
+_COMPILE_FP8 = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("compile_ep_kernels", sys.argv[1])
+m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+kx = m.kx
+blocks = dict(WP=8, KP=8, BLOCK_T=16, BLOCK_H=512, VEC=4, HAS_POLL=False)
+out = {}
+for fn, consts, warps in ((kx._put_dispatch_kernel, dict(ROUTES=True, WAIT_ACK=True), kx.NUM_WARPS_PUT),
+                          (kx._recv_dispatch_kernel, dict(ROUTES=True, WAIT=True), kx.NUM_WARPS_RECV)):
+    k = m.compile_one(fn, "i32", {**blocks, **consts}, warps)
+    out[fn.__name__] = m.global_ops(k.asm["ptx"])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_fp8_rows_move_as_128_bit_accesses_on_sm90(tmp_path):
+    # packed FP8 rows travel as int32 words (VEC = 4: 16 bytes) through the same dispatch kernels
+    pytest.importorskip("triton.backends.nvidia")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    script = os.path.join(os.path.dirname(__file__), "..", "kernels", "compile_ep_kernels.py")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FP8, script], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    from dualpipe_ext.kernels.ep_exchange import NUM_WARPS_PUT
+
+    per_tile = 16 * 512 * 4 // 16 // (32 * NUM_WARPS_PUT)  # a 16 x 512 tile of int32 in 16-byte vectors
+    for name, ops in got.items():
+        loads = "ld.global.cg.v4.b32" if name.startswith("_recv") else "ld.global.v4.b32"
+        assert ops.get("st.global.v4.b32", 0) >= per_tile, (name, ops)
+        assert ops.get(loads, 0) >= per_tile, (name, ops)
