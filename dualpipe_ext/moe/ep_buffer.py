@@ -4,6 +4,7 @@
     recv_x, recv_idx, recv_weights, handle = ep.dispatch(x, topk_idx, topk_weights, num_experts)
     y = experts(recv_x, recv_idx, recv_weights)     # [ep.recv_capacity, hidden]
     out = ep.combine(y, handle)                      # [num_tokens, hidden]
+    ep.dispatch(x, topk_idx, topk_weights, num_experts, fp8=True)   # rows cross as FP8 (docs/fp8.md)
 
 The same meaning as ``moe.dispatch``/``moe.combine``, with fixed shapes: every rank receives
 ``recv_capacity = max_tokens * world`` rows, segment ``s`` (rows ``[s * max_tokens, (s + 1) *
