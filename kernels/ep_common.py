@@ -5,6 +5,7 @@ See ``ep_exchange`` for how an exchange runs.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Tuple
 
 import torch
@@ -14,7 +15,7 @@ from ._common import next_pow2
 from ._triton import tl, triton  # None without Triton: the references run without it
 
 __all__ = ["ExchangeLayout", "Channel", "DISPATCH", "COMBINE", "DATA", "ACK", "META_FIELDS", "HAS_POLL", "launch_wait",
-           "advance_epoch", "compact_positions", "row_vec", "DO_NOT_SPECIALIZE"]
+           "advance_epoch", "compact_positions", "row_vec", "row_geometry", "DO_NOT_SPECIALIZE"]
 
 DISPATCH, COMBINE = 0, 1  # exchange shapes (signal rings)
 DATA, ACK = 0, 1  # counter kinds
@@ -107,6 +108,24 @@ def row_vec(hidden: int, elem_size: int) -> int:
     while vec * elem_size < 16 and hidden % (2 * vec) == 0:
         vec *= 2
     return vec
+
+
+def row_geometry(lay: "ExchangeLayout", rows: torch.Tensor) -> Tuple[int, int, dict]:
+    """How the row-moving kernels walk ``rows`` [n, width]: ``(width, stride, consts)``, ``stride`` the
+    row pitch of the slot region in ``rows``' elements (a slot row holds ``hidden`` elements of the
+    buffer's dtype), ``consts`` the ``BLOCK_H``/``VEC`` of those elements.
+
+    Rows of the buffer's dtype have ``width == stride == hidden``. Narrower rows of another element
+    type (FP8 dispatch: packed e4m3 bytes and scales, viewed as int32) cross in the same slots:
+    they must fit (``width * elem <= hidden * buffer elem``) and the slot pitch must be a whole
+    number of their elements."""
+    width, elem = rows.shape[1], rows.element_size()
+    pitch = lay.hidden * lay.elem_size
+    if width * elem > pitch or pitch % elem:
+        raise ValueError(f"rows of {width} x {elem} bytes do not fit a slot row of {pitch} bytes")
+    stride = pitch // elem
+    return width, stride, dict(BLOCK_H=min(_BLOCK_H, next_pow2(width)),
+                               VEC=row_vec(math.gcd(width, stride), elem))
 
 
 if triton is not None:

@@ -11,7 +11,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .ep_common import NUM_WARPS_PUT, NUM_WARPS_RECV, DISPATCH, Channel, _common, _consts, advance_epoch
+from .ep_common import (NUM_WARPS_PUT, NUM_WARPS_RECV, DISPATCH, Channel, _common, _consts, advance_epoch,
+                        row_geometry)
 
 from ._triton import block_range, tl, triton  # None without Triton: the references run without it
 
@@ -25,7 +26,7 @@ if triton is not None:
 
     @exchange_kernel
     def _put_dispatch_kernel(table_ptr, status_ptr, epoch_ptr, x_ptr, pos_ptr, counts_ptr, idx_ptr, w_ptr, me, world,
-                             num_tokens, hidden, num_topk, num_local, max_tokens, max_topk, num_experts, error,
+                             num_tokens, hidden, stride, num_topk, num_local, max_tokens, max_topk, num_experts, error,
                              dx_off, didx_off, dw_off, dsrc_off, sig_word, ack_word, meta_word, zero_word, epoch_word,
                              timeout_ns, max_spins, ROUTES: tl.constexpr, WP: tl.constexpr, KP: tl.constexpr,
                              BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, VEC: tl.constexpr, WAIT_ACK: tl.constexpr,
@@ -34,7 +35,8 @@ if triton is not None:
         if WAIT_ACK:  # the receivers have copied out this slot's previous exchange
             _wait_counters(table_ptr, me, world, ack_word, zero_word, _uses(epoch_ptr, epoch_word) * num_programs,
                            status_ptr, timeout_ns, max_spins, WP, HAS_POLL)
-        hidden = hidden // VEC * VEC  # exact: VEC divides hidden; tells the compiler rows are VEC-aligned
+        hidden = hidden // VEC * VEC  # exact: VEC divides hidden and stride; tells the compiler rows are VEC-aligned
+        stride = stride // VEC * VEC
         k = tl.arange(0, KP)
         k_ok = k < num_topk
         if error == 0:
@@ -46,7 +48,7 @@ if triton is not None:
                     for r in range(world):
                         j = tl.load(pos_ptr + t * world + r, mask=t_ok, other=-1)
                         dest = _region(table_ptr, r, dx_off, x_ptr.dtype.element_ty)
-                        cell = (me * max_tokens + j).to(tl.int64) * hidden
+                        cell = (me * max_tokens + j).to(tl.int64) * stride
                         tl.store(dest + cell[:, None] + h[None, :], row, mask=(j >= 0)[:, None] & h_ok[None, :])
                 if ROUTES:
                     idx = tl.load(idx_ptr + t[:, None] * num_topk + k[None, :], mask=t_ok[:, None] & k_ok[None, :],
@@ -71,7 +73,7 @@ if triton is not None:
 
     @exchange_kernel
     def _recv_dispatch_kernel(table_ptr, status_ptr, epoch_ptr, out_x_ptr, out_idx_ptr, out_w_ptr, out_src_ptr,
-                              count_ptr, me, world, hidden, num_topk, max_tokens, max_topk, dx_off, didx_off, dw_off,
+                              count_ptr, me, world, hidden, stride, num_topk, max_tokens, max_topk, dx_off, didx_off, dw_off,
                               dsrc_off, sig_word, ack_word, meta_word, zero_word, epoch_word, timeout_ns, max_spins,
                               ROUTES: tl.constexpr, WP: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
                               BLOCK_H: tl.constexpr, VEC: tl.constexpr, WAIT: tl.constexpr, HAS_POLL: tl.constexpr):
@@ -79,7 +81,8 @@ if triton is not None:
         counts = _begin_recv(table_ptr, status_ptr, me, world, sig_word, zero_word,
                              (_uses(epoch_ptr, epoch_word) + 1) * num_programs, meta_word, count_ptr, timeout_ns,
                              max_spins, WP, WAIT, HAS_POLL)
-        hidden = hidden // VEC * VEC  # exact: VEC divides hidden; tells the compiler rows are VEC-aligned
+        hidden = hidden // VEC * VEC  # exact: VEC divides hidden and stride; tells the compiler rows are VEC-aligned
+        stride = stride // VEC * VEC
         src_x = _region(table_ptr, me, dx_off, out_x_ptr.dtype.element_ty)
         # the rows: only the blocks that hold received rows, spread evenly over the programs
         nb = tl.cdiv(counts, BLOCK_T)
@@ -91,7 +94,7 @@ if triton is not None:
             for h0 in range(0, hidden, BLOCK_H):
                 h, h_ok = block_range(h0, BLOCK_H, hidden)
                 m = valid[:, None] & h_ok[None, :]
-                v = tl.load(src_x + row[:, None] * hidden + h[None, :], mask=m, cache_modifier=".cg")
+                v = tl.load(src_x + row[:, None] * stride + h[None, :], mask=m, cache_modifier=".cg")
                 tl.store(out_x_ptr + row[:, None] * hidden + h[None, :], v, mask=m)
         if ROUTES:  # indices, weights and sources of every row: padding rows get -1, 0, -1
             k = tl.arange(0, KP)
@@ -120,32 +123,35 @@ if triton is not None:
 def launch_put_dispatch(ch: Channel, x: torch.Tensor, pos: torch.Tensor, counts: torch.Tensor,
                         routes: Optional[Tuple[torch.Tensor, torch.Tensor]], num_experts: int, num_topk: int,
                         error: int = 0) -> None:
-    """Put ``x`` [num_tokens, hidden] rows where ``pos`` [num_tokens, world] (compact row per rank, -1: not
+    """Put ``x`` [num_tokens, hidden] rows (or narrower rows of raw bytes, see ``row_geometry``) where ``pos`` [num_tokens, world] (compact row per rank, -1: not
     sent) says, with the routes ``(topk_idx [num_tokens, num_topk] int64, topk_weights float32)`` if given.
     ``counts`` [world] int64: rows per rank. With ``error`` only the error code travels."""
     lay = ch.layout
     dx, didx, dw, dsrc, _, _ = lay.slot_offsets(ch.slot)
     idx, w = routes if routes is not None else (pos, x)
+    width, stride, rows = row_geometry(lay, x)
     _put_dispatch_kernel[(ch.num_programs,)](
-        ch.table, ch.status, ch.epochs, x, pos, counts, idx, w, ch.me, lay.world, x.shape[0], lay.hidden, num_topk,
+        ch.table, ch.status, ch.epochs, x, pos, counts, idx, w, ch.me, lay.world, x.shape[0], width, stride, num_topk,
         max(1, num_experts // lay.world), lay.max_tokens, lay.max_topk, num_experts, error, dx, didx, dw, dsrc,
         ROUTES=routes is not None, WAIT_ACK=ch.fused_wait, num_warps=NUM_WARPS_PUT, **_common(ch, DISPATCH),
-        **_consts(ch, num_topk))
+        **{**_consts(ch, num_topk), **rows})
 
 
 def launch_recv_dispatch(ch: Channel, out_x: torch.Tensor, routes_out: Optional[Tuple[torch.Tensor, ...]],
                          count_out: torch.Tensor, num_topk: int) -> None:
-    """Copy the rows received in this slot into ``out_x`` [world * max_tokens, hidden] (rows past a
+    """Copy the rows received in this slot into ``out_x`` [world * max_tokens, hidden] (or the narrower rows
+    of raw bytes that the put sent, see ``row_geometry``; rows past a
     sender's count are not written) and, with ``routes_out = (idx [rows, num_topk] int64, weights
     float32, src [rows] int64)``, the routes of every row (padding: -1, 0, -1); ``count_out`` [world]
     int64 gets the rows each rank sent. Then one more completed use of the slot."""
     lay = ch.layout
     dx, didx, dw, dsrc, _, _ = lay.slot_offsets(ch.slot)
     idx, w, src = routes_out if routes_out is not None else (count_out, out_x, count_out)
+    width, stride, rows = row_geometry(lay, out_x)
     _recv_dispatch_kernel[(ch.num_programs,)](
-        ch.table, ch.status, ch.epochs, out_x, idx, w, src, count_out, ch.me, lay.world, lay.hidden, num_topk,
+        ch.table, ch.status, ch.epochs, out_x, idx, w, src, count_out, ch.me, lay.world, width, stride, num_topk,
         lay.max_tokens, lay.max_topk, dx, didx, dw, dsrc, ROUTES=routes_out is not None, WAIT=ch.fused_wait,
-        num_warps=NUM_WARPS_RECV, **_common(ch, DISPATCH), **_consts(ch, num_topk))
+        num_warps=NUM_WARPS_RECV, **_common(ch, DISPATCH), **{**_consts(ch, num_topk), **rows})
     advance_epoch(ch, DISPATCH)
 
 

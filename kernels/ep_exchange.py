@@ -33,7 +33,9 @@ expires writes which peers are missing into the host-visible ``status`` words.
 
 Bandwidth: rows move as 128-bit accesses (addresses read from ``table`` are declared
 16-byte aligned, row starts multiples of ``VEC`` elements); receivers touch only the
-blocks that hold received rows; ``NUM_WARPS_*`` say how wide a program is.
+blocks that hold received rows; ``NUM_WARPS_*`` say how wide a program is. Dispatch-shaped
+exchanges may move narrower rows of another element type in the same slots (FP8 dispatch:
+packed e4m3 bytes and scales as int32 words, padded to 16 bytes; see ``row_geometry``).
 
 Under ``TRITON_INTERPRET=1`` the programs of one launch run one after another, so puts
 and waits on the receiving side are separate launches; no program waits for a later

@@ -139,8 +139,6 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
         get_plan(args.schedule, args.pp, args.chunks)
     except ValueError as e:
         p.error(f"--schedule {args.schedule} --pp {args.pp} --chunks {args.chunks}: {e}")
-    if args.fp8_dispatch and args.ep_path != "collective":
-        p.error("--fp8-dispatch runs on the collective path (--ep-path collective)")
     if args.fp8_dispatch and args.ep_nodes:
         p.error("--fp8-dispatch runs on the flat collective path; it does not combine with --ep-nodes yet")
 

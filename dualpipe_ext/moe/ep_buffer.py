@@ -4,6 +4,7 @@
     recv_x, recv_idx, recv_weights, handle = ep.dispatch(x, topk_idx, topk_weights, num_experts)
     y = experts(recv_x, recv_idx, recv_weights)     # [ep.recv_capacity, hidden]
     out = ep.combine(y, handle)                      # [num_tokens, hidden]
+    ep.dispatch(x, topk_idx, topk_weights, num_experts, fp8=True)   # rows cross as FP8 (docs/fp8.md)
 
 The same meaning as ``moe.dispatch``/``moe.combine``, with fixed shapes: every rank receives
 ``recv_capacity = max_tokens * world`` rows, segment ``s`` (rows ``[s * max_tokens, (s + 1) *
@@ -56,7 +57,8 @@ _ERRORS = ("x is not a [num_tokens, hidden] tensor", "more tokens than max_token
            "wrong dtype", "wrong device", "topk_idx is not a [num_tokens, num_topk] int64 tensor",
            "topk_weights is not a float32 tensor of topk_idx's shape", "num_topk above max_topk",
            "num_experts not a positive multiple of the group size", "topk_idx values out of range",
-           "topk_weights not finite", "y is not a [recv_capacity, hidden] tensor", "handle is not from this buffer")
+           "topk_weights not finite", "y is not a [recv_capacity, hidden] tensor", "handle is not from this buffer",
+           "fp8 dispatch of a dtype it does not quantize", "fp8 rows do not fit the buffer's rows")
 _DISAGREE = 99  # the ranks passed different num_experts or num_topk
 _SHAPES = ("dispatch", "combine")
 _CPU_WAIT_SLICE_S = 0.5  # a CPU wait checks its peers' processes this often
@@ -206,8 +208,14 @@ class EPBuffer:
 
     # Exchanges --------------------------------------------------------------------------
 
+    @property
+    def fp8_row_bytes(self) -> int:
+        """Bytes an FP8-dispatched row moves: ``hidden`` e4m3 bytes and ``4 * ceil(hidden / 128)`` bytes of
+        float32 scales, padded with zeros to a multiple of 16 (the kernels move 128-bit vectors)."""
+        return -(-(self.hidden + 4 * -(-self.hidden // 128)) // 16) * 16
+
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
-                 async_op: bool = False):
+                 async_op: bool = False, *, fp8: bool = False, ue8m0: bool = False):
         """Send tokens to the ranks holding their experts (autograd through x and topk_weights).
 
         Args:
@@ -216,6 +224,13 @@ class EPBuffer:
                 experts split evenly and contiguously over the group.
             topk_weights: [num_tokens, num_topk] float32.
             num_experts: experts over the group, a multiple of its size.
+            fp8: send the rows as FP8 (``kernels/fp8.py``: e4m3 and a float32 scale per 1x128 group, packed
+                into ``fp8_row_bytes`` bytes that cross in the slot of one ``hidden``-wide row); ``recv_x``
+                holds the dequantized rows in the buffer's dtype, exactly those of a plain dispatch of
+                ``fp8.round_trip(x)``; the gradient of ``x`` goes straight through, and ``combine`` and
+                every backward exchange stay in the buffer's dtype. Every rank must pass the same ``fp8``
+                and ``ue8m0``. Needs a float32/bfloat16/float16 buffer whose row holds ``fp8_row_bytes``.
+            ue8m0: with ``fp8``, scales rounded up to powers of two.
         Returns:
             ``(recv_x [recv_capacity, hidden], recv_idx [recv_capacity, num_topk] int64 local expert or -1,
             recv_weights [recv_capacity, num_topk] float32, handle)``, or with ``async_op`` an ``InFlight``
@@ -223,7 +238,7 @@ class EPBuffer:
         """
         from .ep_ops import dispatch_op
 
-        return dispatch_op(self, x, topk_idx, topk_weights, num_experts, async_op)
+        return dispatch_op(self, x, topk_idx, topk_weights, num_experts, async_op, fp8, ue8m0)
 
     def combine(self, y: torch.Tensor, handle: EPHandle, async_op: bool = False):
         """Send expert outputs back and sum each token's rows (autograd through y).
@@ -422,8 +437,13 @@ class EPBuffer:
         if not any(codes):
             return
         bad = [r for r, c in enumerate(codes) if c]
-        names = "; ".join(f"rank {r}: " + (f"num_experts or num_topk differ from the other ranks' "
-                                           f"({entries[r][1]}, {entries[r][2]} against {common[0]}, {common[1]})"
+        fp8 = any(entries[p][2] >> 16 for p in good)  # a dispatch's fp8 mode travels in num_topk's bits 16 and up
+
+        def said(e, t):
+            return f"{e}, {t & 0xFFFF}" + (f", fp8 mode {t >> 16}" if fp8 else "")
+
+        names = "; ".join(f"rank {r}: " + (f"num_experts or num_topk{' or fp8' if fp8 else ''} differ from the "
+                                           f"other ranks' ({said(*entries[r][1:])} against {said(*common)})"
                                            if codes[r] == _DISAGREE else _ERRORS[codes[r] - 1]) for r in bad)
         msg = f"EPBuffer {label}: rank(s) {bad} of the group passed bad input ({names}); the exchange was dropped"
         if detail is not None:

@@ -17,10 +17,40 @@ from dualpipe_ext.kernels._common import new_output
 from .dispatch import routing_values_problem
 from .ep_buffer import EPBuffer, EPHandle
 
-__all__ = ["dispatch_op", "combine_op"]
+__all__ = ["dispatch_op", "combine_op", "fp8_mode"]
+
+_FP8_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_dispatch(ep: EPBuffer, x, topk_idx, topk_weights, num_experts) -> Tuple[int, Optional[str]]:
+def fp8_mode(fp8: bool, ue8m0: bool) -> int:
+    """0: rows in the buffer's dtype; 1: FP8 rows; 2: FP8 rows with power-of-two scales."""
+    return int(bool(fp8)) * (1 + int(bool(ue8m0)))
+
+
+def _pack_fp8(x: torch.Tensor, row_bytes: int, ue8m0: bool) -> torch.Tensor:
+    """x [num_tokens, hidden] -> [num_tokens, row_bytes // 4] int32: each row's e4m3 bytes, its float32
+    scales' bytes, zero bytes up to ``row_bytes`` (a multiple of 16: the kernels move 128-bit vectors)."""
+    from dualpipe_ext.kernels import fp8
+
+    q, scales = fp8.quantize(x, ue8m0=ue8m0)
+    hidden, t = x.shape[1], x.shape[0]
+    packed = torch.zeros(t, row_bytes, dtype=torch.uint8, device=x.device)
+    packed[:, :hidden] = q.view(torch.uint8)
+    packed[:, hidden:fp8.packed_row_bytes(hidden)] = scales.contiguous().view(torch.uint8)
+    return packed.view(torch.int32)
+
+
+def _unpack_fp8(rows: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of ``_pack_fp8`` and the dequantization: [n, row_bytes // 4] int32 -> [n, hidden] ``dtype``."""
+    from dualpipe_ext.kernels import fp8
+
+    raw = rows.view(torch.uint8)
+    scales = raw[:, hidden:fp8.packed_row_bytes(hidden)].contiguous().view(torch.float32)
+    return fp8.dequantize(raw[:, :hidden], scales, dtype)
+
+
+def _check_dispatch(ep: EPBuffer, x, topk_idx, topk_weights, num_experts, fp8: bool = False
+                    ) -> Tuple[int, Optional[str]]:
     """(error code, detail) of this rank's dispatch inputs, decided from shapes (values in debug mode)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         return 1, f"x must be a [num_tokens, {ep.hidden}] tensor, got {tuple(getattr(x, 'shape', ()))}"
@@ -43,6 +73,11 @@ def _check_dispatch(ep: EPBuffer, x, topk_idx, topk_weights, num_experts) -> Tup
     if (not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1
             or num_experts % ep.world):
         return 9, f"num_experts must be a positive multiple of the group size {ep.world}, got {num_experts!r}"
+    if fp8 and x.dtype not in _FP8_DTYPES:
+        return 14, f"fp8 dispatch quantizes float32, bfloat16 or float16 rows, got {x.dtype}"
+    if fp8 and ep.fp8_row_bytes > ep.hidden * x.element_size():
+        return 15, (f"an FP8 row takes {ep.fp8_row_bytes} bytes (padded to 16), more than a slot row of "
+                    f"{ep.hidden} x {x.dtype}")
     bad = routing_values_problem(topk_idx, topk_weights, num_experts) if checks_enabled() else None
     if bad is not None:
         return (10 if bad.startswith("topk_idx") else 11), bad
@@ -79,15 +114,18 @@ class _Combine(torch.autograd.Function):
 
 
 def dispatch_op(ep: EPBuffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
-                async_op: bool):
+                async_op: bool, fp8: bool = False, ue8m0: bool = False):
     """``EPBuffer.dispatch`` (see there)."""
     kx = ep._kx
-    code, detail = _check_dispatch(ep, x, topk_idx, topk_weights, num_experts)
+    code, detail = _check_dispatch(ep, x, topk_idx, topk_weights, num_experts, fp8)
     cap = ep.recv_capacity
+    mode = fp8_mode(fp8, ue8m0)
     if code == 0:
         num_topk = topk_idx.shape[1]
         pos, counts = kx.compact_positions(topk_idx, num_experts, ep.world)
         rows, idx, weights = x.detach().contiguous(), topk_idx.contiguous(), topk_weights.detach().contiguous()
+        if fp8:
+            rows = _pack_fp8(rows, ep.fp8_row_bytes, ue8m0)
     else:
         num_topk, num_experts = 0, 0
         pos = ep._placeholder_pos()
@@ -95,6 +133,8 @@ def dispatch_op(ep: EPBuffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
         rows = ep._placeholder_rows()
         idx, weights = pos, torch.zeros(0, 0, device=ep.device)
     recv_x = new_output((cap, ep.hidden), ep.dtype, ep.device)
+    # FP8: the packed rows land here, then are dequantized into recv_x (every row; padding rows stay garbage)
+    recv_raw = new_output((cap, ep.fp8_row_bytes // 4), torch.int32, ep.device) if fp8 and code == 0 else None
     recv_idx = new_output((cap, max(num_topk, 1)), torch.int64, ep.device)
     recv_w = new_output((cap, max(num_topk, 1)), torch.float32, ep.device)
     recv_src = new_output((cap,), torch.int64, ep.device)
@@ -105,7 +145,11 @@ def dispatch_op(ep: EPBuffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
         kx.launch_put_dispatch(ch, rows, pos, counts, (idx, weights), num_experts, num_topk, code)
 
     def recv(ch):
-        kx.launch_recv_dispatch(ch, recv_x, (recv_idx, recv_w, recv_src), recv_count, num_topk)
+        if recv_raw is None:
+            kx.launch_recv_dispatch(ch, recv_x, (recv_idx, recv_w, recv_src), recv_count, num_topk)
+            return
+        kx.launch_recv_dispatch(ch, recv_raw, (recv_idx, recv_w, recv_src), recv_count, num_topk)
+        recv_x.copy_(_unpack_fp8(recv_raw, ep.hidden, ep.dtype))
 
     def result():
         handle = EPHandle(pos, counts, idx, recv_src, recv_count, num_experts, ep)
@@ -113,9 +157,9 @@ def dispatch_op(ep: EPBuffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
             out_x, out_w = _Dispatch.apply(x, topk_weights, [recv_x, recv_w], handle)
         return out_x, recv_idx, out_w, handle
 
-    keep = (rows, pos, counts, idx, weights, recv_x, recv_idx, recv_w, recv_src, recv_count)
-    return ep._exchange(kx.DISPATCH, "dispatch", code, detail, (num_experts, num_topk), put, recv, result, keep,
-                        async_op)
+    keep = (rows, pos, counts, idx, weights, recv_x, recv_idx, recv_w, recv_src, recv_count, recv_raw)
+    return ep._exchange(kx.DISPATCH, "dispatch", code, detail, (num_experts, num_topk + (mode << 16)), put, recv,
+                        result, keep, async_op)
 
 
 def combine_op(ep: EPBuffer, y: torch.Tensor, handle: EPHandle, async_op: bool):

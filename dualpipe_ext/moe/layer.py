@@ -165,7 +165,8 @@ class MoE(nn.Module):
         """Tokens to their experts' ranks on this layer's path: ``(recv_x, recv_idx, recv_weights, handle)``
         (or an in-flight object with ``async_op``)."""
         if self.ep is not None:
-            return self.ep.dispatch(x, topk_idx, topk_weights, self.config.num_experts, async_op=async_op)
+            return self.ep.dispatch(x, topk_idx, topk_weights, self.config.num_experts, async_op=async_op,
+                                    fp8=self.config.fp8_dispatch, ue8m0=self.config.fp8_ue8m0)
         if self.hier is not None:
             return self.hier.dispatch(x, topk_idx, topk_weights, self.config.num_experts, async_op=async_op)
         return dispatch(x, topk_idx, topk_weights, self.config.num_experts, self.group, async_op=async_op,
@@ -175,8 +176,10 @@ class MoE(nn.Module):
     def dispatch_row_bytes(self) -> int:
         """Bytes one dispatched token row takes on the wire: ``hidden + 4 * ceil(hidden / 128)`` with
         ``fp8_dispatch`` (e4m3 values and float32 scales), else ``hidden`` times the experts' element size
-        (``2 * hidden`` in bfloat16)."""
+        (``2 * hidden`` in bfloat16). On the EPBuffer path FP8 rows are padded to a multiple of 16 bytes."""
         h = self.config.hidden
+        if self.config.fp8_dispatch and self.ep is not None:
+            return self.ep.fp8_row_bytes
         if self.config.fp8_dispatch:
             return h + 4 * -(-h // 128)
         return h * self.experts.gate_up.element_size()
@@ -302,9 +305,6 @@ def _check_ep(ep: EPBuffer, config: MoEConfig, group, num_comm_sms: Optional[int
     """The buffer must serve this layer's group and sizes, its exchange kernels run ``num_comm_sms`` programs."""
     import torch.distributed as dist
 
-    if config.fp8_dispatch:
-        raise ValueError("MoE: fp8_dispatch runs on the collective path only; pass ep=None (the EPBuffer path "
-                         "moves rows in the buffer's dtype)")
     if not isinstance(ep, EPBuffer):
         raise ValueError(f"MoE(ep=...) takes an EPBuffer (or None for the collective path), got {type(ep).__name__}")
     mine = dist.get_process_group_ranks(group if group is not None else dist.distributed_c10d._get_default_group())
