@@ -40,6 +40,7 @@ def test_a_raise_inside_an_overlapped_pair_is_named_on_every_rank(outcome, path)
         assert got["elapsed"] < 4 * EP_TIMEOUT_S + 10, got
 
 
+@pytest.mark.slow
 def test_a_process_that_exits_in_an_overlapped_pair_is_named_by_every_other_rank(outcome):
     err, pids = outcome
     assert err.exited == {1: 17} and not err.errors and not err.unfinished, str(err)

@@ -77,6 +77,7 @@ def test_overlapped_pair_of_hf_stages_equals_the_plain_order(name, two_batch):
     _assert_pair_equals_plain(build(name), 0, 1, OverlapConfig(two_batch=two_batch))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", [0, 1])
 def test_dense_layers_between_and_after_moe_layers(index):
     """Layers 1, 2 and 4 of 5 dense, stages of 2 and 3 layers: stage 0 ends with a dense layer (in its

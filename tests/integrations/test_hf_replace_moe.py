@@ -71,6 +71,7 @@ def test_same_logits_and_gradients(name, kernels, monkeypatch):
         assert "expert_bias" in dict(swapped[0].named_buffers())
 
 
+@pytest.mark.slow
 def test_expert_parallel_two_ranks(two_ranks):
     # each rank fed its slice of one batch, EP over both ranks (hf_workers.expert_parallel)
     from hf_workers import EP_BATCH_PER_RANK

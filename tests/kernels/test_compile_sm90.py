@@ -5,6 +5,7 @@ import sys
 import pytest
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90(tmp_path):
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -18,6 +19,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert proc.stdout.count("ok ") == 16 + 2 + 4 * (2 if HAS_POLL else 1), proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_exchange_kernels_move_rows_as_128_bit_accesses(tmp_path, dtype):
     # peer rows are reached through addresses cast from int64: unless the kernels declare them

@@ -8,6 +8,7 @@ import pytest
 # about 9 s on 2 cores with a cold cache
 
 
+@pytest.mark.slow
 def test_fp8_kernels_compile_for_sm90(tmp_path):
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -72,9 +72,9 @@ def _exchange_worker(rank, world, routings, num_sms, fused=False):
 
 @pytest.mark.parametrize("world,routings,num_sms", [
     (1, ("random",), 1),
-    (2, ("random", "holes", "skewed"), 2),
-    (4, ("skewed", "empty-rank"), 1),
-    (8, ("random",), 3),
+    pytest.param(2, ("random", "holes", "skewed"), 2, marks=pytest.mark.slow),
+    pytest.param(4, ("skewed", "empty-rank"), 1, marks=pytest.mark.slow),
+    pytest.param(8, ("random",), 3, marks=pytest.mark.slow),
 ])
 def test_exchanges_match_references_and_collective_path(world, routings, num_sms):
     results = run_ranks(_exchange_worker, world, routings, num_sms, timeout_s=240)
@@ -141,6 +141,7 @@ def _in_flight_worker(rank, world, rounds):
     return ok
 
 
+@pytest.mark.slow
 def test_exchanges_in_flight_and_slots_reused_many_times():
     results = run_ranks(_in_flight_worker, 2, 48, timeout_s=240)  # 4 + 4 + 96 exchanges
     for rank, ok in enumerate(results):
@@ -198,6 +199,7 @@ def _no_reads_worker(rank, world):
             len(calls) - len(exchange_calls) - len(layer_calls))
 
 
+@pytest.mark.slow
 def test_no_host_reads_and_no_collectives_per_exchange():
     results = run_ranks(_no_reads_worker, 2, timeout_s=240)
     for exchange_reads, exchange_calls, layer_reads, layer_calls, control_reads, control_calls in results:
@@ -219,6 +221,7 @@ def _fallback_worker(rank, world):
     return all(_received_equal(g, ref) for g in got)
 
 
+@pytest.mark.slow
 def test_spin_loop_wait_without_atomic_poll():
     assert all(run_ranks(_fallback_worker, 2, timeout_s=120))
 

@@ -49,6 +49,7 @@ def _bad_input_worker(rank, world):
     return out
 
 
+@pytest.mark.slow
 def test_bad_input_raises_the_same_error_on_every_rank():
     results = run_ranks(_bad_input_worker, 3, timeout_s=180)
     for rank, out in enumerate(results):
@@ -75,6 +76,7 @@ def _exit_worker(rank, world):
     return err, elapsed, _errors(lambda: ep.dispatch(x, idx, w, EXPERTS))
 
 
+@pytest.mark.slow
 def test_peer_that_exits_is_named_without_waiting_for_the_timeout():
     results = run_ranks(_exit_worker, 3, timeout_s=120, barrier=False)
     for err, elapsed, after in results[:2]:
@@ -98,6 +100,7 @@ def _silent_worker(rank, world, fused):
     return err, time.monotonic() - start
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True])
 def test_silent_peer_times_out_naming_it(fused):
     (err, elapsed), _ = run_ranks(_silent_worker, 2, fused, timeout_s=120, barrier=False)

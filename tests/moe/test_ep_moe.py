@@ -45,7 +45,7 @@ def _worker(rank, world, p):
     return out
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_moe_with_epbuffer_matches_dense_model_and_collective_path(world):
     p = _params(world)
     results = run_ranks(_worker, world, p, timeout_s=300)

@@ -2,6 +2,7 @@
 whichever that is; one exchange more than a ring's slots raises at once, on every rank alike."""
 from __future__ import annotations
 
+import pytest
 import time
 
 import torch
@@ -57,6 +58,7 @@ def _any_order_worker(rank, world, fused):
     return ok, took
 
 
+@pytest.mark.slow
 def test_exchanges_waited_in_any_order():
     for fused in (False, True):  # separate wait launches; the waits inside the kernels, as on CUDA
         for rank, (ok, took) in enumerate(run_ranks(_any_order_worker, 2, fused, timeout_s=240)):

@@ -2,6 +2,7 @@
 same stages compute one after the other (both dispatching in FP8), and differs from unquantized stages."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moe_dist_utils import run_ranks
@@ -55,6 +56,7 @@ def _pair(rank, world):
     return failures
 
 
+@pytest.mark.slow
 def test_overlapped_pair_with_fp8_dispatch_equals_forward_then_backward():
     for rank, failures in enumerate(run_ranks(_pair, 2, timeout_s=120)):
         assert failures == [], f"rank {rank}: {failures}"

@@ -115,7 +115,7 @@ def _cases(world):
     ]
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
 def test_dispatch_experts_combine_match_dense_reference(world):
     cases = _cases(world)
     if world == 1:  # no process group at all: local path

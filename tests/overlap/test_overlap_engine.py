@@ -11,6 +11,7 @@ def test_overlapped_pair_equals_forward_then_backward(layers):
         assert failures == [], f"rank {rank}: {failures}"
 
 
+@pytest.mark.slow
 def test_dualpipe_with_engine_matches_plain_and_overlaps_injected_latency():
     latency_s = 0.02
     results = run_ranks(pipeline_and_latency, 2, 2, 6, latency_s, timeout_s=90)
