@@ -19,11 +19,12 @@ overlap engine calls it after the next computation, at the same point on every r
 ``wait()``. Backward: two all-to-alls for dispatch (row and weight gradients), one for combine;
 ``combine_backward`` and ``dispatch_backward`` issue them asynchronously for the overlap engine.
 
-These two stay ``torch.autograd.Function``s rather than ``torch.library.custom_op``s: their
+Their autograd comes from the differentiable all-to-alls of ``collectives.py``
+(``torch.autograd.Function``s) and the kernels under them, not from ``torch.library.custom_op``s:
 output shapes depend on the data (how many rows each rank receives is known only after the
-control exchange), they return a handle with Python data and a process group, and with
-``async_op`` they hand back an object whose ``wait()`` produces the tensors. The fixed-shape
-kernels under them (``permute``, ``unpermute``, ``combine``) are registered custom ops.
+control exchange), a handle carries Python data and a process group, and with ``async_op`` the
+result is an object whose ``wait()`` produces the tensors. The fixed-shape kernels under them
+(``permute``, ``unpermute``, ``combine``) are registered custom ops.
 """
 from __future__ import annotations
 
