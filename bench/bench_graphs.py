@@ -17,7 +17,6 @@ step that cannot be captured is reported as failed (and the exit status is 1).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ if "--cpu-smoke" in sys.argv:
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Steps, bench_ms, environment, init_single_group, table, watchdog, write_json  # noqa: E402
+from harness import Steps, bench_ms, environment, gpu_bench_main, init_single_group, table  # noqa: E402
 
 
 # An exchange wait that goes wrong inside a replay expires after this long (a healthy one takes
@@ -144,20 +143,7 @@ def print_result(r: dict) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="shorter timing windows")
-    p.add_argument("--json", help="write the figures here")
-    p.add_argument("--timeout-s", type=float, default=240, help="end the run (with stacks) after this long")
-    p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU (no capture)")
-    args = p.parse_args()
-    if not args.cpu_smoke and not torch.cuda.is_available():
-        print("bench_graphs: no CUDA device here; nothing measured (--cpu-smoke runs tiny sizes)")
-        return 0
-    watchdog(args.timeout_s)
-    result = run(args)
-    print_result(result)
-    write_json(args.json, result)
-    return int(any("error" in x for x in result["rows"]))
+    return gpu_bench_main("bench_graphs", __doc__.splitlines()[0], run, print_result, 240, "tiny sizes on CPU (no capture)")
 
 
 if __name__ == "__main__":

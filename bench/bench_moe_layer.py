@@ -20,7 +20,6 @@ the output's largest value (the plain layer routes differently, so it has none).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import traceback
@@ -34,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Steps, bench_ms, environment, init_single_group, table, watchdog, write_json  # noqa: E402
+from harness import Steps, bench_ms, environment, gpu_bench_main, init_single_group, table  # noqa: E402
 
 GPU_SHAPE = dict(tokens=8192, hidden=2048, inter=1408, experts=64, topk=8, n_group=8, topk_group=4)
 SMOKE_SHAPE = dict(tokens=32, hidden=32, inter=16, experts=8, topk=2, n_group=4, topk_group=2)
@@ -205,20 +204,7 @@ def print_result(r: dict) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="shorter timing windows")
-    p.add_argument("--json", help="write the figures here")
-    p.add_argument("--timeout-s", type=float, default=300, help="end the run (with stacks) after this long")
-    p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU (kernels interpreted)")
-    args = p.parse_args()
-    if not args.cpu_smoke and not torch.cuda.is_available():
-        print("bench_moe_layer: no CUDA device here; nothing measured (--cpu-smoke runs tiny sizes)")
-        return 0
-    watchdog(args.timeout_s)
-    result = run(args)
-    print_result(result)
-    write_json(args.json, result)
-    return int(any("error" in x for x in result["rows"]))
+    return gpu_bench_main("bench_moe_layer", __doc__.splitlines()[0], run, print_result, 300, "tiny sizes on CPU (kernels interpreted)")
 
 
 if __name__ == "__main__":

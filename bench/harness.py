@@ -164,3 +164,26 @@ def init_single_group(backend: str = "gloo") -> None:
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                                 timeout=timedelta(seconds=60))
+
+
+def gpu_bench_main(name: str, description: str, run, print_result, timeout_s: float, smoke_help: str) -> int:
+    """The command line of a GPU benchmark whose result has ``rows`` (a failed row has ``error``):
+    ``--quick``, ``--json``, ``--timeout-s`` and ``--cpu-smoke``; exits 1 when a row failed."""
+    import argparse
+
+    import torch
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="shorter timing windows")
+    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--timeout-s", type=float, default=timeout_s, help="end the run (with stacks) after this long")
+    p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
+    args = p.parse_args()
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print(f"{name}: no CUDA device here; nothing measured (--cpu-smoke runs tiny sizes)")
+        return 0
+    watchdog(args.timeout_s)
+    result = run(args)
+    print_result(result)
+    write_json(args.json, result)
+    return int(any("error" in x for x in result["rows"]))
