@@ -16,6 +16,9 @@ write into the peers' symmetric buffers and signal them (``kernels/ep_exchange.p
 persistent grid of ``num_sms`` programs being the SM budget; on CUDA on the communication
 stream. The one collective is the construction.
 
+``dispatch`` and ``combine`` (and their autograd) are defined in ``ep_ops.py`` over the raw
+exchanges of this class (``exchange``, ``combine_shaped`` and the backward exchanges).
+
 Exchanges take slots of two rings (dispatch-shaped and combine-shaped, ``num_slots`` each):
 the lowest free one, freed when the exchange is waited on, so up to ``num_slots`` exchanges of
 each shape can be in flight (``async_op=True``) and waited on in any order. Signals carry
@@ -59,7 +62,8 @@ _ERRORS = {EPError.X: "x is not a [num_tokens, hidden] tensor", EPError.TOO_MANY
            EPError.TOPK_WEIGHTS: "topk_weights is not a float32 tensor of topk_idx's shape",
            EPError.NUM_TOPK: "num_topk above max_topk",
            EPError.NUM_EXPERTS: "num_experts not a positive multiple of the group size",
-           EPError.TOPK_IDX_VALUES: "topk_idx values out of range", EPError.TOPK_WEIGHTS_VALUES: "topk_weights not finite",
+           EPError.TOPK_IDX_VALUES: "topk_idx values out of range",
+           EPError.TOPK_WEIGHTS_VALUES: "topk_weights not finite",
            EPError.ROWS: "y is not a [recv_capacity, hidden] tensor", EPError.HANDLE: "handle is not from this buffer",
            EPError.FP8_DTYPE: "fp8 dispatch of a dtype it does not quantize",
            EPError.FP8_ROW_BYTES: "fp8 rows do not fit the buffer's rows"}
@@ -242,7 +246,7 @@ class EPBuffer:
 
         agree = (handle.num_experts, handle.num_topk) if code == 0 else (0, 0)
         return self.exchange(kx.DISPATCH, "combine backward", code, detail, agree, put, recv, lambda: out,
-                              (x, pos, counts, out, count), async_op)
+                             (x, pos, counts, out, count), async_op)
 
     def dispatch_backward(self, grad_recv_x: torch.Tensor, grad_recv_weights: torch.Tensor, handle: EPHandle,
                           async_op: bool = False):
@@ -259,10 +263,12 @@ class EPBuffer:
         return self.combine_shaped("dispatch backward", grad_recv_x, grad_recv_weights, handle, code, detail,
                                    async_op)
 
-    # Shared pieces ----------------------------------------------------------------------
+    # The raw exchanges' pieces, on which ``ep_ops`` builds dispatch and combine ----------
 
     def combine_shaped(self, what: str, y: torch.Tensor, grad_w: Optional[torch.Tensor], handle: EPHandle,
-                        code: int, detail: Optional[str], async_op: bool, wrap: Optional[Callable] = None):
+                       code: int, detail: Optional[str], async_op: bool, wrap: Optional[Callable] = None):
+        """One combine-shaped exchange of ``y`` [recv_capacity, hidden] (and ``grad_w`` [recv_capacity, num_topk]
+        float32) back to the tokens' owners; ``wrap`` turns the [num_tokens, hidden] sum into the result."""
         kx = self._kx
         dev = self.device
         if code == 0:
@@ -290,15 +296,17 @@ class EPBuffer:
         else:
             result = (lambda: (out, gw_out)) if grad_w is not None else (lambda: out)
         return self.exchange(kx.COMBINE, what, code, detail, (num_experts, num_topk), put, recv, result,
-                              (rows, gw, src, recv_count, pos, idx, out, gw_out, count), async_op)
+                             (rows, gw, src, recv_count, pos, idx, out, gw_out, count), async_op)
 
     def placeholder_rows(self, n: int = 0) -> torch.Tensor:
+        """[n, hidden] zeros: the rows of a rank that takes part in an exchange without data."""
         return torch.zeros(n, self.hidden, dtype=self.dtype, device=self.device)
 
     def placeholder_pos(self) -> torch.Tensor:
+        """[0, world] int64: the positions of a rank that takes part in an exchange without data."""
         return torch.full((0, self.world), -1, dtype=torch.int64, device=self.device)
 
-    def check_rows(self, t: Any, rows: int, name: str, handle: Any) -> Tuple[int, Optional[str]]:
+    def check_rows(self, t: Any, rows: int, name: str, handle: Any) -> Tuple[EPError, Optional[str]]:
         """Host check of a row tensor and a handle (shapes only): (error code, detail)."""
         if not isinstance(handle, EPHandle) or handle.buffer is not self:
             return EPError.HANDLE, f"the handle must come from this buffer's dispatch, got {type(handle).__name__}"
@@ -306,7 +314,7 @@ class EPBuffer:
             return EPError.ROWS, f"{name} must be [{rows}, {self.hidden}], got {tuple(getattr(t, 'shape', ()))}"
         return self.check_payload(t, name)
 
-    def check_payload(self, t: torch.Tensor, name: str) -> Tuple[int, Optional[str]]:
+    def check_payload(self, t: torch.Tensor, name: str) -> Tuple[EPError, Optional[str]]:
         """Host check that a 2-d tensor of rows fits the buffer's hidden size, dtype and device."""
         if t.shape[1] != self.hidden:
             return EPError.HIDDEN, f"{name} has hidden size {t.shape[1]}, the buffer {self.hidden}"
@@ -417,7 +425,7 @@ class EPBuffer:
 
         names = "; ".join(f"rank {r}: " + (f"num_experts or num_topk{' or fp8' if fp8 else ''} differ from the "
                                            f"other ranks' ({said(*entries[r][1:])} against {said(*common)})"
-                                           if codes[r] == EPError.DISAGREE else _ERRORS[EPError(codes[r])]) for r in bad)
+                                           if codes[r] == EPError.DISAGREE else _ERRORS[codes[r]]) for r in bad)
         msg = f"EPBuffer {label}: rank(s) {bad} of the group passed bad input ({names}); the exchange was dropped"
         if detail is not None:
             msg += f". On rank {self.rank}: {detail}"

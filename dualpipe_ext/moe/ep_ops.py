@@ -56,29 +56,34 @@ def _check_dispatch(ep: EPBuffer, x, topk_idx, topk_weights, num_experts, fp8: b
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         return EPError.X, f"x must be a [num_tokens, {ep.hidden}] tensor, got {tuple(getattr(x, 'shape', ()))}"
     if x.shape[0] > ep.max_tokens:
-        return EPError.TOO_MANY_TOKENS, f"x has {x.shape[0]} tokens, the buffer holds at most max_tokens={ep.max_tokens}"
+        return EPError.TOO_MANY_TOKENS, (
+            f"x has {x.shape[0]} tokens, the buffer holds at most max_tokens={ep.max_tokens}")
     code, detail = ep.check_payload(x, "x")
     if code:
         return code, detail
     if (not isinstance(topk_idx, torch.Tensor) or topk_idx.dtype != torch.int64 or topk_idx.dim() != 2
             or topk_idx.shape[0] != x.shape[0] or topk_idx.device != ep.device):
-        return EPError.TOPK_IDX, (f"topk_idx must be a [{x.shape[0]}, num_topk] int64 tensor on {ep.device}, got "
-                   f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)} {tuple(getattr(topk_idx, 'shape', ()))}")
+        return EPError.TOPK_IDX, (
+            f"topk_idx must be a [{x.shape[0]}, num_topk] int64 tensor on {ep.device}, got "
+            f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)} {tuple(getattr(topk_idx, 'shape', ()))}")
     if (not isinstance(topk_weights, torch.Tensor) or topk_weights.dtype != torch.float32
             or topk_weights.shape != topk_idx.shape or topk_weights.device != ep.device):
-        return EPError.TOPK_WEIGHTS, (f"topk_weights must be a float32 tensor of shape {tuple(topk_idx.shape)} on {ep.device}, got "
-                   f"{getattr(topk_weights, 'dtype', type(topk_weights).__name__)} "
-                   f"{tuple(getattr(topk_weights, 'shape', ()))}")
+        return EPError.TOPK_WEIGHTS, (
+            f"topk_weights must be a float32 tensor of shape {tuple(topk_idx.shape)} on {ep.device}, got "
+            f"{getattr(topk_weights, 'dtype', type(topk_weights).__name__)} "
+            f"{tuple(getattr(topk_weights, 'shape', ()))}")
     if topk_idx.shape[1] > ep.max_topk or topk_idx.shape[1] == 0:
         return EPError.NUM_TOPK, f"num_topk is {topk_idx.shape[1]}, the buffer takes 1 to max_topk={ep.max_topk}"
     if (not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1
             or num_experts % ep.world):
-        return EPError.NUM_EXPERTS, f"num_experts must be a positive multiple of the group size {ep.world}, got {num_experts!r}"
+        return EPError.NUM_EXPERTS, (
+            f"num_experts must be a positive multiple of the group size {ep.world}, got {num_experts!r}")
     if fp8 and x.dtype not in _FP8_DTYPES:
         return EPError.FP8_DTYPE, f"fp8 dispatch quantizes float32, bfloat16 or float16 rows, got {x.dtype}"
     if fp8 and ep.fp8_row_bytes > ep.hidden * x.element_size():
-        return EPError.FP8_ROW_BYTES, (f"an FP8 row takes {ep.fp8_row_bytes} bytes (padded to 16), more than a slot row of "
-                    f"{ep.hidden} x {x.dtype}")
+        return EPError.FP8_ROW_BYTES, (
+            f"an FP8 row takes {ep.fp8_row_bytes} bytes (padded to 16), more than a slot row of "
+            f"{ep.hidden} x {x.dtype}")
     bad = routing_values_problem(topk_idx, topk_weights, num_experts) if checks_enabled() else None
     if bad is not None:
         return (EPError.TOPK_IDX_VALUES if bad.startswith("topk_idx") else EPError.TOPK_WEIGHTS_VALUES), bad
@@ -160,7 +165,7 @@ def dispatch_op(ep: EPBuffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
 
     keep = (rows, pos, counts, idx, weights, recv_x, recv_idx, recv_w, recv_src, recv_count, recv_raw)
     return ep.exchange(kx.DISPATCH, "dispatch", code, detail, (num_experts, num_topk + (mode << 16)), put, recv,
-                        result, keep, async_op)
+                       result, keep, async_op)
 
 
 def combine_op(ep: EPBuffer, y: torch.Tensor, handle: EPHandle, async_op: bool):
@@ -200,6 +205,7 @@ def _dispatch(self: EPBuffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
     """
     return dispatch_op(self, x, topk_idx, topk_weights, num_experts, async_op, fp8, ue8m0)
 
+
 def _combine(self: EPBuffer, y: torch.Tensor, handle: EPHandle, async_op: bool = False):
     """Send expert outputs back and sum each token's rows (autograd through y).
 
@@ -211,5 +217,7 @@ def _combine(self: EPBuffer, y: torch.Tensor, handle: EPHandle, async_op: bool =
 
 # The user-facing entry points are methods of the buffer; they live here, beside the autograd they run,
 # so that ep_buffer never imports this module.
+_dispatch.__name__, _dispatch.__qualname__ = "dispatch", "EPBuffer.dispatch"
+_combine.__name__, _combine.__qualname__ = "combine", "EPBuffer.combine"
 EPBuffer.dispatch = _dispatch
 EPBuffer.combine = _combine
