@@ -56,26 +56,7 @@ def moe_state(moe, prefix: str, *, for_save: bool) -> Dict[str, torch.Tensor]:
     Routed experts become one key per global expert (views of the slices when loading; copies
     when saving); ``expert_load`` is summed over the layer's group when saving (collective).
     """
-    out: Dict[str, torch.Tensor] = {}
-    first = moe.first_local_expert
-    for pname in ("gate_up", "down"):
-        local = getattr(moe.experts, pname)
-        for i in range(local.shape[0]):
-            t = local.detach()[i]
-            out[f"{prefix}experts.{pname}.{first + i}"] = t.clone() if for_save else t
-    out[prefix + "gate"] = moe.gate.detach()
-    if moe.shared is not None:
-        out[prefix + "shared.gate_up"] = moe.shared.gate_up.detach()
-        out[prefix + "shared.down"] = moe.shared.down.detach()
-    out[prefix + "expert_bias"] = moe.expert_bias
-    if for_save:
-        load = moe.expert_load.clone()
-        if _dist() and dist.get_world_size(moe.group) > 1:
-            dist.all_reduce(load, group=moe.group)
-        out[prefix + "expert_load"] = load
-    else:
-        out[prefix + "expert_load"] = moe.expert_load
-    return out
+    return moe.global_state_dict(prefix, for_save=for_save)
 
 
 def _param_keys(modules: Sequence[nn.Module], names: Sequence[Mapping[int, str]]) -> Dict[int, List[tuple]]:

@@ -134,7 +134,21 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# The dtype wire table: the float dtypes rows may have, a dtype crossing between ranks as its index here.
+WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+FLOAT_DTYPES = WIRE_DTYPES
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """A float dtype's code on the wire (its index in ``WIRE_DTYPES``); ValueError for another dtype."""
+    if dtype not in WIRE_DTYPES:
+        raise ValueError(f"dtype must be one of {WIRE_DTYPES}, got {dtype!r}")
+    return WIRE_DTYPES.index(dtype)
+
+
+def code_dtype(code: int) -> torch.dtype:
+    """Inverse of ``dtype_code``."""
+    return WIRE_DTYPES[code]
 
 # Test hook: when set, kernel outputs are allocated pre-filled with a poison value
 # (NaN for floats, -7 for integers, True for bools) so that an element a kernel fails

@@ -11,6 +11,7 @@ from typing import Any
 
 from .dispatch import DispatchHandle, combine, combine_backward, dispatch, dispatch_backward
 from .ep_buffer import EPBuffer, EPBufferError, EPHandle
+from . import ep_ops  # noqa: F401  (it defines EPBuffer.dispatch and EPBuffer.combine)
 from .experts import GroupedExperts, SharedExperts, experts_forward
 from .layer import MoE, MoEConfig
 

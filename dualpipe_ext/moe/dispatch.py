@@ -29,18 +29,19 @@ result is an object whose ``wait()`` produces the tensors. The fixed-shape kerne
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
 from dualpipe_ext.inflight import InFlight
+from dualpipe_ext.kernels._common import WIRE_DTYPES, code_dtype, dtype_code
 
 from .collectives import (all_to_all, all_to_all_async, all_to_all_fp8, all_to_all_routes, exchange_control_async,
                           gather_rows_async, group_rank, group_size)
+from .ep_errors import EPError
 
 __all__ = ["DispatchHandle", "dispatch", "combine", "combine_backward", "dispatch_backward"]
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,11 @@ class DispatchHandle:
 
 
 # What a rank's error code names in the message every rank raises (code = index + 1).
-_DISPATCH_ERRORS = ("x", "topk_idx", "topk_weights", "shapes", "devices", "num_experts", "topk_idx values",
-                    "topk_weights values", "x dtype for fp8")
-_COMBINE_ERRORS = ("handle", "y", "y shape", "y device")
+_DISPATCH_ERRORS = {EPError.X: "x", EPError.TOPK_IDX: "topk_idx", EPError.TOPK_WEIGHTS: "topk_weights",
+                    EPError.SHAPES: "shapes", EPError.DEVICE: "devices", EPError.NUM_EXPERTS: "num_experts",
+                    EPError.TOPK_IDX_VALUES: "topk_idx values", EPError.TOPK_WEIGHTS_VALUES: "topk_weights values",
+                    EPError.FP8_DTYPE: "x dtype for fp8"}
+_COMBINE_ERRORS = {EPError.HANDLE: "handle", EPError.Y: "y", EPError.ROWS: "y shape", EPError.DEVICE: "y device"}
 # Columns of the dispatch control table (row r: what this rank tells rank r).
 _DISPATCH_CONTROL = ("num_rows", "error", "hidden", "dtype", "num_topk", "num_experts", "fp8")
 _FP8_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -74,26 +77,26 @@ _FP8_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _check_dispatch(x, topk_idx, topk_weights, num_experts, world, fp8=False) -> Tuple[int, Optional[str]]:
     """(error code, message) of the first problem with the dispatch inputs of this rank, or (0, None)."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in _FLOATS:
-        return 1, f"x must be a [num_tokens, hidden] float tensor, got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}"
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in WIRE_DTYPES:
+        return EPError.X, f"x must be a [num_tokens, hidden] float tensor, got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}"
     if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2 or topk_idx.dtype != torch.int64:
-        return 2, f"topk_idx must be a [num_tokens, num_topk] int64 tensor, got {getattr(topk_idx, 'dtype', type(topk_idx).__name__)}"
+        return EPError.TOPK_IDX, f"topk_idx must be a [num_tokens, num_topk] int64 tensor, got {getattr(topk_idx, 'dtype', type(topk_idx).__name__)}"
     if not isinstance(topk_weights, torch.Tensor) or topk_weights.dtype != torch.float32:
-        return 3, f"topk_weights must be a float32 tensor, got {getattr(topk_weights, 'dtype', type(topk_weights).__name__)}"
+        return EPError.TOPK_WEIGHTS, f"topk_weights must be a float32 tensor, got {getattr(topk_weights, 'dtype', type(topk_weights).__name__)}"
     if topk_idx.shape[0] != x.shape[0] or topk_weights.shape != topk_idx.shape:
-        return 4, (f"x {tuple(x.shape)}, topk_idx {tuple(topk_idx.shape)} and topk_weights {tuple(topk_weights.shape)} "
+        return EPError.SHAPES, (f"x {tuple(x.shape)}, topk_idx {tuple(topk_idx.shape)} and topk_weights {tuple(topk_weights.shape)} "
                    "must agree: [num_tokens, hidden], [num_tokens, num_topk], [num_tokens, num_topk]")
     if len({x.device, topk_idx.device, topk_weights.device}) != 1:
-        return 5, f"x, topk_idx, topk_weights must share a device, got {x.device}, {topk_idx.device}, {topk_weights.device}"
+        return EPError.DEVICE, f"x, topk_idx, topk_weights must share a device, got {x.device}, {topk_idx.device}, {topk_weights.device}"
     if not isinstance(num_experts, int) or isinstance(num_experts, bool) or not 1 <= num_experts < 2 ** 31:
-        return 6, f"num_experts must be a positive int below 2**31, got {num_experts!r}"
+        return EPError.NUM_EXPERTS, f"num_experts must be a positive int below 2**31, got {num_experts!r}"
     if num_experts % world != 0:
-        return 6, f"num_experts ({num_experts}) must be divisible by the expert-parallel size ({world})"
+        return EPError.NUM_EXPERTS, f"num_experts ({num_experts}) must be divisible by the expert-parallel size ({world})"
     if topk_idx.shape[1] > num_experts:
-        return 2, f"num_topk ({topk_idx.shape[1]}) must not exceed num_experts ({num_experts})"
+        return EPError.TOPK_IDX, f"num_topk ({topk_idx.shape[1]}) must not exceed num_experts ({num_experts})"
     if fp8 and x.dtype not in _FP8_DTYPES:
-        return 9, f"fp8 dispatch quantizes float32, bfloat16 or float16 rows, got {x.dtype}"
-    return 0, None
+        return EPError.FP8_DTYPE, f"fp8 dispatch quantizes float32, bfloat16 or float16 rows, got {x.dtype}"
+    return EPError.OK, None
 
 
 def _routing_flags(topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -110,10 +113,10 @@ def _routing_flags(topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_exper
 def _routing_problem(flags: List[int], num_experts: int) -> Tuple[int, Optional[str]]:
     """(error code, message) from ``_routing_flags`` read on the host, as ``routing_values_problem`` says it."""
     if flags[0]:
-        return 7, f"topk_idx entries must be -1 (no expert) or in [0, {num_experts}), found {flags[1]}"
+        return EPError.TOPK_IDX_VALUES, f"topk_idx entries must be -1 (no expert) or in [0, {num_experts}), found {flags[1]}"
     if flags[2]:
-        return 8, "topk_weights contain NaN or infinity"
-    return 0, None
+        return EPError.TOPK_WEIGHTS_VALUES, "topk_weights contain NaN or infinity"
+    return EPError.OK, None
 
 
 def routing_values_problem(topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> Optional[str]:
@@ -127,7 +130,7 @@ def routing_values_problem(topk_idx: torch.Tensor, topk_weights: torch.Tensor, n
     return None
 
 
-def _raise_on_errors(op: str, codes: List[int], names: Tuple[str, ...], rank: int, detail: Optional[str]) -> None:
+def _raise_on_errors(op: str, codes: List[int], names: Dict[EPError, str], rank: int, detail: Optional[str]) -> None:
     """Raise ``ValueError`` if any rank's error code is non-zero; the same first sentence on every rank.
 
     ``codes``: every rank's code, as every rank received them. The ranks that passed bad input
@@ -136,7 +139,7 @@ def _raise_on_errors(op: str, codes: List[int], names: Tuple[str, ...], rank: in
     bad = [r for r, c in enumerate(codes) if c]
     if not bad:
         return
-    what = "; ".join(f"rank {r}: {names[codes[r] - 1]}" for r in bad)
+    what = "; ".join(f"rank {r}: {names[EPError(codes[r])]}" for r in bad)
     msg = f"{op}: rank(s) {bad} of the group passed bad input ({what}); nothing was exchanged"
     if detail is not None:
         msg += f". On rank {rank}: {detail}"
@@ -150,7 +153,7 @@ def _raise_on_disagreement(op: str, table: torch.Tensor, columns: Tuple[str, ...
         col = table[:, j].tolist()
         if len(set(col)) > 1:
             if name == "dtype":
-                differ.append("dtype differs (" + ", ".join(f"rank {r}: {_FLOATS[c]}" for r, c in enumerate(col)) + ")")
+                differ.append("dtype differs (" + ", ".join(f"rank {r}: {code_dtype(c)}" for r, c in enumerate(col)) + ")")
             else:
                 per_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(col))
                 differ.append(f"{name} ranges over [{min(col)}, {max(col)}] ({per_rank})")
@@ -215,7 +218,7 @@ def dispatch(
     world, rank = group_size(group), group_rank(group)
     code, detail = _check_dispatch(x, topk_idx, topk_weights, num_experts, world, fp8)
     control = torch.full((world, len(_DISPATCH_CONTROL)), -1, dtype=torch.int64)
-    control[:, 1] = code
+    control[:, 1] = int(code)
     layout = None
     if code == 0:
         from dualpipe_ext.kernels.dispatch_layout import dispatch_layout
@@ -228,8 +231,8 @@ def dispatch(
         host = torch.cat([layout.num_tokens_per_rank.to(torch.int64), flags]).cpu()
         control[:, 0] = host[:world]
         code, detail = _routing_problem(host[world:].tolist(), num_experts)
-        control[:, 1] = code
-        control[:, 2:] = torch.tensor([x.shape[1], _FLOATS.index(x.dtype), topk_idx.shape[1], num_experts,
+        control[:, 1] = int(code)
+        control[:, 2:] = torch.tensor([x.shape[1], dtype_code(x.dtype), topk_idx.shape[1], num_experts,
                                        int(bool(fp8)) * (1 + int(bool(ue8m0)))])
     get_received, control_work = exchange_control_async(control, group)
     grad_mode = torch.is_grad_enabled()
@@ -286,25 +289,25 @@ def combine(
     """
     code, detail = 0, None
     if not isinstance(handle, DispatchHandle):
-        code, detail = 1, f"handle must be the DispatchHandle returned by dispatch, got {type(handle).__name__}"
-    elif not isinstance(y, torch.Tensor) or y.dim() != 2 or y.dtype not in _FLOATS:
-        code, detail = 2, f"y must be a [num_recv, hidden] float tensor, got {getattr(y, 'dtype', type(y).__name__)}"
+        code, detail = EPError.HANDLE, f"handle must be the DispatchHandle returned by dispatch, got {type(handle).__name__}"
+    elif not isinstance(y, torch.Tensor) or y.dim() != 2 or y.dtype not in WIRE_DTYPES:
+        code, detail = EPError.Y, f"y must be a [num_recv, hidden] float tensor, got {getattr(y, 'dtype', type(y).__name__)}"
     elif y.shape[0] != handle.num_recv:
-        code, detail = 3, f"y has {y.shape[0]} rows but dispatch delivered {handle.num_recv} tokens to this rank"
+        code, detail = EPError.ROWS, f"y has {y.shape[0]} rows but dispatch delivered {handle.num_recv} tokens to this rank"
     elif y.device != handle.send_pos.device:
-        code, detail = 4, f"y is on {y.device} but the dispatched tokens were on {handle.send_pos.device}"
+        code, detail = EPError.DEVICE, f"y is on {y.device} but the dispatched tokens were on {handle.send_pos.device}"
     group = handle.group if isinstance(handle, DispatchHandle) else None
     world, rank = group_size(group), group_rank(group)
     # this rank's row: error code, hidden, dtype, rows it sends each rank, rows it expects from each rank
     row = torch.full((3 + 2 * world,), -1, dtype=torch.int64)
-    row[0] = code
+    row[0] = int(code)
     if code == 0 and len(handle.num_recv_per_rank) == world:
-        row[1:3] = torch.tensor([y.shape[1], _FLOATS.index(y.dtype)])
+        row[1:3] = torch.tensor([y.shape[1], dtype_code(y.dtype)])
         row[3:3 + world] = torch.tensor(handle.num_recv_per_rank)
         row[3 + world:] = torch.tensor(handle.num_send_per_rank)
     elif code == 0:
-        code, detail = 1, f"handle is for {len(handle.num_recv_per_rank)} ranks, the group has {world}"
-        row[0] = code
+        code, detail = EPError.HANDLE, f"handle is for {len(handle.num_recv_per_rank)} ranks, the group has {world}"
+        row[0] = int(code)
     get_table, control_work = gather_rows_async(row, group, y.device if isinstance(y, torch.Tensor)
                                                 else torch.device("cpu"))
     grad_mode = torch.is_grad_enabled()
@@ -399,7 +402,7 @@ def _check_handle(op: str, handle: Any) -> None:
 
 def _check_rows(op: str, name: str, t: Any, rows: int) -> None:
     """``t`` must be a [rows, hidden] float tensor (shape and dtype only: no host read)."""
-    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != rows or t.dtype not in _FLOATS:
+    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != rows or t.dtype not in WIRE_DTYPES:
         raise ValueError(f"{op}: {name} must be a [{rows}, hidden] float tensor, got "
                          f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
 

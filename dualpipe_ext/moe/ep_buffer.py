@@ -16,6 +16,9 @@ write into the peers' symmetric buffers and signal them (``kernels/ep_exchange.p
 persistent grid of ``num_sms`` programs being the SM budget; on CUDA on the communication
 stream. The one collective is the construction.
 
+``dispatch`` and ``combine`` (and their autograd) are defined in ``ep_ops.py`` over the raw
+exchanges of this class (``exchange``, ``combine_shaped`` and the backward exchanges).
+
 Exchanges take slots of two rings (dispatch-shaped and combine-shaped, ``num_slots`` each):
 the lowest free one, freed when the exchange is waited on, so up to ``num_slots`` exchanges of
 each shape can be in flight (``async_op=True``) and waited on in any order. Signals carry
@@ -43,23 +46,27 @@ import torch.distributed as dist
 
 from dualpipe_ext import faults
 from dualpipe_ext.debug import checks_enabled
-from dualpipe_ext.kernels._common import new_output
+from dualpipe_ext.kernels._common import WIRE_DTYPES, new_output
 from dualpipe_ext.inflight import InFlight
 from dualpipe_ext.streams import CommScope
 
+from .ep_errors import EPError
 from .ep_memory import allocate
 
 __all__ = ["EPBuffer", "EPHandle", "EPBufferError"]
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-# Error codes a rank sends instead of rows (index + 1), as every rank names them.
-_ERRORS = ("x is not a [num_tokens, hidden] tensor", "more tokens than max_tokens", "wrong hidden size",
-           "wrong dtype", "wrong device", "topk_idx is not a [num_tokens, num_topk] int64 tensor",
-           "topk_weights is not a float32 tensor of topk_idx's shape", "num_topk above max_topk",
-           "num_experts not a positive multiple of the group size", "topk_idx values out of range",
-           "topk_weights not finite", "y is not a [recv_capacity, hidden] tensor", "handle is not from this buffer",
-           "fp8 dispatch of a dtype it does not quantize", "fp8 rows do not fit the buffer's rows")
-_DISAGREE = 99  # the ranks passed different num_experts or num_topk
+# What every rank names for a rank's error code.
+_ERRORS = {EPError.X: "x is not a [num_tokens, hidden] tensor", EPError.TOO_MANY_TOKENS: "more tokens than max_tokens",
+           EPError.HIDDEN: "wrong hidden size", EPError.DTYPE: "wrong dtype", EPError.DEVICE: "wrong device",
+           EPError.TOPK_IDX: "topk_idx is not a [num_tokens, num_topk] int64 tensor",
+           EPError.TOPK_WEIGHTS: "topk_weights is not a float32 tensor of topk_idx's shape",
+           EPError.NUM_TOPK: "num_topk above max_topk",
+           EPError.NUM_EXPERTS: "num_experts not a positive multiple of the group size",
+           EPError.TOPK_IDX_VALUES: "topk_idx values out of range",
+           EPError.TOPK_WEIGHTS_VALUES: "topk_weights not finite",
+           EPError.ROWS: "y is not a [recv_capacity, hidden] tensor", EPError.HANDLE: "handle is not from this buffer",
+           EPError.FP8_DTYPE: "fp8 dispatch of a dtype it does not quantize",
+           EPError.FP8_ROW_BYTES: "fp8 rows do not fit the buffer's rows"}
 _SHAPES = ("dispatch", "combine")
 _CPU_WAIT_SLICE_S = 0.5  # a CPU wait checks its peers' processes this often
 
@@ -144,8 +151,8 @@ class EPBuffer:
                             ("num_slots", num_slots)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"EPBuffer: {name} must be a positive int, got {value!r}")
-        if dtype not in _FLOATS:
-            raise ValueError(f"EPBuffer: dtype must be one of {_FLOATS}, got {dtype!r}")
+        if dtype not in WIRE_DTYPES:
+            raise ValueError(f"EPBuffer: dtype must be one of {WIRE_DTYPES}, got {dtype!r}")
         if num_sms is not None and (not isinstance(num_sms, int) or isinstance(num_sms, bool) or num_sms < 1):
             raise ValueError(f"EPBuffer: num_sms must be a positive int or None, got {num_sms!r}")
         if not timeout_s > 0:
@@ -209,87 +216,59 @@ class EPBuffer:
     # Exchanges --------------------------------------------------------------------------
 
     @property
+    def kernels(self):
+        """The exchange kernels' module (``dualpipe_ext.kernels.ep_exchange``) the buffer launches."""
+        return self._kx
+
+    @property
     def fp8_row_bytes(self) -> int:
         """Bytes an FP8-dispatched row moves: ``hidden`` e4m3 bytes and ``4 * ceil(hidden / 128)`` bytes of
         float32 scales, padded with zeros to a multiple of 16 (the kernels move 128-bit vectors)."""
         return -(-(self.hidden + 4 * -(-self.hidden // 128)) // 16) * 16
 
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
-                 async_op: bool = False, *, fp8: bool = False, ue8m0: bool = False):
-        """Send tokens to the ranks holding their experts (autograd through x and topk_weights).
-
-        Args:
-            x: [num_tokens <= max_tokens, hidden], the buffer's dtype and device.
-            topk_idx: [num_tokens, num_topk <= max_topk] int64 global expert ids, -1 for an unused slot;
-                experts split evenly and contiguously over the group.
-            topk_weights: [num_tokens, num_topk] float32.
-            num_experts: experts over the group, a multiple of its size.
-            fp8: send the rows as FP8 (``kernels/fp8.py``: e4m3 and a float32 scale per 1x128 group, packed
-                into ``fp8_row_bytes`` bytes that cross in the slot of one ``hidden``-wide row); ``recv_x``
-                holds the dequantized rows in the buffer's dtype, exactly those of a plain dispatch of
-                ``fp8.round_trip(x)``; the gradient of ``x`` goes straight through, and ``combine`` and
-                every backward exchange stay in the buffer's dtype. Every rank must pass the same ``fp8``
-                and ``ue8m0``. Needs a float32/bfloat16/float16 buffer whose row holds ``fp8_row_bytes``.
-            ue8m0: with ``fp8``, scales rounded up to powers of two.
-        Returns:
-            ``(recv_x [recv_capacity, hidden], recv_idx [recv_capacity, num_topk] int64 local expert or -1,
-            recv_weights [recv_capacity, num_topk] float32, handle)``, or with ``async_op`` an ``InFlight``
-            whose ``wait()`` returns them.
-        """
-        from .ep_ops import dispatch_op
-
-        return dispatch_op(self, x, topk_idx, topk_weights, num_experts, async_op, fp8, ue8m0)
-
-    def combine(self, y: torch.Tensor, handle: EPHandle, async_op: bool = False):
-        """Send expert outputs back and sum each token's rows (autograd through y).
-
-        ``y``: [recv_capacity, hidden], row i for received row i (padding rows are ignored).
-        Returns [num_tokens, hidden] in the buffer's dtype, or an ``InFlight`` with ``async_op``.
-        """
-        from .ep_ops import combine_op
-
-        return combine_op(self, y, handle, async_op)
-
     def combine_backward(self, grad_out: torch.Tensor, handle: EPHandle, async_op: bool = False):
         """Gradient of ``combine``: each token's ``grad_out`` row [num_tokens, hidden] copied to the ranks
         it was dispatched to. Returns [recv_capacity, hidden] (zero padding rows), or an ``InFlight``."""
-        code, detail = self._check_rows(grad_out, getattr(handle, "num_tokens", -1), "grad_out", handle)
+        code, detail = self.check_rows(grad_out, getattr(handle, "num_tokens", -1), "grad_out", handle)
         kx = self._kx
         out = new_output((self.recv_capacity, self.hidden), self.dtype, self.device)
         count = new_output((self.world,), torch.int64, self.device)
         if code == 0:
             x, pos, counts = grad_out.contiguous(), handle.pos, handle.send_counts
         else:
-            x, pos, counts = self._placeholder_rows(), self._placeholder_pos(), count.zero_()
+            x, pos, counts = self.placeholder_rows(), self.placeholder_pos(), count.zero_()
 
         def put(ch):
-            kx.launch_put_dispatch(ch, x, pos, counts, None, 0, 0, code)
+            kx.launch_put_dispatch(ch, x, pos, counts, None, 0, 0, int(code))
 
         def recv(ch):
             kx.launch_recv_dispatch(ch, out, None, count, 0)
 
         agree = (handle.num_experts, handle.num_topk) if code == 0 else (0, 0)
-        return self._exchange(kx.DISPATCH, "combine backward", code, detail, agree, put, recv, lambda: out,
-                              (x, pos, counts, out, count), async_op)
+        return self.exchange(kx.DISPATCH, "combine backward", code, detail, agree, put, recv, lambda: out,
+                             (x, pos, counts, out, count), async_op)
 
     def dispatch_backward(self, grad_recv_x: torch.Tensor, grad_recv_weights: torch.Tensor, handle: EPHandle,
                           async_op: bool = False):
         """Gradient of ``dispatch``: [recv_capacity, hidden] row gradients and [recv_capacity, num_topk] weight
         gradients back to the tokens' owners. Returns ``(grad_x [num_tokens, hidden], grad_topk_weights
         [num_tokens, num_topk] float32)``, or an ``InFlight``."""
-        code, detail = self._check_rows(grad_recv_x, self.recv_capacity, "grad_recv_x", handle)
+        code, detail = self.check_rows(grad_recv_x, self.recv_capacity, "grad_recv_x", handle)
         if code == 0 and (not isinstance(grad_recv_weights, torch.Tensor) or grad_recv_weights.dtype != torch.float32
                           or tuple(grad_recv_weights.shape) != (self.recv_capacity, handle.num_topk)):
-            code, detail = 7, (f"grad_recv_weights must be [{self.recv_capacity}, {handle.num_topk}] float32, got "
-                               f"{getattr(grad_recv_weights, 'dtype', None)} "
-                               f"{tuple(getattr(grad_recv_weights, 'shape', ()))}")
-        return self._combine_shaped("dispatch backward", grad_recv_x, grad_recv_weights, handle, code, detail,
-                                    async_op)
+            code, detail = EPError.TOPK_WEIGHTS, (
+                f"grad_recv_weights must be [{self.recv_capacity}, {handle.num_topk}] float32, got "
+                f"{getattr(grad_recv_weights, 'dtype', None)} "
+                f"{tuple(getattr(grad_recv_weights, 'shape', ()))}")
+        return self.combine_shaped("dispatch backward", grad_recv_x, grad_recv_weights, handle, code, detail,
+                                   async_op)
 
-    # Shared pieces ----------------------------------------------------------------------
+    # The raw exchanges' pieces, on which ``ep_ops`` builds dispatch and combine ----------
 
-    def _combine_shaped(self, what: str, y: torch.Tensor, grad_w: Optional[torch.Tensor], handle: EPHandle,
-                        code: int, detail: Optional[str], async_op: bool, wrap: Optional[Callable] = None):
+    def combine_shaped(self, what: str, y: torch.Tensor, grad_w: Optional[torch.Tensor], handle: EPHandle,
+                       code: int, detail: Optional[str], async_op: bool, wrap: Optional[Callable] = None):
+        """One combine-shaped exchange of ``y`` [recv_capacity, hidden] (and ``grad_w`` [recv_capacity, num_topk]
+        float32) back to the tokens' owners; ``wrap`` turns the [num_tokens, hidden] sum into the result."""
         kx = self._kx
         dev = self.device
         if code == 0:
@@ -297,7 +276,7 @@ class EPBuffer:
             recv_count, num_experts, num_topk = handle.recv_count, handle.num_experts, handle.num_topk
             gw = grad_w.contiguous() if grad_w is not None else None
         else:  # take part with no rows, so that every rank's slots stay in step
-            rows, pos = self._placeholder_rows(self.recv_capacity), self._placeholder_pos()
+            rows, pos = self.placeholder_rows(self.recv_capacity), self.placeholder_pos()
             src = torch.full((self.recv_capacity,), -1, dtype=torch.int64, device=dev)
             idx, num_experts, num_topk, gw = torch.zeros(0, 1, dtype=torch.int64, device=dev), 0, 0, None
             recv_count = torch.zeros(self.world, dtype=torch.int64, device=dev)
@@ -306,7 +285,7 @@ class EPBuffer:
         count = new_output((self.world,), torch.int64, dev)
 
         def put(ch):
-            kx.launch_put_combine(ch, rows, src, recv_count, gw, num_experts, num_topk, code)
+            kx.launch_put_combine(ch, rows, src, recv_count, gw, num_experts, num_topk, int(code))
 
         def recv(ch):
             kx.launch_recv_combine(ch, out, pos, (idx, gw_out) if gw_out is not None else None, count,
@@ -316,34 +295,36 @@ class EPBuffer:
             result = lambda: wrap(out)  # noqa: E731
         else:
             result = (lambda: (out, gw_out)) if grad_w is not None else (lambda: out)
-        return self._exchange(kx.COMBINE, what, code, detail, (num_experts, num_topk), put, recv, result,
-                              (rows, gw, src, recv_count, pos, idx, out, gw_out, count), async_op)
+        return self.exchange(kx.COMBINE, what, code, detail, (num_experts, num_topk), put, recv, result,
+                             (rows, gw, src, recv_count, pos, idx, out, gw_out, count), async_op)
 
-    def _placeholder_rows(self, n: int = 0) -> torch.Tensor:
+    def placeholder_rows(self, n: int = 0) -> torch.Tensor:
+        """[n, hidden] zeros: the rows of a rank that takes part in an exchange without data."""
         return torch.zeros(n, self.hidden, dtype=self.dtype, device=self.device)
 
-    def _placeholder_pos(self) -> torch.Tensor:
+    def placeholder_pos(self) -> torch.Tensor:
+        """[0, world] int64: the positions of a rank that takes part in an exchange without data."""
         return torch.full((0, self.world), -1, dtype=torch.int64, device=self.device)
 
-    def _check_rows(self, t: Any, rows: int, name: str, handle: Any) -> Tuple[int, Optional[str]]:
+    def check_rows(self, t: Any, rows: int, name: str, handle: Any) -> Tuple[EPError, Optional[str]]:
         """Host check of a row tensor and a handle (shapes only): (error code, detail)."""
         if not isinstance(handle, EPHandle) or handle.buffer is not self:
-            return 13, f"the handle must come from this buffer's dispatch, got {type(handle).__name__}"
+            return EPError.HANDLE, f"the handle must come from this buffer's dispatch, got {type(handle).__name__}"
         if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != rows:
-            return 12, f"{name} must be [{rows}, {self.hidden}], got {tuple(getattr(t, 'shape', ()))}"
-        return self._check_payload(t, name)
+            return EPError.ROWS, f"{name} must be [{rows}, {self.hidden}], got {tuple(getattr(t, 'shape', ()))}"
+        return self.check_payload(t, name)
 
-    def _check_payload(self, t: torch.Tensor, name: str) -> Tuple[int, Optional[str]]:
+    def check_payload(self, t: torch.Tensor, name: str) -> Tuple[EPError, Optional[str]]:
         """Host check that a 2-d tensor of rows fits the buffer's hidden size, dtype and device."""
         if t.shape[1] != self.hidden:
-            return 3, f"{name} has hidden size {t.shape[1]}, the buffer {self.hidden}"
+            return EPError.HIDDEN, f"{name} has hidden size {t.shape[1]}, the buffer {self.hidden}"
         if t.dtype != self.dtype:
-            return 4, f"{name} has dtype {t.dtype}, the buffer {self.dtype}"
+            return EPError.DTYPE, f"{name} has dtype {t.dtype}, the buffer {self.dtype}"
         if t.device != self.device:
-            return 5, f"{name} is on {t.device}, the buffer on {self.device}"
-        return 0, None
+            return EPError.DEVICE, f"{name} is on {t.device}, the buffer on {self.device}"
+        return EPError.OK, None
 
-    def _exchange(self, shape: int, what: str, code: int, detail: Optional[str], agree: Tuple[int, int],
+    def exchange(self, shape: int, what: str, code: int, detail: Optional[str], agree: Tuple[int, int],
                   put: Callable, recv: Callable, result: Callable, keep_alive: tuple, async_op: bool):
         """Run one exchange: the put now, the receive now (CUDA: on the communication stream) or at wait().
 
@@ -356,7 +337,7 @@ class EPBuffer:
         ring, ordinal = self._rings[shape], self._ordinal
         slot, uses = ring.begin(ordinal)  # raises on every rank alike, before anything moves
         self._ordinal += 1
-        self._publish(ordinal, code, agree)
+        self._publish(ordinal, int(code), agree)
         ch = self._channel(slot)
         label = f"{what} (exchange {ordinal}, {_SHAPES[shape]} slot {slot})"
 
@@ -433,7 +414,7 @@ class EPBuffer:
         common = max(agreed, key=lambda v: (agreed.count(v), -agreed.index(v))) if good else None
         for p in good:
             if entries[p][1:] != common:
-                codes[p] = _DISAGREE
+                codes[p] = EPError.DISAGREE
         if not any(codes):
             return
         bad = [r for r, c in enumerate(codes) if c]
@@ -444,7 +425,7 @@ class EPBuffer:
 
         names = "; ".join(f"rank {r}: " + (f"num_experts or num_topk{' or fp8' if fp8 else ''} differ from the "
                                            f"other ranks' ({said(*entries[r][1:])} against {said(*common)})"
-                                           if codes[r] == _DISAGREE else _ERRORS[codes[r] - 1]) for r in bad)
+                                           if codes[r] == EPError.DISAGREE else _ERRORS[codes[r]]) for r in bad)
         msg = f"EPBuffer {label}: rank(s) {bad} of the group passed bad input ({names}); the exchange was dropped"
         if detail is not None:
             msg += f". On rank {self.rank}: {detail}"

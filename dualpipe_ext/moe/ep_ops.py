@@ -1,4 +1,4 @@
-"""Autograd of ``EPBuffer.dispatch`` and ``EPBuffer.combine``.
+"""``EPBuffer.dispatch`` and ``EPBuffer.combine``: the autograd operations over the buffer's exchanges.
 
 The backward of dispatch is a combine-shaped exchange through the same buffers (row and
 weight gradients back to the tokens' owners), the backward of combine a dispatch-shaped
@@ -16,6 +16,7 @@ from dualpipe_ext.kernels._common import new_output
 
 from .dispatch import routing_values_problem
 from .ep_buffer import EPBuffer, EPHandle
+from .ep_errors import EPError
 
 __all__ = ["dispatch_op", "combine_op", "fp8_mode"]
 
@@ -53,35 +54,40 @@ def _check_dispatch(ep: EPBuffer, x, topk_idx, topk_weights, num_experts, fp8: b
                     ) -> Tuple[int, Optional[str]]:
     """(error code, detail) of this rank's dispatch inputs, decided from shapes (values in debug mode)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        return 1, f"x must be a [num_tokens, {ep.hidden}] tensor, got {tuple(getattr(x, 'shape', ()))}"
+        return EPError.X, f"x must be a [num_tokens, {ep.hidden}] tensor, got {tuple(getattr(x, 'shape', ()))}"
     if x.shape[0] > ep.max_tokens:
-        return 2, f"x has {x.shape[0]} tokens, the buffer holds at most max_tokens={ep.max_tokens}"
-    code, detail = ep._check_payload(x, "x")
+        return EPError.TOO_MANY_TOKENS, (
+            f"x has {x.shape[0]} tokens, the buffer holds at most max_tokens={ep.max_tokens}")
+    code, detail = ep.check_payload(x, "x")
     if code:
         return code, detail
     if (not isinstance(topk_idx, torch.Tensor) or topk_idx.dtype != torch.int64 or topk_idx.dim() != 2
             or topk_idx.shape[0] != x.shape[0] or topk_idx.device != ep.device):
-        return 6, (f"topk_idx must be a [{x.shape[0]}, num_topk] int64 tensor on {ep.device}, got "
-                   f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)} {tuple(getattr(topk_idx, 'shape', ()))}")
+        return EPError.TOPK_IDX, (
+            f"topk_idx must be a [{x.shape[0]}, num_topk] int64 tensor on {ep.device}, got "
+            f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)} {tuple(getattr(topk_idx, 'shape', ()))}")
     if (not isinstance(topk_weights, torch.Tensor) or topk_weights.dtype != torch.float32
             or topk_weights.shape != topk_idx.shape or topk_weights.device != ep.device):
-        return 7, (f"topk_weights must be a float32 tensor of shape {tuple(topk_idx.shape)} on {ep.device}, got "
-                   f"{getattr(topk_weights, 'dtype', type(topk_weights).__name__)} "
-                   f"{tuple(getattr(topk_weights, 'shape', ()))}")
+        return EPError.TOPK_WEIGHTS, (
+            f"topk_weights must be a float32 tensor of shape {tuple(topk_idx.shape)} on {ep.device}, got "
+            f"{getattr(topk_weights, 'dtype', type(topk_weights).__name__)} "
+            f"{tuple(getattr(topk_weights, 'shape', ()))}")
     if topk_idx.shape[1] > ep.max_topk or topk_idx.shape[1] == 0:
-        return 8, f"num_topk is {topk_idx.shape[1]}, the buffer takes 1 to max_topk={ep.max_topk}"
+        return EPError.NUM_TOPK, f"num_topk is {topk_idx.shape[1]}, the buffer takes 1 to max_topk={ep.max_topk}"
     if (not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1
             or num_experts % ep.world):
-        return 9, f"num_experts must be a positive multiple of the group size {ep.world}, got {num_experts!r}"
+        return EPError.NUM_EXPERTS, (
+            f"num_experts must be a positive multiple of the group size {ep.world}, got {num_experts!r}")
     if fp8 and x.dtype not in _FP8_DTYPES:
-        return 14, f"fp8 dispatch quantizes float32, bfloat16 or float16 rows, got {x.dtype}"
+        return EPError.FP8_DTYPE, f"fp8 dispatch quantizes float32, bfloat16 or float16 rows, got {x.dtype}"
     if fp8 and ep.fp8_row_bytes > ep.hidden * x.element_size():
-        return 15, (f"an FP8 row takes {ep.fp8_row_bytes} bytes (padded to 16), more than a slot row of "
-                    f"{ep.hidden} x {x.dtype}")
+        return EPError.FP8_ROW_BYTES, (
+            f"an FP8 row takes {ep.fp8_row_bytes} bytes (padded to 16), more than a slot row of "
+            f"{ep.hidden} x {x.dtype}")
     bad = routing_values_problem(topk_idx, topk_weights, num_experts) if checks_enabled() else None
     if bad is not None:
-        return (10 if bad.startswith("topk_idx") else 11), bad
-    return 0, None
+        return (EPError.TOPK_IDX_VALUES if bad.startswith("topk_idx") else EPError.TOPK_WEIGHTS_VALUES), bad
+    return EPError.OK, None
 
 
 class _Dispatch(torch.autograd.Function):
@@ -115,8 +121,8 @@ class _Combine(torch.autograd.Function):
 
 def dispatch_op(ep: EPBuffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
                 async_op: bool, fp8: bool = False, ue8m0: bool = False):
-    """``EPBuffer.dispatch`` (see there)."""
-    kx = ep._kx
+    """``EPBuffer.dispatch`` (see there), ``ep`` first."""
+    kx = ep.kernels
     code, detail = _check_dispatch(ep, x, topk_idx, topk_weights, num_experts, fp8)
     cap = ep.recv_capacity
     mode = fp8_mode(fp8, ue8m0)
@@ -128,9 +134,9 @@ def dispatch_op(ep: EPBuffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
             rows = _pack_fp8(rows, ep.fp8_row_bytes, ue8m0)
     else:
         num_topk, num_experts = 0, 0
-        pos = ep._placeholder_pos()
+        pos = ep.placeholder_pos()
         counts = torch.zeros(ep.world, dtype=torch.int64, device=ep.device)
-        rows = ep._placeholder_rows()
+        rows = ep.placeholder_rows()
         idx, weights = pos, torch.zeros(0, 0, device=ep.device)
     recv_x = new_output((cap, ep.hidden), ep.dtype, ep.device)
     # FP8: the packed rows land here, then are dequantized into recv_x (every row; padding rows stay garbage)
@@ -142,7 +148,7 @@ def dispatch_op(ep: EPBuffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
     grad_mode = torch.is_grad_enabled()
 
     def put(ch):
-        kx.launch_put_dispatch(ch, rows, pos, counts, (idx, weights), num_experts, num_topk, code)
+        kx.launch_put_dispatch(ch, rows, pos, counts, (idx, weights), num_experts, num_topk, int(code))
 
     def recv(ch):
         if recv_raw is None:
@@ -158,13 +164,13 @@ def dispatch_op(ep: EPBuffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
         return out_x, recv_idx, out_w, handle
 
     keep = (rows, pos, counts, idx, weights, recv_x, recv_idx, recv_w, recv_src, recv_count, recv_raw)
-    return ep._exchange(kx.DISPATCH, "dispatch", code, detail, (num_experts, num_topk + (mode << 16)), put, recv,
-                        result, keep, async_op)
+    return ep.exchange(kx.DISPATCH, "dispatch", code, detail, (num_experts, num_topk + (mode << 16)), put, recv,
+                       result, keep, async_op)
 
 
 def combine_op(ep: EPBuffer, y: torch.Tensor, handle: EPHandle, async_op: bool):
-    """``EPBuffer.combine`` (see there)."""
-    code, detail = ep._check_rows(y, ep.recv_capacity, "y", handle)
+    """``EPBuffer.combine`` (see there), ``ep`` first."""
+    code, detail = ep.check_rows(y, ep.recv_capacity, "y", handle)
     grad_mode = torch.is_grad_enabled()
 
     def wrap(out: torch.Tensor) -> torch.Tensor:
@@ -172,4 +178,46 @@ def combine_op(ep: EPBuffer, y: torch.Tensor, handle: EPHandle, async_op: bool):
             return _Combine.apply(y, [out], handle)
 
     rows = y.detach() if code == 0 else y
-    return ep._combine_shaped("combine", rows, None, handle, code, detail, async_op, wrap)
+    return ep.combine_shaped("combine", rows, None, handle, code, detail, async_op, wrap)
+
+
+def _dispatch(self: EPBuffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+              async_op: bool = False, *, fp8: bool = False, ue8m0: bool = False):
+    """Send tokens to the ranks holding their experts (autograd through x and topk_weights).
+
+    Args:
+        x: [num_tokens <= max_tokens, hidden], the buffer's dtype and device.
+        topk_idx: [num_tokens, num_topk <= max_topk] int64 global expert ids, -1 for an unused slot;
+            experts split evenly and contiguously over the group.
+        topk_weights: [num_tokens, num_topk] float32.
+        num_experts: experts over the group, a multiple of its size.
+        fp8: send the rows as FP8 (``kernels/fp8.py``: e4m3 and a float32 scale per 1x128 group, packed
+            into ``fp8_row_bytes`` bytes that cross in the slot of one ``hidden``-wide row); ``recv_x``
+            holds the dequantized rows in the buffer's dtype, exactly those of a plain dispatch of
+            ``fp8.round_trip(x)``; the gradient of ``x`` goes straight through, and ``combine`` and
+            every backward exchange stay in the buffer's dtype. Every rank must pass the same ``fp8``
+            and ``ue8m0``. Needs a float32/bfloat16/float16 buffer whose row holds ``fp8_row_bytes``.
+        ue8m0: with ``fp8``, scales rounded up to powers of two.
+    Returns:
+        ``(recv_x [recv_capacity, hidden], recv_idx [recv_capacity, num_topk] int64 local expert or -1,
+        recv_weights [recv_capacity, num_topk] float32, handle)``, or with ``async_op`` an ``InFlight``
+        whose ``wait()`` returns them.
+    """
+    return dispatch_op(self, x, topk_idx, topk_weights, num_experts, async_op, fp8, ue8m0)
+
+
+def _combine(self: EPBuffer, y: torch.Tensor, handle: EPHandle, async_op: bool = False):
+    """Send expert outputs back and sum each token's rows (autograd through y).
+
+    ``y``: [recv_capacity, hidden], row i for received row i (padding rows are ignored).
+    Returns [num_tokens, hidden] in the buffer's dtype, or an ``InFlight`` with ``async_op``.
+    """
+    return combine_op(self, y, handle, async_op)
+
+
+# The user-facing entry points are methods of the buffer; they live here, beside the autograd they run,
+# so that ep_buffer never imports this module.
+_dispatch.__name__, _dispatch.__qualname__ = "dispatch", "EPBuffer.dispatch"
+_combine.__name__, _combine.__qualname__ = "combine", "EPBuffer.combine"
+EPBuffer.dispatch = _dispatch
+EPBuffer.combine = _combine

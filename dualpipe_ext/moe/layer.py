@@ -268,9 +268,26 @@ class MoE(nn.Module):
         """This rank's state under global names for ``dualpipe_ext.checkpoint``: one key per routed expert
         (``{prefix}experts.gate_up.{E}`` [2 * I, hidden] for the global expert E), the router, shared
         experts, ``expert_bias`` and ``expert_load`` (group-summed, collective, with ``for_save``)."""
-        from dualpipe_ext.checkpoint import moe_state
-
-        return moe_state(self, prefix, for_save=for_save)
+        out: dict = {}
+        first = self.first_local_expert
+        for pname in ("gate_up", "down"):
+            local = getattr(self.experts, pname)
+            for i in range(local.shape[0]):
+                t = local.detach()[i]
+                out[f"{prefix}experts.{pname}.{first + i}"] = t.clone() if for_save else t
+        out[prefix + "gate"] = self.gate.detach()
+        if self.shared is not None:
+            out[prefix + "shared.gate_up"] = self.shared.gate_up.detach()
+            out[prefix + "shared.down"] = self.shared.down.detach()
+        out[prefix + "expert_bias"] = self.expert_bias
+        if for_save:
+            load = self.expert_load.clone()
+            if group_size(self.group) > 1:
+                torch.distributed.all_reduce(load, group=self.group)
+            out[prefix + "expert_load"] = load
+        else:
+            out[prefix + "expert_load"] = self.expert_load
+        return out
 
     @torch.no_grad()
     def update_bias(self) -> None:
