@@ -43,12 +43,9 @@ def test_main_job_refuses_bad_node_layouts():
 @pytest.mark.slow
 def test_main_job_under_two_torchrun_launches():
     """``--nnodes 2``: two torchrun launches on this host (nodes by LOCAL_WORLD_SIZE), the same rows as simulated."""
-    import shutil
     import socket
 
-    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    if not os.path.exists(torchrun):
-        pytest.skip("torchrun is not installed beside this python")
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]  # torchrun, from the torch beside this python
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
@@ -56,7 +53,7 @@ def test_main_job_under_two_torchrun_launches():
              "32", "--chunks", "4", "--eval-batches", "1"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                                                              "DUALPIPE_EXT_SPAWNED")}
-    procs = [subprocess.Popen([torchrun, "--nnodes", "2", "--node-rank", str(n), "--nproc-per-node", "4",
+    procs = [subprocess.Popen([*torchrun, "--nnodes", "2", "--node-rank", str(n), "--nproc-per-node", "4",
                                "--master-addr", "127.0.0.1", "--master-port", port, *flags],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for n in (0, 1)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
