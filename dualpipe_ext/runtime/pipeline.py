@@ -33,6 +33,7 @@ from dualpipe_ext.schedules import Plan, PlanError, get_plan, schedule_info, sch
 
 __all__ = ["DualPipe", "DualPipeV", "PipelineSchedule"]
 
+_CPU = torch.device("cpu")
 Outputs = Optional[Union[torch.Tensor, Tuple[torch.Tensor, ...]]]
 Schedule = Union[str, Plan]
 
@@ -83,6 +84,16 @@ def _release_groups() -> None:
     """
     for pipe in list(_LIVE):
         pipe._release()
+
+
+def agreement_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
+    """The group the error agreement runs on: ``group`` itself on gloo; on any other backend a gloo
+    group of the same processes, so that agreeing moves CPU tensors and never reads a device value
+    on the host (a verdict on the GPU would make the host wait for every kernel queued before it)."""
+    if dist.get_backend(group) == "gloo":
+        return group
+    ranks = sorted(dist.get_process_group_ranks(group))
+    return dist.new_group(ranks, backend="gloo", use_local_synchronization=True)
 
 
 def _device_of(modules: Sequence[nn.Module]) -> torch.device:
@@ -147,6 +158,7 @@ class _Pipeline(nn.Module):
             raise ValueError(f"{cls}: an NCCL process group moves CUDA tensors, but the stages' parameters are on "
                              f"{self.device}: move the stages to the GPU, or use a gloo group for CPU stages")
         self._has_params = any(True for m in modules for _ in m.parameters())
+        self._agree_group = agreement_group(self.group) if self.config.check_errors else None
         self.timeline = Recorder(self.config.record)
         self.timeline.rank = self.rank
         self.timeline.global_rank = dist.get_rank()
@@ -163,6 +175,7 @@ class _Pipeline(nn.Module):
     def _release(self) -> None:
         """Forget the process group (interpreter exit): the pipeline cannot step afterwards."""
         self.group = None
+        self._agree_group = None
         self.executor.link = None
 
     def _check_schedule(self, name: str, num_modules: int) -> None:
@@ -322,7 +335,7 @@ class _Pipeline(nn.Module):
             kind = INPUT if message else NONE
         if cfg.check_errors:
             values = (("num_chunks", int(num_chunks)), ("torch.is_grad_enabled()", int(not forward_only)))
-            agree(self.group, self.device, self.rank, kind, message, values=values + self._agreed,
+            agree(self._agree_group, _CPU, self.rank, kind, message, values=values + self._agreed,
                   timeout_s=cfg.comm_timeout_s, what="step arguments", names=self._agreement_names())
         elif message:
             raise ValueError(message)
@@ -338,7 +351,7 @@ class _Pipeline(nn.Module):
         if error is not None:
             error = f"pipeline rank {self.rank}: {error}"
         if cfg.check_errors:
-            agree(self.group, self.device, self.rank, STEP if error else NONE, error,
+            agree(self._agree_group, _CPU, self.rank, STEP if error else NONE, error,
                   timeout_s=cfg.comm_timeout_s, what="step", names=self._agreement_names())
         elif error:
             raise PipelineError(error)

@@ -284,3 +284,30 @@ def profiled(rank: int, world: int, hidden: int = 8) -> Dict:
     pipe.timeline.enabled = False
     pipe.step(*args, **kw)  # recording off: nothing added
     return {"profiler_names": names, "recorded": recorded, "after_off": len(pipe.timeline.events)}
+
+
+def side_agreement(rank: int, world: int) -> Dict:
+    """The error agreement of a pipeline whose group is not gloo runs on a gloo group of the same
+    processes (made here for a group that claims another backend), and still makes every rank raise
+    the same error."""
+    import torch.distributed as dist
+
+    from dualpipe_ext.runtime import pipeline
+    from dualpipe_ext.runtime.agreement import agree
+
+    group = dist.new_group([0, 1])
+    real = dist.get_backend
+    dist.get_backend = lambda g=None: "nccl" if g is group else real(g)
+    try:
+        side = pipeline.agreement_group(group)
+    finally:
+        dist.get_backend = real
+    same = pipeline.agreement_group(dist.group.WORLD)
+    out = {"new": side is not group, "side_backend": dist.get_backend(side),
+           "side_ranks": dist.get_process_group_ranks(side), "same_on_gloo": same is dist.group.WORLD}
+    try:
+        agree(side, torch.device("cpu"), rank, 0, None, values=(("num_chunks", 4 + rank),), timeout_s=20)
+        out["error"] = None
+    except ValueError as e:
+        out["error"] = str(e)
+    return out

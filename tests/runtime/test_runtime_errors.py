@@ -60,3 +60,13 @@ def test_silent_peer_times_out_naming_rank_action_and_missing_ops():
     # Sends complete in the background on gloo; the first receive from the silent rank times out.
     assert "pipeline rank 0: action 8 'wait' waited 3 s" in err["message"], err["message"]
     assert "still missing: recvF1.0<1" in err["message"], err["message"]
+
+
+def test_agreement_of_a_non_gloo_group_runs_on_a_gloo_group_of_the_same_ranks():
+    from rt_workers import side_agreement
+
+    results = run_ranks(side_agreement, 2, timeout_s=60)
+    for r in results:
+        assert r["new"] and r["side_backend"] == "gloo" and r["side_ranks"] == [0, 1] and r["same_on_gloo"], r
+        assert r["error"] is not None and "num_chunks (from 4 to 5)" in r["error"], r
+    assert results[0]["error"] == results[1]["error"]
