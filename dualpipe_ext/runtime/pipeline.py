@@ -5,8 +5,8 @@ Each runs a registered schedule by name, or a plan of the user's own (``schedule
 which the C++ validator checks when the pipeline is built: an unsound plan is refused with
 the validator's message, on every rank alike, before any communication.
 
-A step: check the arguments on every rank and agree on the verdict (one small
-all_reduce), split the batch into micro-batches on the ranks that hold first stages,
+A step: check the arguments on every rank and agree on the verdict (a few small
+messages, over gloo even when the pipeline's group is NCCL), split the batch into micro-batches on the ranks that hold first stages,
 walk this rank's plan, agree on success, then return ``(loss, outputs)`` on the ranks
 that hold last stages and ``(None, None)`` elsewhere.
 """
