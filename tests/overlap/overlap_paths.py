@@ -89,31 +89,36 @@ def _groups(rank: int, world: int):
     return pipes[rank // 2], experts[rank % 2]
 
 
+def _pipeline_step(pipe_cls, stage_cls, cfg, pp_rank, rank, layers, chunks, pipe_group, ep_group, ep):
+    """One step of a fresh pipeline from fixed seeds: (loss, parameter grads, overlapped pairs run)."""
+    local = [_stage(stage_cls, 100 * m + pp_rank, layers, ep_group, cfg, ep) for m in (1, 2)]
+    pipe = pipe_cls(local, process_group=pipe_group, config=RuntimeConfig(comm_timeout_s=60.0))
+    n = chunks // 2 if pipe_cls is DualPipe else chunks
+    first = pipe_cls is DualPipe or pp_rank == 0
+    x = _data(300 + rank, n) if first else None
+    y = _data(400 + rank, n) if first else None
+    loss, _ = pipe.step(*([x] if x is not None else []), num_chunks=chunks, criterion=criterion,
+                        labels=[y] if y is not None else [])
+    return loss, [p.grad for p in pipe.parameters()], pipe.executor.num_overlapped_calls
+
+
 def pipelines(rank: int, world: int, layers: int, chunks: int) -> Dict[str, List[str]]:
     """DualPipe and DualPipeV (PP=2) x expert parallelism (EP=2 over the replicas): engine against plain
-    stages, losses and every gradient bit for bit, on both paths, two-batch overlap on."""
+    stages, losses and every gradient bit for bit, on both paths, two-batch overlap on; and the engine's
+    DualPipe step run again from the same seeds on a fresh buffer gives the same bits."""
     set_p2p_tensor_shapes([(BATCH, SEQ, HIDDEN)])
     set_p2p_tensor_dtype(torch.float32)
     pipe_group, ep_group = _groups(rank, world)
     pp_rank = rank % 2
     out: Dict[str, List[str]] = {}
     cfg = OverlapConfig(two_batch=True)
+    args = (cfg, pp_rank, rank, layers, chunks, pipe_group, ep_group)
     for path in ("collective", "ep"):
         ep = _buffer(ep_group, path)
         for cls_name, pipe_cls in (("DualPipe", DualPipe), ("DualPipeV", DualPipeV)):
             failures: List[str] = []
-            runs = []
-            for stage_cls in (MoEStage, OverlappedMoEStage):
-                local = [_stage(stage_cls, 100 * m + pp_rank, layers, ep_group, cfg, ep) for m in (1, 2)]
-                pipe = pipe_cls(local, process_group=pipe_group, config=RuntimeConfig(comm_timeout_s=60.0))
-                n = chunks // 2 if cls_name == "DualPipe" else chunks
-                first = pipe_cls is DualPipeV and pp_rank == 0 or pipe_cls is DualPipe
-                x = _data(300 + rank, n) if first else None
-                y = _data(400 + rank, n) if first else None
-                loss, _ = pipe.step(*([x] if x is not None else []), num_chunks=chunks, criterion=criterion,
-                                    labels=[y] if y is not None else [])
-                runs.append((loss, [p.grad for p in pipe.parameters()], pipe.executor.num_overlapped_calls))
-            (lp, gp, np_), (lo, go, no) = runs
+            (lp, gp, np_), (lo, go, no) = (_pipeline_step(pipe_cls, stage_cls, *args, ep)
+                                           for stage_cls in (MoEStage, OverlappedMoEStage))
             if (lp is None) != (lo is None) or (lp is not None and not torch.equal(lp, lo)):
                 failures.append(f"{path} {cls_name}: loss differs: {lp} vs {lo}")
             for i, (a, b) in enumerate(zip(go, gp)):
@@ -121,6 +126,16 @@ def pipelines(rank: int, world: int, layers: int, chunks: int) -> Dict[str, List
             if no == 0 or np_ != 0:
                 failures.append(f"{path} {cls_name}: overlapped pairs {no} (engine), {np_} (plain)")
             out[f"{path} {cls_name}"] = failures
+            if pipe_cls is DualPipe:
+                again = _buffer(ep_group, path)
+                l2, g2, _ = _pipeline_step(pipe_cls, OverlappedMoEStage, *args, again)
+                if again is not None:
+                    again.close()
+                rerun: List[str] = []
+                _same(l2, lo, f"{path}: losses of two runs", rerun)
+                for i, (a, b) in enumerate(zip(g2, go)):
+                    _same(a, b, f"{path}: parameter {i} grad of two runs", rerun)
+                out[f"{path} DualPipe, run again"] = rerun
         if ep is not None:
             ep.close()
     return out
@@ -149,31 +164,3 @@ def host_reads(rank: int, world: int) -> Dict[str, str]:
     reports["two-batch backward"] = reads.report()
     ep.close()
     return reports
-
-
-def determinism(rank: int, world: int, layers: int, chunks: int) -> List[str]:
-    """The same DualPipe x EP step twice from the same seed: bit-identical losses and gradients,
-    with and without the engine (two-batch overlap on), on both expert-parallel paths."""
-    set_p2p_tensor_shapes([(BATCH, SEQ, HIDDEN)])
-    set_p2p_tensor_dtype(torch.float32)
-    pipe_group, ep_group = _groups(rank, world)
-    pp_rank = rank % 2
-    failures: List[str] = []
-    for path in ("collective", "ep"):
-        for stage_cls, cfg in ((MoEStage, OverlapConfig()), (OverlappedMoEStage, OverlapConfig(two_batch=True))):
-            runs = []
-            for _ in range(2):
-                ep = _buffer(ep_group, path)
-                local = [_stage(stage_cls, 100 * m + pp_rank, layers, ep_group, cfg, ep) for m in (1, 2)]
-                pipe = DualPipe(local, process_group=pipe_group, config=RuntimeConfig(comm_timeout_s=60.0))
-                x, y = _data(300 + rank, chunks // 2), _data(400 + rank, chunks // 2)
-                loss, _ = pipe.step(x, num_chunks=chunks, criterion=criterion, labels=[y])
-                runs.append((loss, [p.grad for p in pipe.parameters()]))
-                if ep is not None:
-                    ep.close()
-            (l0, g0), (l1, g1) = runs
-            tag = f"{path} {stage_cls.__name__}"
-            _same(l1, l0, f"{tag}: losses of two runs", failures)
-            for i, (a, b) in enumerate(zip(g1, g0)):
-                _same(a, b, f"{tag}: parameter {i} grad of two runs", failures)
-    return failures
