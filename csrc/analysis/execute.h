@@ -14,7 +14,7 @@ namespace dpx {
 struct Costs {
   double F = 1;    // forward chunk
   double B = 2;    // full backward chunk (input part + W)
-  double W = 1;    // weight-gradient part of a backward; an input-only backward costs B - W
+  double W = 1;    // weight-gradient part of a backward; a backward input costs B - W
   double FB = 3;   // overlapped forward+backward pair
   double P2P = 0;  // from a send being posted (and, rendezvous only, its receive posted) to the data being usable
   // Per-action bookkeeping of a runtime, added before every compute action of a rank but its

@@ -23,7 +23,7 @@ namespace dpx {
 // matching of sends and receives per ordered pair of ranks (sender, receiver), in program
 // order; then deadlock. The offending action is the one at which the failing check fails:
 // the computation without its input, the second run, the send whose receive differs, the
-// extra operation, the forward never backwarded, the first input-only backward whose weight
+// extra operation, the forward never backwarded, the first backward input whose weight
 // work is never run, the wait at which the first rank of the deadlock cycle blocks. Rules
 // about no action (counts, the stage table, a forward that never runs and nothing received
 // for it) name none: rank and step are -1.

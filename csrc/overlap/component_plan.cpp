@@ -17,7 +17,7 @@ const char* const kPassNames[] = {"F", "B", "W"};
 struct Op {
   bool comm = false;
   Component component = Component::kAttn;
-  Pass pass = Pass::kF;
+  Pass pass = Pass::kForward;
   int run = 0, layer = 0;
   double cost = 0.0;
   std::vector<int> deps;
@@ -32,7 +32,7 @@ Key key_of(const OverlapStep& s) { return key_of(s.component, s.pass, s.run, s.l
 
 // 0: dispatch-shaped (tokens to the experts' ranks), 1: combine-shaped.
 int shape_of(Component c, Pass p) {
-  return (c == Component::kDispatch) == (p == Pass::kF) ? 0 : 1;
+  return (c == Component::kDispatch) == (p == Pass::kForward) ? 0 : 1;
 }
 
 class OpBuilder {
@@ -63,7 +63,7 @@ class OpBuilder {
 void add_forward(std::vector<Op>& ops, int r, const RunSpec& s, const PlanCosts& costs) {
   const auto A = Component::kAttn, M = Component::kMlp, D = Component::kDispatch, K = Component::kCombine;
   const auto S = Component::kShared;
-  const auto F = Pass::kF;
+  const auto F = Pass::kForward;
   OpBuilder b(ops, r, costs);
   std::vector<int> in;
   if (s.prologue) in.push_back(b.add(false, Component::kPrologue, F, 0, {}));
@@ -81,7 +81,7 @@ void add_forward(std::vector<Op>& ops, int r, const RunSpec& s, const PlanCosts&
 void add_backward(std::vector<Op>& ops, int r, const RunSpec& s, const PlanCosts& costs) {
   const auto A = Component::kAttn, M = Component::kMlp, D = Component::kDispatch, K = Component::kCombine;
   const auto S = Component::kShared;
-  const auto B = Pass::kB, W = Pass::kW;
+  const auto B = Pass::kBackwardInput, W = Pass::kWeight;
   OpBuilder b(ops, r, costs);
   std::vector<int> in;  // what produces the gradient of the current layer's output
   if (s.epilogue) in.push_back(b.add(false, Component::kEpilogue, B, 0, {}));
@@ -165,7 +165,7 @@ namespace {
 // Run names are needed unless the plan is a forward run 0 paired with a backward run 1.
 bool several_runs(const std::vector<OverlapStep>& steps) {
   for (const OverlapStep& s : steps)
-    if ((s.pass == Pass::kF) != (s.run == 0) || s.run > 1) return true;
+    if ((s.pass == Pass::kForward) != (s.run == 0) || s.run > 1) return true;
   return false;
 }
 }  // namespace
@@ -267,7 +267,7 @@ std::vector<OverlapStep> deepseek_plan(int num_layers) {
     throw std::invalid_argument("deepseek_plan: num_layers must be in [1, 4096], got " + std::to_string(num_layers));
   const auto C = StepKind::kCompute, I = StepKind::kIssue, Wt = StepKind::kWait;
   const auto A = Component::kAttn, M = Component::kMlp, D = Component::kDispatch, K = Component::kCombine;
-  const auto F = Pass::kF, B = Pass::kB, W = Pass::kW;
+  const auto F = Pass::kForward, B = Pass::kBackwardInput, W = Pass::kWeight;
   struct Slot {
     StepKind kind;
     Component component;

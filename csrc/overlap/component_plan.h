@@ -18,7 +18,7 @@
 namespace dpx {
 
 enum class Component : int { kAttn = 0, kMlp, kDispatch, kCombine, kShared, kPrologue, kEpilogue };
-enum class Pass : int { kF = 0, kB, kW };  // forward, input gradients, weight gradients
+enum class Pass : int { kForward = 0, kBackwardInput, kWeight };  // forward, input gradients, weight gradients
 enum class StepKind : int { kCompute = 0, kIssue, kWait };
 
 // One chunk walked through the components.
@@ -33,7 +33,7 @@ struct RunSpec {
 struct OverlapStep {
   StepKind kind = StepKind::kCompute;
   Component component = Component::kAttn;
-  Pass pass = Pass::kF;
+  Pass pass = Pass::kForward;
   int run = 0;
   int layer = 0;
   std::vector<int> under;  // issue steps: indices of the compute steps that run while it is in flight
