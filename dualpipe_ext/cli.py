@@ -126,11 +126,13 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from dualpipe_ext.schedules import schedule_names
+    from dualpipe_ext.schedules import Costs, schedule_names
 
     p = _Parser(prog=PROG, description="Draw, compare and trace pipeline schedules.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
-    costs_help = "costs F,B,W,FB,P2P of forward, full backward, weight backward, overlapped pair, transfer (default 1,2,1,3,0)"
+    default = Costs()
+    costs_help = ("costs F,B,W,FB,P2P of forward, backward, weight, overlapped forward+backward pair, transfer "
+                  f"(default {default.F:g},{default.B:g},{default.W:g},{default.FB:g},{default.P2P:g})")
 
     s = sub.add_parser("schedule", help="draw a schedule's timeline (SVG, PNG or PDF)")
     s.add_argument("name", help="schedule name: " + ", ".join(schedule_names()))

@@ -27,26 +27,6 @@ void register_analysis(py::module_& m) {
       "validate() as data: None for a sound plan, else (rule, rank, step, token, message) of the first "
       "offending action (rank and step -1 when the rule names none).");
 
-  py::class_<Costs>(m, "Costs")
-      .def(py::init([](double F, double B, double W, double FB, double P2P, double overhead) {
-             Costs c{F, B, W, FB, P2P, overhead};
-             c.check();
-             return c;
-           }),
-           py::arg("F") = 1.0, py::arg("B") = 2.0, py::arg("W") = 1.0, py::arg("FB") = 3.0, py::arg("P2P") = 0.0,
-           py::arg("overhead") = 0.0)
-      .def_readonly("F", &Costs::F)
-      .def_readonly("B", &Costs::B)
-      .def_readonly("W", &Costs::W)
-      .def_readonly("FB", &Costs::FB)
-      .def_readonly("P2P", &Costs::P2P)
-      .def_readonly("overhead", &Costs::overhead)
-      .def("__repr__", [](const Costs& c) {
-        return "Costs(F=" + std::to_string(c.F) + ", B=" + std::to_string(c.B) + ", W=" + std::to_string(c.W) +
-               ", FB=" + std::to_string(c.FB) + ", P2P=" + std::to_string(c.P2P) +
-               ", overhead=" + std::to_string(c.overhead) + ")";
-      });
-
   py::class_<SimResult>(m, "SimResult")
       .def_readonly("makespan", &SimResult::makespan)
       .def_property_readonly("timeline", [](const SimResult& s) {

@@ -36,12 +36,14 @@ void register_overlap(pybind11::module_& m) {
                std::to_string(r.num_layers) + (r.prologue ? ", prologue" : "") + (r.epilogue ? ", epilogue" : "") +
                (r.shared ? ", shared" : "") + ")";
       });
+  const PlanCosts defaults;  // the one place the default costs are written is component_plan.h
   py::class_<PlanCosts>(m, "PlanCosts")
       .def(py::init([](double attn, double mlp, double shared, double prologue, double epilogue, double comm) {
              return PlanCosts{attn, mlp, shared, prologue, epilogue, comm};
            }),
-           py::arg("attn") = 1.0, py::arg("mlp") = 1.0, py::arg("shared") = 0.5, py::arg("prologue") = 1.0,
-           py::arg("epilogue") = 1.0, py::arg("comm") = 1.0)
+           py::arg("attn") = defaults.attn, py::arg("mlp") = defaults.mlp, py::arg("shared") = defaults.shared,
+           py::arg("prologue") = defaults.prologue, py::arg("epilogue") = defaults.epilogue,
+           py::arg("comm") = defaults.comm)
       .def_readwrite("attn", &PlanCosts::attn)
       .def_readwrite("mlp", &PlanCosts::mlp)
       .def_readwrite("shared", &PlanCosts::shared)

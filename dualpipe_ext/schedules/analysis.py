@@ -38,23 +38,25 @@ __all__ = ["Costs", "PlanError", "Simulation", "closed_form_bubble", "simulate",
 
 
 _COST_FIELDS = ("F", "B", "W", "FB", "P2P", "overhead")
+_CORE_DEFAULTS = _C.Costs()  # the defaults are the C++ cost model's (csrc/plan/costs.h), written once there
 
 
 @dataclass(frozen=True)
 class Costs:
     """Durations of the actions of a plan, in any one time unit.
 
-    The defaults model a backward that costs twice a forward, half of it weight gradients,
-    and an overlapped pair that saves nothing (``FB = F + B``). The values are checked by
-    the C++ core's own check (finite, non-negative, ``W <= B``), the one the simulator runs.
+    The defaults are the C++ core's (``_C.Costs()``): a backward that costs twice a forward,
+    half of it weight gradients, and an overlapped pair that saves nothing (``FB = F + B``).
+    The values are checked by the C++ core's own check (finite, non-negative, ``W <= B``),
+    the one the simulator runs.
     """
 
-    F: float = 1.0  # forward chunk
-    B: float = 2.0  # full backward chunk (input and weight gradients); B..z costs B - W
-    W: float = 1.0  # weight-gradient part of a backward
-    FB: float = 3.0  # overlapped forward+backward pair
-    P2P: float = 0.0  # from a send posted (rendezvous: and its receive) to the data being usable
-    overhead: float = 0.0  # added before each compute action of a rank but its first (runtime bookkeeping)
+    F: float = _CORE_DEFAULTS.F  # forward chunk
+    B: float = _CORE_DEFAULTS.B  # backward chunk (input and weight gradients); a backward input (B..z) costs B - W
+    W: float = _CORE_DEFAULTS.W  # weight part of a backward
+    FB: float = _CORE_DEFAULTS.FB  # overlapped forward+backward pair
+    P2P: float = _CORE_DEFAULTS.P2P  # from a send posted (rendezvous: and its receive) to the data being usable
+    overhead: float = _CORE_DEFAULTS.overhead  # added before each compute action of a rank but its first
 
     def __post_init__(self) -> None:
         for name in _COST_FIELDS:
@@ -163,5 +165,4 @@ def closed_form_bubble(name: str, ranks: int, costs: Costs = Costs()) -> float:
 
     if not isinstance(costs, Costs):
         raise TypeError(f"costs must be dualpipe_ext.schedules.Costs, got {type(costs).__name__}")
-    return _C.closed_form_bubble(check_name(name), check_count("ranks", ranks), F=float(costs.F), B=float(costs.B),
-                                 W=float(costs.W), FB=float(costs.FB))
+    return _C.closed_form_bubble(check_name(name), check_count("ranks", ranks), costs._c())
