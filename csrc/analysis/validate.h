@@ -35,6 +35,14 @@ struct PlanError : std::invalid_argument {
   std::string token;  // its text form ("" without one)
 };
 
+// A PlanError as data, for the binding's check_plan.
+struct PlanIssue {
+  std::string rule;
+  int rank = -1, step = -1;
+  std::string token;
+  std::string message;
+};
+
 // Throws PlanError (a std::invalid_argument: ValueError in Python) naming the broken rule and
 // the first offending action, with the rank-by-step grid and the failing cells marked. Plans
 // without any backward work are checked as forward-only plans (every micro-batch forwarded

@@ -30,11 +30,11 @@ its last action. What it reports:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence
 
 from dualpipe_ext import _C
 
-__all__ = ["Costs", "PlanError", "Simulation", "closed_form_bubble", "simulate", "validate"]
+__all__ = ["Costs", "PlanError", "Simulation", "TimedAction", "closed_form_bubble", "simulate", "validate"]
 
 
 _COST_FIELDS = ("F", "B", "W", "FB", "P2P", "overhead")
@@ -89,12 +89,20 @@ class Costs:
         return _C.Costs(**{name: float(getattr(self, name)) for name in _COST_FIELDS})
 
 
+class TimedAction(NamedTuple):
+    """When one compute action ran: the entries of every timeline (simulated, recorded, drawn)."""
+
+    token: str  # the action's trace token: "F0.3", "B1.2z", "W", "F0.3+B1.1"
+    start: float
+    end: float
+
+
 @dataclass(frozen=True)
 class Simulation:
     """What :func:`simulate` measured; lists are indexed by pipeline rank."""
 
     makespan: float  # max over ranks of (end of its last action + tail)
-    timeline: List[List[Tuple[str, float, float]]]  # per rank: (trace token, start, end) of each compute action
+    timeline: List[List[TimedAction]]  # per rank: each compute action, in program order
     busy: List[float]  # compute time per rank
     bubble: List[float]  # makespan - busy, per rank
     peak_activations: List[int]  # most live micro-batch activations per rank (units of one stage)
@@ -117,8 +125,7 @@ def validate(plan: "_C.Plan") -> None:
         raise TypeError(f"validate expects a dualpipe_ext.schedules.Plan, got {type(plan).__name__}")
     issue = _C.check_plan(plan)
     if issue is not None:
-        rule, rank, step, token, message = issue
-        raise PlanError(message, rule, rank, step, token)
+        raise PlanError(issue.message, issue.rule, issue.rank, issue.step, issue.token)
 
 
 def _floats(values: Optional[Sequence[float]]) -> List[float]:
@@ -140,9 +147,8 @@ def simulate(plan: "_C.Plan", costs: Costs = Costs(), *, eager_comm: bool = Fals
         raise TypeError(f"costs must be dualpipe_ext.schedules.Costs, got {type(costs).__name__}")
     res = _C.simulate(plan, costs._c(), eager_comm=bool(eager_comm), start=_floats(start), tail=_floats(tail))
     tokens = plan.trace()  # compute actions in program order, as the timeline lists them
-    timeline = [
-        [(tok, start, end) for tok, (_, start, end) in zip(tokens[r], row)] for r, row in enumerate(res.timeline)
-    ]
+    timeline = [[TimedAction(tokens[r][i], t.start, t.end) for i, t in enumerate(row)]
+                for r, row in enumerate(res.timeline)]
     return Simulation(
         makespan=res.makespan,
         timeline=timeline,

@@ -29,7 +29,7 @@ the mean step time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from dualpipe_ext import _C  # one line saying how to build it, when it is not built
 ActionType = _C.ActionType
@@ -41,7 +41,7 @@ from dualpipe_ext.schedules.tokens import BACKWARD, BACKWARD_INPUT, FORWARD, WEI
 if TYPE_CHECKING:  # the merged records of a run (dualpipe_ext.viz.records), read here, not built
     from dualpipe_ext.viz.records import RunStep
 
-__all__ = ["Prediction", "estimate_costs", "format_prediction", "predict", "step_edges"]
+__all__ = ["Prediction", "StepEdges", "estimate_costs", "format_prediction", "predict", "step_edges"]
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,15 @@ def estimate_costs(runs: Sequence[RunStep], plan: Plan) -> Dict[str, float]:
     return {"F": f, "B": b, "W": min(w, b), "FB": _mean(durs[pair], f + b), "P2P": p2p, "overhead": overhead}
 
 
-def step_edges(runs: Sequence[RunStep], plan: Plan) -> Tuple[List[float], List[float], float]:
+class StepEdges(NamedTuple):
+    """What :func:`step_edges` measured, in nanoseconds."""
+
+    start: List[float]  # per rank: when its program begins (mean step start + set-up)
+    tail: List[float]  # per rank: from its last action to its step's end
+    setup: float  # step start -> first action of a rank that needs no input
+
+
+def step_edges(runs: Sequence[RunStep], plan: Plan) -> StepEdges:
     """Per-rank ``start`` and ``tail`` (ns) of the recorded steps, and the set-up time included in ``start``.
 
     ``start[r]``: mean time rank r started its step, plus the mean set-up time from a step's
@@ -172,7 +180,7 @@ def step_edges(runs: Sequence[RunStep], plan: Plan) -> Tuple[List[float], List[f
             if not producers[r][0]:
                 setups.append(row[0][1] - run.bounds[r][0])
     setup = max(0.0, _mean(setups, 0.0))
-    return [max(0.0, _mean(x, 0.0)) + setup for x in starts], [_mean(x, 0.0) for x in tails], setup
+    return StepEdges([max(0.0, _mean(x, 0.0)) + setup for x in starts], [_mean(x, 0.0) for x in tails], setup)
 
 
 def predict(runs: Sequence[RunStep], plan: Optional[Plan] = None) -> Prediction:

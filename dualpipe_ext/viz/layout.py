@@ -10,13 +10,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
+from dualpipe_ext.schedules.analysis import TimedAction
 from dualpipe_ext.schedules.registry import schedule_info, schedule_names
 from dualpipe_ext.schedules.tokens import BACKWARD, BACKWARD_INPUT, FORWARD, KINDS, WEIGHT, Part, compute_parts
 
 __all__ = ["Box", "Cell", "Drawing", "Timeline", "layout", "COLOURS"]
 
-# Per rank: (compute token, start, end) in execution order.
-Timeline = Sequence[Sequence[Tuple[str, float, float]]]
+# Per rank: each compute action (token, start, end) in execution order; plain 3-tuples are accepted too.
+Timeline = Sequence[Sequence[TimedAction]]
 
 # (kind, module) -> fill colour. Module 1 (reverse direction of DualPipe, second leg of
 # DualPipeV) is a darker shade of the same hue. Hues follow the DualPipe README figure.
@@ -90,7 +91,7 @@ class Drawing:
         return {c for _, cols in self.legend for c in cols}
 
 
-def _check(timeline: Timeline) -> List[List[Tuple[str, float, float]]]:
+def _check(timeline: Timeline) -> List[List[TimedAction]]:
     if not isinstance(timeline, (list, tuple)) or not timeline:
         raise ValueError("timeline must be a non-empty list with one list of (token, start, end) per rank")
     rows = []
@@ -106,13 +107,13 @@ def _check(timeline: Timeline) -> List[List[Tuple[str, float, float]]]:
                 raise ValueError(f"rank {r}: action {token!r} ends ({end}) before it starts ({start})")
             if any(p is not None and p.module > 1 for p in compute_parts(token)):
                 raise ValueError(f"rank {r}: action {token!r} names a module above 1; a rank draws modules 0 and 1")
-            clean.append((token, start, end))
+            clean.append(TimedAction(token, start, end))
         clean.sort(key=lambda e: (e[1], e[2]))
         rows.append(clean)
     return rows
 
 
-def _pair_split(rows: List[List[Tuple[str, float, float]]]) -> float:
+def _pair_split(rows: List[List[TimedAction]]) -> float:
     """Fraction of an overlapped pair drawn as its forward.
 
     Mean lone forward over mean lone forward plus mean lone backward (backward inputs where
