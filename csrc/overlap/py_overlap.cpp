@@ -36,7 +36,7 @@ void register_overlap(pybind11::module_& m) {
                std::to_string(r.num_layers) + (r.prologue ? ", prologue" : "") + (r.epilogue ? ", epilogue" : "") +
                (r.shared ? ", shared" : "") + ")";
       });
-  const PlanCosts defaults;  // the one place the default costs are written is component_plan.h
+  const PlanCosts defaults;  // the one place the default costs are written is overlap/steps.h
   py::class_<PlanCosts>(m, "PlanCosts")
       .def(py::init([](double attn, double mlp, double shared, double prologue, double epilogue, double comm) {
              return PlanCosts{attn, mlp, shared, prologue, epilogue, comm};

@@ -34,7 +34,7 @@ class ComponentCosts:
     """Relative costs the component plan is made with: computation per pass (B and W cost the
     F figure) and the duration of one exchange. Only the order of the steps depends on them."""
 
-    attn: float = _C.PlanCosts().attn  # the defaults are the C++ planner's (csrc/overlap/component_plan.h)
+    attn: float = _C.PlanCosts().attn  # the defaults are the C++ planner's (csrc/overlap/steps.h)
     mlp: float = _C.PlanCosts().mlp
     shared: float = _C.PlanCosts().shared
     prologue: float = _C.PlanCosts().prologue
