@@ -63,7 +63,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     plan = get_plan(args.name, args.ranks, args.chunks)
     sim = simulate(plan, costs=costs)
     title = (f"{args.name}: {args.ranks} ranks, {args.chunks} micro-batches; "
-             f"F={costs.F:g} B={costs.B:g} W={costs.W:g} F&B={costs.FB:g} P2P={costs.P2P:g}; "
+             f"F={costs.F:g} B={costs.B:g} W={costs.W:g} FB={costs.FB:g} P2P={costs.P2P:g}; "
              f"makespan {sim.makespan:.4g}")
     drawing = draw_timeline(sim.timeline, args.out, schedule=args.name, title=title)
     cells = sum(len(row) for row in drawing.rows)
@@ -80,7 +80,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     rows = compare(args.ranks, args.chunks, costs)
     best, why = pick_best(rows, args.memory) if args.best else (None, "")
     print(f"{args.ranks} ranks, {args.chunks} micro-batches; costs F={costs.F:g} B={costs.B:g} "
-          f"W={costs.W:g} F&B={costs.FB:g} P2P={costs.P2P:g}")
+          f"W={costs.W:g} FB={costs.FB:g} P2P={costs.P2P:g}")
     print(format_table(rows, best))
     if args.best:
         if best is None:

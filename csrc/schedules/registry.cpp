@@ -12,7 +12,7 @@ std::string valid_names() {
   return out;
 }
 
-// (PP - 1)(F + B) for GPipe and 1F1B; (PP - 1)(F + B - 2W) for ZB-H1; (PP/2 - 1)(F&B + B - 3W)
+// (PP - 1)(F + B) for GPipe and 1F1B; (PP - 1)(F + B - 2W) for ZB-H1; (PP/2 - 1)(FB + B - 3W)
 // for DualPipe and DualPipeV, where PP counts the stages of one pipeline.
 double one_f_one_b(int ranks, const Costs& c) { return (ranks - 1) * (c.F + c.B); }
 double zero_bubble(int ranks, const Costs& c) { return (ranks - 1) * (c.F + c.B - 2 * c.W); }

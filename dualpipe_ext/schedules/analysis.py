@@ -163,7 +163,7 @@ def closed_form_bubble(name: str, ranks: int, costs: Costs = Costs()) -> float:
 
     ``PP`` is the number of stages of one pipeline: ``ranks`` for GPipe, 1F1B, ZB1P and
     DualPipe, ``2 * ranks`` for DualPipeV. GPipe: (PP-1)(F+B); 1F1B: (PP-1)(F+B); ZB1P:
-    (PP-1)(F+B-2W); DualPipe and DualPipeV: (PP/2-1)(F&B+B-3W). The formulas live in the C++
+    (PP-1)(F+B-2W); DualPipe and DualPipeV: (PP/2-1)(FB+B-3W). The formulas live in the C++
     schedule registry beside the generators; the simulator reproduces them with ``P2P = 0``
     (see tests/schedules/test_bubbles.py for the exact conditions).
     """
