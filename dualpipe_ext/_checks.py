@@ -6,7 +6,7 @@ tensor value, so the checks cost nothing on a GPU's hot path.
 from __future__ import annotations
 
 import operator
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -58,11 +58,18 @@ def check_path(what: str, value: Any) -> str:
     return os.fspath(value)
 
 
-def check_tensor(what: str, value: Any, ndim: Optional[int] = None) -> torch.Tensor:
+def check_tensor(what: str, value: Any, *, ndim: Optional[int] = None,
+                 dtypes: Optional[Sequence[torch.dtype]] = None) -> torch.Tensor:
+    """``value`` as a tensor: ``TypeError`` unless it is a ``torch.Tensor``, ``ValueError`` unless it
+    has ``ndim`` dimensions and one of ``dtypes`` (each when given). The one check of a tensor
+    argument, the kernels' included; it reads metadata only."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type_name(value)}")
     if ndim is not None and value.dim() != ndim:
         raise ValueError(f"{what} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        names = ", ".join(str(d) for d in dtypes)
+        raise ValueError(f"{what} must have dtype in ({names}), got {value.dtype}")
     return value
 
 

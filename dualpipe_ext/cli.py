@@ -63,7 +63,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     plan = get_plan(args.name, args.ranks, args.chunks)
     sim = simulate(plan, costs=costs)
     title = (f"{args.name}: {args.ranks} ranks, {args.chunks} micro-batches; "
-             f"F={costs.F:g} B={costs.B:g} W={costs.W:g} F&B={costs.FB:g} P2P={costs.P2P:g}; "
+             f"F={costs.F:g} B={costs.B:g} W={costs.W:g} FB={costs.FB:g} P2P={costs.P2P:g}; "
              f"makespan {sim.makespan:.4g}")
     drawing = draw_timeline(sim.timeline, args.out, schedule=args.name, title=title)
     cells = sum(len(row) for row in drawing.rows)
@@ -80,7 +80,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     rows = compare(args.ranks, args.chunks, costs)
     best, why = pick_best(rows, args.memory) if args.best else (None, "")
     print(f"{args.ranks} ranks, {args.chunks} micro-batches; costs F={costs.F:g} B={costs.B:g} "
-          f"W={costs.W:g} F&B={costs.FB:g} P2P={costs.P2P:g}")
+          f"W={costs.W:g} FB={costs.FB:g} P2P={costs.P2P:g}")
     print(format_table(rows, best))
     if args.best:
         if best is None:
@@ -126,11 +126,13 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from dualpipe_ext.schedules import schedule_names
+    from dualpipe_ext.schedules import Costs, schedule_names
 
     p = _Parser(prog=PROG, description="Draw, compare and trace pipeline schedules.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
-    costs_help = "costs F,B,W,FB,P2P of forward, full backward, weight backward, overlapped pair, transfer (default 1,2,1,3,0)"
+    default = Costs()
+    costs_help = ("costs F,B,W,FB,P2P of forward, backward, weight, overlapped forward+backward pair, transfer "
+                  f"(default {default.F:g},{default.B:g},{default.W:g},{default.FB:g},{default.P2P:g})")
 
     s = sub.add_parser("schedule", help="draw a schedule's timeline (SVG, PNG or PDF)")
     s.add_argument("name", help="schedule name: " + ", ".join(schedule_names()))

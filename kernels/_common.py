@@ -16,6 +16,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from dualpipe_ext._checks import check_tensor  # noqa: F401  (the one tensor check; kernels take it from here)
+
 IMPLS = ("auto", "triton", "reference")
 
 
@@ -82,23 +84,6 @@ def check_num_sms(num_sms: Optional[int], name: str = "num_sms") -> None:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
-
-
-def check_tensor(
-    name: str,
-    t: torch.Tensor,
-    *,
-    ndim: Optional[int] = None,
-    dtypes: Optional[Sequence[torch.dtype]] = None,
-) -> None:
-    """Raise ValueError unless ``t`` is a tensor with the given rank and one of ``dtypes``."""
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-    if dtypes is not None and t.dtype not in dtypes:
-        names = ", ".join(str(d) for d in dtypes)
-        raise ValueError(f"{name} must have dtype in ({names}), got {t.dtype}")
 
 
 def check_same_device(**tensors: Optional[torch.Tensor]) -> None:

@@ -3,21 +3,18 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
-from dualpipe_ext.schedules import trace
+from dualpipe_ext.schedules import Costs, trace
+from dualpipe_ext.schedules.tokens import BACKWARD, BACKWARD_INPUT, FORWARD, WEIGHT, compute_parts
 
-UNIT = {"F": 1.0, "B": 2.0, "Bz": 1.0, "W": 1.0, "FB": 3.0}
 
-
-def cost_of(token: str, costs: Dict[str, float] = UNIT) -> float:
-    if "+" in token:
-        return costs["FB"]
-    if token == "W":
-        return costs["W"]
-    if token.startswith("F"):
-        return costs["F"]
-    return costs["Bz"] if token.endswith("z") else costs["B"]
+def cost_of(token: str, costs: Costs = Costs()) -> float:
+    """What the simulator charges for a compute token under ``costs`` (the defaults: F 1, B 2, W 1)."""
+    first, second = compute_parts(token)
+    if second is not None:
+        return costs.FB
+    return {FORWARD: costs.F, BACKWARD: costs.B, BACKWARD_INPUT: costs.B - costs.W, WEIGHT: costs.W}[first.kind]
 
 
 def sequential_timeline(name: str, ranks: int, chunks: int, gap: float = 0.0) -> List[List[Tuple[str, float, float]]]:

@@ -7,26 +7,9 @@
 
 #include "analysis/grid.h"
 #include "plan/action.h"
+#include "plan/costs.h"
 
 namespace dpx {
-
-// Durations in arbitrary time units.
-struct Costs {
-  double F = 1;    // forward chunk
-  double B = 2;    // full backward chunk (input part + W)
-  double W = 1;    // weight-gradient part of a backward; an input-only backward costs B - W
-  double FB = 3;   // overlapped forward+backward pair
-  double P2P = 0;  // from a send being posted (and, rendezvous only, its receive posted) to the data being usable
-  // Per-action bookkeeping of a runtime, added before every compute action of a rank but its
-  // first (after any wait in between): the action starts `overhead` after the rank is free
-  // and its data are there. Not part of the action's timeline interval nor of busy time.
-  double overhead = 0;
-
-  double of(const Action& a) const;
-  // The one check of a cost model (Python's Costs calls it too): every cost finite and
-  // non-negative, W <= B. Throws std::invalid_argument naming the cost.
-  void check() const;
-};
 
 // How the plan's communication runs, and the edges of the step.
 struct SimOptions {

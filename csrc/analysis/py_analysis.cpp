@@ -13,48 +13,42 @@ void register_analysis(py::module_& m) {
         "Check that a plan is sound (matching communication, no deadlock, inputs present, every micro-batch "
         "once); raises ValueError naming the broken rule and the first offending action, with the failing "
         "cells marked in a rank-by-step grid.");
+  py::class_<PlanIssue>(m, "PlanIssue", "Why a plan is unsound: the broken rule and the first offending action.")
+      .def_readonly("rule", &PlanIssue::rule)
+      .def_readonly("rank", &PlanIssue::rank)
+      .def_readonly("step", &PlanIssue::step)
+      .def_readonly("token", &PlanIssue::token)
+      .def_readonly("message", &PlanIssue::message)
+      .def("__repr__", [](const PlanIssue& i) {
+        return "PlanIssue(rule='" + i.rule + "', rank=" + std::to_string(i.rank) + ", step=" +
+               std::to_string(i.step) + ", token='" + i.token + "')";
+      });
   m.def(
       "check_plan",
       [](const Plan& plan) -> py::object {
         try {
           validate(plan);
         } catch (const PlanError& e) {
-          return py::make_tuple(e.rule, e.rank, e.step, e.token, std::string(e.what()));
+          return py::cast(PlanIssue{e.rule, e.rank, e.step, e.token, e.what()});
         }
         return py::none();
       },
       py::arg("plan"),
-      "validate() as data: None for a sound plan, else (rule, rank, step, token, message) of the first "
-      "offending action (rank and step -1 when the rule names none).");
+      "validate() as data: None for a sound plan, else the PlanIssue (rule, rank, step, token, message) of the "
+      "first offending action (rank and step -1 when the rule names none).");
 
-  py::class_<Costs>(m, "Costs")
-      .def(py::init([](double F, double B, double W, double FB, double P2P, double overhead) {
-             Costs c{F, B, W, FB, P2P, overhead};
-             c.check();
-             return c;
-           }),
-           py::arg("F") = 1.0, py::arg("B") = 2.0, py::arg("W") = 1.0, py::arg("FB") = 3.0, py::arg("P2P") = 0.0,
-           py::arg("overhead") = 0.0)
-      .def_readonly("F", &Costs::F)
-      .def_readonly("B", &Costs::B)
-      .def_readonly("W", &Costs::W)
-      .def_readonly("FB", &Costs::FB)
-      .def_readonly("P2P", &Costs::P2P)
-      .def_readonly("overhead", &Costs::overhead)
-      .def("__repr__", [](const Costs& c) {
-        return "Costs(F=" + std::to_string(c.F) + ", B=" + std::to_string(c.B) + ", W=" + std::to_string(c.W) +
-               ", FB=" + std::to_string(c.FB) + ", P2P=" + std::to_string(c.P2P) +
-               ", overhead=" + std::to_string(c.overhead) + ")";
+  py::class_<TimedAction>(m, "TimedAction", "When a compute action of a rank ran in a simulation.")
+      .def_readonly("step", &TimedAction::step, "index into plan.actions[rank]")
+      .def_readonly("start", &TimedAction::start)
+      .def_readonly("end", &TimedAction::end)
+      .def("__repr__", [](const TimedAction& t) {
+        return "TimedAction(step=" + std::to_string(t.step) + ", start=" + std::to_string(t.start) +
+               ", end=" + std::to_string(t.end) + ")";
       });
 
   py::class_<SimResult>(m, "SimResult")
       .def_readonly("makespan", &SimResult::makespan)
-      .def_property_readonly("timeline", [](const SimResult& s) {
-        std::vector<std::vector<std::tuple<int, double, double>>> out(s.timeline.size());
-        for (size_t r = 0; r < s.timeline.size(); ++r)
-          for (const auto& t : s.timeline[r]) out[r].emplace_back(t.step, t.start, t.end);
-        return out;
-      }, "Per rank: (index into plan.actions[rank], start, end) of each compute action.")
+      .def_readonly("timeline", &SimResult::timeline, "Per rank: the TimedAction of each compute action.")
       .def_readonly("busy", &SimResult::busy)
       .def_readonly("bubble", &SimResult::bubble)
       .def_readonly("peak_activations", &SimResult::peak_activations);

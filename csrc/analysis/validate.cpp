@@ -199,7 +199,7 @@ void check_dataflow(const Plan& plan, bool forward_only) {
           break;
         case ActionType::kWeight:
           if (queued_w == 0)
-            fail(plan, "weight FIFO", describe(plan, cell) + " pops weight work, but no input-only backward (B..z) "
+            fail(plan, "weight FIFO", describe(plan, cell) + " pops weight work, but no backward input (B..z) "
                                       "before it left any queued", {cell});
           --queued_w;
           break;

@@ -23,7 +23,7 @@ namespace dpx {
 // matching of sends and receives per ordered pair of ranks (sender, receiver), in program
 // order; then deadlock. The offending action is the one at which the failing check fails:
 // the computation without its input, the second run, the send whose receive differs, the
-// extra operation, the forward never backwarded, the first input-only backward whose weight
+// extra operation, the forward never backwarded, the first backward input whose weight
 // work is never run, the wait at which the first rank of the deadlock cycle blocks. Rules
 // about no action (counts, the stage table, a forward that never runs and nothing received
 // for it) name none: rank and step are -1.
@@ -33,6 +33,14 @@ struct PlanError : std::invalid_argument {
   std::string rule;   // "structure", "dependency", "exactly once", "peer", "weight FIFO", ...
   int rank, step;     // the first offending action, or -1, -1
   std::string token;  // its text form ("" without one)
+};
+
+// A PlanError as data, for the binding's check_plan.
+struct PlanIssue {
+  std::string rule;
+  int rank = -1, step = -1;
+  std::string token;
+  std::string message;
 };
 
 // Throws PlanError (a std::invalid_argument: ValueError in Python) naming the broken rule and

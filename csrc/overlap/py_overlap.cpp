@@ -14,7 +14,10 @@ void register_overlap(pybind11::module_& m) {
       .value("DISPATCH", Component::kDispatch).value("COMBINE", Component::kCombine)
       .value("SHARED", Component::kShared).value("PROLOGUE", Component::kPrologue)
       .value("EPILOGUE", Component::kEpilogue);
-  py::enum_<Pass>(m, "Pass").value("F", Pass::kF).value("B", Pass::kB).value("W", Pass::kW);
+  py::enum_<Pass>(m, "Pass")
+      .value("FORWARD", Pass::kForward)
+      .value("BACKWARD_INPUT", Pass::kBackwardInput)
+      .value("WEIGHT", Pass::kWeight);
   py::enum_<StepKind>(m, "StepKind")
       .value("COMPUTE", StepKind::kCompute).value("ISSUE", StepKind::kIssue).value("WAIT", StepKind::kWait);
   py::class_<RunSpec>(m, "RunSpec")
@@ -33,12 +36,14 @@ void register_overlap(pybind11::module_& m) {
                std::to_string(r.num_layers) + (r.prologue ? ", prologue" : "") + (r.epilogue ? ", epilogue" : "") +
                (r.shared ? ", shared" : "") + ")";
       });
+  const PlanCosts defaults;  // the one place the default costs are written is overlap/steps.h
   py::class_<PlanCosts>(m, "PlanCosts")
       .def(py::init([](double attn, double mlp, double shared, double prologue, double epilogue, double comm) {
              return PlanCosts{attn, mlp, shared, prologue, epilogue, comm};
            }),
-           py::arg("attn") = 1.0, py::arg("mlp") = 1.0, py::arg("shared") = 0.5, py::arg("prologue") = 1.0,
-           py::arg("epilogue") = 1.0, py::arg("comm") = 1.0)
+           py::arg("attn") = defaults.attn, py::arg("mlp") = defaults.mlp, py::arg("shared") = defaults.shared,
+           py::arg("prologue") = defaults.prologue, py::arg("epilogue") = defaults.epilogue,
+           py::arg("comm") = defaults.comm)
       .def_readwrite("attn", &PlanCosts::attn)
       .def_readwrite("mlp", &PlanCosts::mlp)
       .def_readwrite("shared", &PlanCosts::shared)
@@ -47,7 +52,7 @@ void register_overlap(pybind11::module_& m) {
       .def_readwrite("comm", &PlanCosts::comm);
   py::class_<OverlapStep>(m, "OverlapStep")
       .def(py::init([](StepKind k, Component c, Pass p, int layer, std::vector<int> under, int run) {
-             return OverlapStep{k, c, p, run < 0 ? (p == Pass::kF ? 0 : 1) : run, layer, std::move(under)};
+             return OverlapStep{k, c, p, run < 0 ? (p == Pass::kForward ? 0 : 1) : run, layer, std::move(under)};
            }),
            py::arg("kind"), py::arg("component"), py::arg("pass_"), py::arg("layer"),
            py::arg("under") = std::vector<int>{}, py::arg("run") = -1)
@@ -59,7 +64,7 @@ void register_overlap(pybind11::module_& m) {
       .def_readwrite("under", &OverlapStep::under)
       .def_property_readonly("is_comm", &OverlapStep::is_comm)
       .def(py::self == py::self)
-      .def("__str__", [](const OverlapStep& s) { return to_string(s, s.run > 1 || (s.pass == Pass::kF) != (s.run == 0)); })
+      .def("__str__", [](const OverlapStep& s) { return to_string(s, s.run > 1 || (s.pass == Pass::kForward) != (s.run == 0)); })
       .def("__repr__", [](const OverlapStep& s) { return "OverlapStep(" + to_string(s, true) + ")"; });
   m.def("overlap_plan", &overlap_plan, py::arg("runs"), py::arg("costs") = PlanCosts{}, py::arg("max_in_flight") = 2,
         "Steps of the runs interleaved on one compute stream (list schedule, exchanges as early as possible).");

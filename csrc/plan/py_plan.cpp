@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include "plan/action.h"
+#include "plan/costs.h"
 
 namespace py = pybind11;
 
@@ -64,6 +65,28 @@ void register_plan(py::module_& m) {
         return out;
       }, "Per-rank compute tokens (shared/spec/schedule-trace.md).")
       .def("forward_only", &forward_only, "The plan with backward work removed (for torch.no_grad()).");
+
+  const Costs defaults;  // the one place the default costs are written is plan/costs.h
+  py::class_<Costs>(m, "Costs", "Durations of the actions of a plan (the defaults are the cost model's).")
+      .def(py::init([](double F, double B, double W, double FB, double P2P, double overhead) {
+             Costs c{F, B, W, FB, P2P, overhead};
+             c.check();
+             return c;
+           }),
+           py::arg("F") = defaults.F, py::arg("B") = defaults.B, py::arg("W") = defaults.W, py::arg("FB") = defaults.FB,
+           py::arg("P2P") = defaults.P2P, py::arg("overhead") = defaults.overhead)
+      .def_readonly("F", &Costs::F)
+      .def_readonly("B", &Costs::B)
+      .def_readonly("W", &Costs::W)
+      .def_readonly("FB", &Costs::FB)
+      .def_readonly("P2P", &Costs::P2P)
+      .def_readonly("overhead", &Costs::overhead)
+      .def("of", &Costs::of, py::arg("action"), "The duration the simulator charges for a compute action.")
+      .def("__repr__", [](const Costs& c) {
+        return "Costs(F=" + std::to_string(c.F) + ", B=" + std::to_string(c.B) + ", W=" + std::to_string(c.W) +
+               ", FB=" + std::to_string(c.FB) + ", P2P=" + std::to_string(c.P2P) +
+               ", overhead=" + std::to_string(c.overhead) + ")";
+      });
 }
 
 }  // namespace dpx

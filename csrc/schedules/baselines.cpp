@@ -74,13 +74,13 @@ Plan make_zb1p(int ranks, int chunks) {
       b.recv_forward(0);
       if (queued > r) weight_before_post(), --queued;
       b.forward_chunk(0, /*recv=*/false);
-      b.backward_chunk(0, /*input_only=*/true);
+      b.backward_chunk(0, /*backward_input=*/true);
       ++queued;
     }
     for (int i = 0; i < warmup; ++i) {
       b.recv_backward(0);
       if (r == 0 && queued > 0) weight_before_post(), --queued;
-      b.backward_chunk(0, /*input_only=*/true, /*recv=*/false);
+      b.backward_chunk(0, /*backward_input=*/true, /*recv=*/false);
       ++queued;
       if (r > 0 && queued > 0) b.weight_chunk(), --queued;
     }

@@ -83,8 +83,8 @@ class Builder {
 
   // Compute.
   void forward_compute(int m) { emit(ActionType::kForward, m, f_[m]++); }
-  void backward_compute(int m, bool input_only) {
-    emit(input_only ? ActionType::kBackwardInput : ActionType::kBackward, m, b_[m]++);
+  void backward_compute(int m, bool backward_input) {
+    emit(backward_input ? ActionType::kBackwardInput : ActionType::kBackward, m, b_[m]++);
   }
   void forward_backward_compute(int m0, int m1) {
     Action a{ActionType::kForwardBackward, m0, f_[m0]++, m1, b_[m1]++, -1};
@@ -98,10 +98,10 @@ class Builder {
     forward_compute(m);
     if (send) send_forward(m);
   }
-  void backward_chunk(int m, bool input_only = false, bool recv = true, bool send = true) {
+  void backward_chunk(int m, bool backward_input = false, bool recv = true, bool send = true) {
     if (recv) recv_backward(m);
     commit();
-    backward_compute(m, input_only);
+    backward_compute(m, backward_input);
     if (send) send_backward(m);
   }
   void forward_backward_chunk(int m0, int m1, bool recv0 = true) {

@@ -58,9 +58,9 @@ std::vector<Action> eight_phases(const Plan& plan, int rank, int half_rank, int 
     if (!middle) b.send_forward(m(0));
   }
 
-  // 3: input-only backward, weight, forward (zero bubble).
+  // 3: backward input, weight, forward (zero bubble).
   for (int i = 0; i < num_half_ranks - half_rank - 1; ++i) {
-    b.backward_chunk(m(1), /*input_only=*/true);
+    b.backward_chunk(m(1), /*backward_input=*/true);
     b.recv_forward(m(1));
     b.weight_chunk();
     b.forward_chunk(m(1), /*recv=*/false);
@@ -75,7 +75,7 @@ std::vector<Action> eight_phases(const Plan& plan, int rank, int half_rank, int 
         // each other, which shortens the bubble.
         b.forward_chunk(m(0), /*recv=*/false, /*send=*/false);
         b.send_forward(m(1));
-        b.backward_chunk(m(1), /*input_only=*/false, /*recv=*/true, /*send=*/false);
+        b.backward_chunk(m(1), /*backward_input=*/false, /*recv=*/true, /*send=*/false);
         b.send_forward(m(0));
         b.send_backward(m(1));
       } else {
@@ -103,10 +103,10 @@ std::vector<Action> eight_phases(const Plan& plan, int rank, int half_rank, int 
     b.backward_chunk(m(0), zb);
   }
 
-  // 7: weight, then input-only backward.
+  // 7: weight, then backward input.
   for (int i = 0; i < num_half_ranks - half_rank - 1; ++i) {
     b.weight_chunk();
-    b.backward_chunk(m(0), /*input_only=*/true);
+    b.backward_chunk(m(0), /*backward_input=*/true);
   }
 
   // 8: the remaining weight work.

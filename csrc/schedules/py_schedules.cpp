@@ -21,13 +21,9 @@ void register_schedules(py::module_& m) {
         "The registry entry of a schedule; raises ValueError listing the valid names.");
   m.def("make_plan", &make_plan, py::arg("name"), py::arg("ranks"), py::arg("chunks"),
         "Generate the full plan of a schedule; raises ValueError for impossible sizes.");
-  m.def(
-      "closed_form_bubble",
-      [](const std::string& name, int ranks, double F, double B, double W, double FB) {
-        return closed_form_bubble(name, ranks, ChunkCosts{F, B, W, FB});
-      },
-      py::arg("name"), py::arg("ranks"), py::kw_only(), py::arg("F"), py::arg("B"), py::arg("W"), py::arg("FB"),
-      "The DualPipe README's bubble of one rank; raises ValueError for unknown schedules or impossible ranks.");
+  m.def("closed_form_bubble", &closed_form_bubble, py::arg("name"), py::arg("ranks"), py::arg("costs") = Costs{},
+        "The DualPipe README's bubble of one rank under costs F, B, W and FB; raises ValueError for unknown "
+        "schedules or impossible ranks.");
 }
 
 }  // namespace dpx

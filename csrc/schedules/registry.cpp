@@ -12,15 +12,15 @@ std::string valid_names() {
   return out;
 }
 
-// (PP - 1)(F + B) for GPipe and 1F1B; (PP - 1)(F + B - 2W) for ZB-H1; (PP/2 - 1)(F&B + B - 3W)
+// (PP - 1)(F + B) for GPipe and 1F1B; (PP - 1)(F + B - 2W) for ZB-H1; (PP/2 - 1)(FB + B - 3W)
 // for DualPipe and DualPipeV, where PP counts the stages of one pipeline.
-double one_f_one_b(int ranks, const ChunkCosts& c) { return (ranks - 1) * (c.F + c.B); }
-double zero_bubble(int ranks, const ChunkCosts& c) { return (ranks - 1) * (c.F + c.B - 2 * c.W); }
-double dualpipe_bubble(int ranks, const ChunkCosts& c) {
+double one_f_one_b(int ranks, const Costs& c) { return (ranks - 1) * (c.F + c.B); }
+double zero_bubble(int ranks, const Costs& c) { return (ranks - 1) * (c.F + c.B - 2 * c.W); }
+double dualpipe_bubble(int ranks, const Costs& c) {
   if (ranks % 2) throw std::invalid_argument("dualpipe needs an even number of ranks, got " + std::to_string(ranks));
   return (ranks / 2.0 - 1) * (c.FB + c.B - 3 * c.W);
 }
-double dualpipev_bubble(int ranks, const ChunkCosts& c) { return (ranks - 1) * (c.FB + c.B - 3 * c.W); }
+double dualpipev_bubble(int ranks, const Costs& c) { return (ranks - 1) * (c.FB + c.B - 3 * c.W); }
 
 }  // namespace
 
@@ -56,7 +56,7 @@ Plan make_plan(const std::string& name, int ranks, int chunks) {
   return s.make(ranks, chunks);
 }
 
-double closed_form_bubble(const std::string& name, int ranks, const ChunkCosts& costs) {
+double closed_form_bubble(const std::string& name, int ranks, const Costs& costs) {
   const ScheduleInfo* info = nullptr;
   for (const auto& s : schedules())
     if (s.name == name) info = &s;

@@ -10,14 +10,9 @@
 #include <vector>
 
 #include "plan/action.h"
+#include "plan/costs.h"
 
 namespace dpx {
-
-// The chunk durations the closed-form bubble formulas take (the simulator's Costs without
-// communication or overhead).
-struct ChunkCosts {
-  double F = 1, B = 2, W = 1, FB = 3;
-};
 
 struct ScheduleInfo {
   std::string name;
@@ -27,7 +22,7 @@ struct ScheduleInfo {
   std::string module1;       // what local module 1 is, for legends; "" when a rank holds one module
   std::function<Plan(int ranks, int chunks)> make;
   // The DualPipe README's bubble of one rank; throws std::invalid_argument for impossible ranks.
-  std::function<double(int ranks, const ChunkCosts& c)> bubble;
+  std::function<double(int ranks, const Costs& c)> bubble;
 };
 
 // Every schedule, in display order.
@@ -40,8 +35,8 @@ std::vector<std::string> schedule_names();
 
 Plan make_plan(const std::string& name, int ranks, int chunks);
 
-// The closed-form bubble of schedule `name` on `ranks` ranks.
-double closed_form_bubble(const std::string& name, int ranks, const ChunkCosts& costs);
+// The closed-form bubble of schedule `name` on `ranks` ranks (of costs, F, B, W and FB only).
+double closed_form_bubble(const std::string& name, int ranks, const Costs& costs);
 
 // Individual generators (registered in registry.cpp).
 Plan make_dualpipe(int ranks, int chunks);

@@ -34,12 +34,12 @@ class ComponentCosts:
     """Relative costs the component plan is made with: computation per pass (B and W cost the
     F figure) and the duration of one exchange. Only the order of the steps depends on them."""
 
-    attn: float = 1.0
-    mlp: float = 1.0
-    shared: float = 0.5
-    prologue: float = 1.0
-    epilogue: float = 1.0
-    comm: float = 1.0
+    attn: float = _C.PlanCosts().attn  # the defaults are the C++ planner's (csrc/overlap/steps.h)
+    mlp: float = _C.PlanCosts().mlp
+    shared: float = _C.PlanCosts().shared
+    prologue: float = _C.PlanCosts().prologue
+    epilogue: float = _C.PlanCosts().epilogue
+    comm: float = _C.PlanCosts().comm
 
     def __post_init__(self) -> None:
         for name in ("attn", "mlp", "shared", "prologue", "epilogue", "comm"):

@@ -26,7 +26,7 @@ from .runs import BackwardRun, ForwardRun, split_halves
 
 __all__ = ["execute", "overlapped_forward_backward"]
 
-_W = _C.Pass.W
+_W = _C.Pass.WEIGHT
 _COMPUTE, _ISSUE, _WAIT = _C.StepKind.COMPUTE, _C.StepKind.ISSUE, _C.StepKind.WAIT
 _C_ = _C.Component
 Run = Union[ForwardRun, BackwardRun]

@@ -2,7 +2,7 @@
 
 Compiled once per (plan, rank, rank mapping) and cached by the pipeline, so that the walk
 itself touches only tuples and ints. Compiling validates the plan first (the C++ validator):
-the executor runs no plan that the validator rejects. an op's ``kind`` indexes the executor's dispatch
+the executor runs no plan that the validator rejects. An op's ``kind`` indexes the executor's dispatch
 table, its peers are already translated to the ranks the process group uses, and its
 ``token`` (the action's text form, for errors, records and the profiler) is printed once.
 """
@@ -18,39 +18,29 @@ __all__ = ["CompiledPlan", "Kind", "Op", "Receive", "RecvBundle"]
 
 
 class Kind(IntEnum):
-    """What an op does; compute kinds come first, then receives, sends and the wait."""
+    """What an op does: the action types of the plan (``_C.ActionType``), by the same names and
+    numbers; compute kinds come first, then receives, sends and the wait."""
 
-    F = 0  # forward of (module, mb)
-    B = 1  # full backward of (module, mb)
-    BZ = 2  # backward for inputs only; the weight work is queued for a W
-    W = 3  # run the oldest queued weight-gradient batch
-    FB = 4  # forward of (module, mb) and backward of (module2, mb2), overlapped
-    RECV_F = 5  # receive the inputs of (module, mb)
-    RECV_B = 6  # receive the output gradients of (module, mb)
-    SEND_F = 7  # send the outputs of (module, mb)
-    SEND_B = 8  # send the input gradients of (module, mb)
+    FORWARD = 0  # forward of (module, mb)
+    BACKWARD = 1  # backward of (module, mb): input and weight gradients
+    BACKWARD_INPUT = 2  # backward input of (module, mb); the weight work is queued for a WEIGHT
+    WEIGHT = 3  # run the oldest queued weight-gradient batch
+    FORWARD_BACKWARD = 4  # forward of (module, mb) and backward of (module2, mb2), overlapped
+    RECV_FORWARD = 5  # receive the inputs of (module, mb)
+    RECV_BACKWARD = 6  # receive the output gradients of (module, mb)
+    SEND_FORWARD = 7  # send the outputs of (module, mb)
+    SEND_BACKWARD = 8  # send the input gradients of (module, mb)
     WAIT = 9  # post the queued sends and receives and wait for them
 
 
-_KINDS = {
-    _C.ActionType.FORWARD: Kind.F,
-    _C.ActionType.BACKWARD: Kind.B,
-    _C.ActionType.BACKWARD_INPUT: Kind.BZ,
-    _C.ActionType.WEIGHT: Kind.W,
-    _C.ActionType.FORWARD_BACKWARD: Kind.FB,
-    _C.ActionType.RECV_FORWARD: Kind.RECV_F,
-    _C.ActionType.RECV_BACKWARD: Kind.RECV_B,
-    _C.ActionType.SEND_FORWARD: Kind.SEND_F,
-    _C.ActionType.SEND_BACKWARD: Kind.SEND_B,
-    _C.ActionType.WAIT: Kind.WAIT,
-}
+_KINDS = {t: Kind[name] for name, t in _C.ActionType.__members__.items()}
 
 
 class Op(NamedTuple):
     """One action of a rank's plan."""
 
     kind: Kind
-    module: int  # local module; the forward half of a pair; -1 for W and WAIT
+    module: int  # local module; the forward half of a pair; -1 for WEIGHT and WAIT
     mb: int  # micro-batch as counted by `module`
     module2: int  # backward half of a pair; -1 otherwise
     mb2: int
@@ -133,7 +123,7 @@ class CompiledPlan:
         ordinal = 0
         for i, op in enumerate(self.ops):
             self.wait_ordinal.append(ordinal)
-            if op.kind == Kind.RECV_F or op.kind == Kind.RECV_B:
+            if op.kind == Kind.RECV_FORWARD or op.kind == Kind.RECV_BACKWARD:
                 self.receives.append(Receive(i, ordinal))
             if op.kind == Kind.WAIT:
                 ordinal += 1

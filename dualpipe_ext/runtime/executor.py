@@ -33,8 +33,8 @@ from dualpipe_ext.utils import WeightGradStore, run_backward
 
 __all__ = ["Executor", "StepFailure", "StepResult", "StepState"]
 
-_WAIT, _RECV_F = Kind.WAIT, Kind.RECV_F
-_F, _FB = Kind.F, Kind.FB
+_WAIT, _RECV_F = Kind.WAIT, Kind.RECV_FORWARD
+_F, _FB = Kind.FORWARD, Kind.FORWARD_BACKWARD
 Micro = List[List[Any]]  # [local module][micro-batch]
 
 
@@ -300,7 +300,7 @@ class Executor:
         st.comm.send(index, op, send)
 
 
-# Indexed by Kind: compute kinds, then receives and sends from Kind.RECV_F on. Plain functions
+# Indexed by Kind: compute kinds, then receives and sends from Kind.RECV_FORWARD on. Plain functions
 # (not bound methods kept on the executor, which would tie it into a reference cycle).
 _COMPUTE = (Executor._forward, Executor._backward, Executor._backward_input, Executor._weight,
             Executor._forward_backward)

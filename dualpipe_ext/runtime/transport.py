@@ -108,7 +108,7 @@ class StepComm:
             posted = self.posted.pop(index)
             self.receiving.append(InFlight(posted.works, op.token, (), op.peer))
             return posted.buffers
-        bufs = self.p2p.empty(self.link.device, op.kind == Kind.RECV_F and not self.forward_only)
+        bufs = self.p2p.empty(self.link.device, op.kind == Kind.RECV_FORWARD and not self.forward_only)
         self.pending.append(Transfer(op, bufs, (), index))
         return bufs
 
@@ -118,7 +118,7 @@ class StepComm:
 
     def drain(self, index: int, op: Op) -> None:
         """After an error: keep this send or receive matched, with placeholder data."""
-        if op.kind == Kind.RECV_F or op.kind == Kind.RECV_B:
+        if op.kind == Kind.RECV_FORWARD or op.kind == Kind.RECV_BACKWARD:
             self.receive(index, op)
         else:
             self.send(index, op, self.p2p.zeros(self.link.device))
@@ -147,13 +147,13 @@ class StepComm:
         recv, peer = self.link.group.recv, first.group_peer
         try:
             if len(indices) == 1 and len(p2p.shapes) == 1:
-                bufs = p2p.empty(self.link.device, grads and first.kind == Kind.RECV_F)
+                bufs = p2p.empty(self.link.device, grads and first.kind == Kind.RECV_FORWARD)
                 self.posted[indices[0]] = PostedReceive(bufs, [recv(bufs, peer, 0)])
                 return
             flat = torch.empty(p2p.numel * len(indices), dtype=p2p.dtype, device=self.link.device)
             work = [recv([flat], peer, 0)]
             for j, i in enumerate(indices):
-                views = p2p.views(flat, j * p2p.numel, grads and ops[i].kind == Kind.RECV_F)
+                views = p2p.views(flat, j * p2p.numel, grads and ops[i].kind == Kind.RECV_FORWARD)
                 self.posted[i] = PostedReceive(views, work if j == 0 else [])
         except RuntimeError as e:
             self._failed(indices[0], first.token, [InFlight([], first.token, (), first.peer)], e, time.monotonic(),
@@ -173,7 +173,7 @@ class StepComm:
         ops, descs, free = [], [], []
         group = self.link.group
         for tr in pending:
-            is_send = tr.op.kind == Kind.SEND_F or tr.op.kind == Kind.SEND_B
+            is_send = tr.op.kind == Kind.SEND_FORWARD or tr.op.kind == Kind.SEND_BACKWARD
             fn = dist.isend if is_send else dist.irecv
             for t in tr.tensors:
                 ops.append(dist.P2POp(fn, t, tr.op.peer, group))

@@ -19,7 +19,8 @@ ActionType = _C.ActionType
 Plan = _C.Plan
 ScheduleInfo = _C.ScheduleInfo
 StageInfo = _C.StageInfo
-from dualpipe_ext.schedules.analysis import Costs, PlanError, Simulation, closed_form_bubble, simulate, validate
+from dualpipe_ext.schedules.analysis import (Costs, PlanError, Simulation, TimedAction, closed_form_bubble, simulate,
+                                             validate)
 from dualpipe_ext.schedules.registry import get_plan, schedule_info, schedule_names, trace
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "ScheduleInfo",
     "Simulation",
     "StageInfo",
+    "TimedAction",
     "closed_form_bubble",
     "get_plan",
     "schedule_info",

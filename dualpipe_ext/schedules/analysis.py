@@ -30,31 +30,33 @@ its last action. What it reports:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence
 
 from dualpipe_ext import _C
 
-__all__ = ["Costs", "PlanError", "Simulation", "closed_form_bubble", "simulate", "validate"]
+__all__ = ["Costs", "PlanError", "Simulation", "TimedAction", "closed_form_bubble", "simulate", "validate"]
 
 
 _COST_FIELDS = ("F", "B", "W", "FB", "P2P", "overhead")
+_CORE_DEFAULTS = _C.Costs()  # the defaults are the C++ cost model's (csrc/plan/costs.h), written once there
 
 
 @dataclass(frozen=True)
 class Costs:
     """Durations of the actions of a plan, in any one time unit.
 
-    The defaults model a backward that costs twice a forward, half of it weight gradients,
-    and an overlapped pair that saves nothing (``FB = F + B``). The values are checked by
-    the C++ core's own check (finite, non-negative, ``W <= B``), the one the simulator runs.
+    The defaults are the C++ core's (``_C.Costs()``): a backward that costs twice a forward,
+    half of it weight gradients, and an overlapped pair that saves nothing (``FB = F + B``).
+    The values are checked by the C++ core's own check (finite, non-negative, ``W <= B``),
+    the one the simulator runs.
     """
 
-    F: float = 1.0  # forward chunk
-    B: float = 2.0  # full backward chunk (input and weight gradients); B..z costs B - W
-    W: float = 1.0  # weight-gradient part of a backward
-    FB: float = 3.0  # overlapped forward+backward pair
-    P2P: float = 0.0  # from a send posted (rendezvous: and its receive) to the data being usable
-    overhead: float = 0.0  # added before each compute action of a rank but its first (runtime bookkeeping)
+    F: float = _CORE_DEFAULTS.F  # forward chunk
+    B: float = _CORE_DEFAULTS.B  # backward chunk (input and weight gradients); a backward input (B..z) costs B - W
+    W: float = _CORE_DEFAULTS.W  # weight part of a backward
+    FB: float = _CORE_DEFAULTS.FB  # overlapped forward+backward pair
+    P2P: float = _CORE_DEFAULTS.P2P  # from a send posted (rendezvous: and its receive) to the data being usable
+    overhead: float = _CORE_DEFAULTS.overhead  # added before each compute action of a rank but its first
 
     def __post_init__(self) -> None:
         for name in _COST_FIELDS:
@@ -87,12 +89,20 @@ class Costs:
         return _C.Costs(**{name: float(getattr(self, name)) for name in _COST_FIELDS})
 
 
+class TimedAction(NamedTuple):
+    """When one compute action ran: the entries of every timeline (simulated, recorded, drawn)."""
+
+    token: str  # the action's trace token: "F0.3", "B1.2z", "W", "F0.3+B1.1"
+    start: float
+    end: float
+
+
 @dataclass(frozen=True)
 class Simulation:
     """What :func:`simulate` measured; lists are indexed by pipeline rank."""
 
     makespan: float  # max over ranks of (end of its last action + tail)
-    timeline: List[List[Tuple[str, float, float]]]  # per rank: (trace token, start, end) of each compute action
+    timeline: List[List[TimedAction]]  # per rank: each compute action, in program order
     busy: List[float]  # compute time per rank
     bubble: List[float]  # makespan - busy, per rank
     peak_activations: List[int]  # most live micro-batch activations per rank (units of one stage)
@@ -115,8 +125,7 @@ def validate(plan: "_C.Plan") -> None:
         raise TypeError(f"validate expects a dualpipe_ext.schedules.Plan, got {type(plan).__name__}")
     issue = _C.check_plan(plan)
     if issue is not None:
-        rule, rank, step, token, message = issue
-        raise PlanError(message, rule, rank, step, token)
+        raise PlanError(issue.message, issue.rule, issue.rank, issue.step, issue.token)
 
 
 def _floats(values: Optional[Sequence[float]]) -> List[float]:
@@ -138,9 +147,8 @@ def simulate(plan: "_C.Plan", costs: Costs = Costs(), *, eager_comm: bool = Fals
         raise TypeError(f"costs must be dualpipe_ext.schedules.Costs, got {type(costs).__name__}")
     res = _C.simulate(plan, costs._c(), eager_comm=bool(eager_comm), start=_floats(start), tail=_floats(tail))
     tokens = plan.trace()  # compute actions in program order, as the timeline lists them
-    timeline = [
-        [(tok, start, end) for tok, (_, start, end) in zip(tokens[r], row)] for r, row in enumerate(res.timeline)
-    ]
+    timeline = [[TimedAction(tokens[r][i], t.start, t.end) for i, t in enumerate(row)]
+                for r, row in enumerate(res.timeline)]
     return Simulation(
         makespan=res.makespan,
         timeline=timeline,
@@ -155,7 +163,7 @@ def closed_form_bubble(name: str, ranks: int, costs: Costs = Costs()) -> float:
 
     ``PP`` is the number of stages of one pipeline: ``ranks`` for GPipe, 1F1B, ZB1P and
     DualPipe, ``2 * ranks`` for DualPipeV. GPipe: (PP-1)(F+B); 1F1B: (PP-1)(F+B); ZB1P:
-    (PP-1)(F+B-2W); DualPipe and DualPipeV: (PP/2-1)(F&B+B-3W). The formulas live in the C++
+    (PP-1)(F+B-2W); DualPipe and DualPipeV: (PP/2-1)(FB+B-3W). The formulas live in the C++
     schedule registry beside the generators; the simulator reproduces them with ``P2P = 0``
     (see tests/schedules/test_bubbles.py for the exact conditions).
     """
@@ -163,5 +171,4 @@ def closed_form_bubble(name: str, ranks: int, costs: Costs = Costs()) -> float:
 
     if not isinstance(costs, Costs):
         raise TypeError(f"costs must be dualpipe_ext.schedules.Costs, got {type(costs).__name__}")
-    return _C.closed_form_bubble(check_name(name), check_count("ranks", ranks), F=float(costs.F), B=float(costs.B),
-                                 W=float(costs.W), FB=float(costs.FB))
+    return _C.closed_form_bubble(check_name(name), check_count("ranks", ranks), costs._c())

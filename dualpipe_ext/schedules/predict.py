@@ -4,7 +4,7 @@ Costs come from the recorded compute actions of the step:
 
 * ``F``, ``W``, ``FB``: mean duration of lone forwards, weight-gradient actions, overlapped pairs;
 * ``B``: the full-backward cost that keeps the recorded backward time, since the simulator
-  charges ``B`` for a full backward and ``B - W`` for an input-only one;
+  charges ``B`` for a backward and ``B - W`` for a backward input (``B..z``);
 * ``overhead``: mean gap from the end of an action to the start of the next on the same
   rank, over actions that receive nothing from another rank (the runtime's bookkeeping
   between actions: posting sends and receives, Python);
@@ -29,19 +29,19 @@ the mean step time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from dualpipe_ext import _C  # one line saying how to build it, when it is not built
 ActionType = _C.ActionType
 Plan = _C.Plan
 from dualpipe_ext.schedules.analysis import Costs, simulate
 from dualpipe_ext.schedules.registry import get_plan
-from dualpipe_ext.schedules.tokens import compute_parts
+from dualpipe_ext.schedules.tokens import BACKWARD, BACKWARD_INPUT, FORWARD, WEIGHT, compute_parts
 
 if TYPE_CHECKING:  # the merged records of a run (dualpipe_ext.viz.records), read here, not built
     from dualpipe_ext.viz.records import RunStep
 
-__all__ = ["Prediction", "estimate_costs", "format_prediction", "predict", "step_edges"]
+__all__ = ["Prediction", "StepEdges", "estimate_costs", "format_prediction", "predict", "step_edges"]
 
 
 @dataclass(frozen=True)
@@ -75,24 +75,25 @@ def _mean(xs: List[float], default: float) -> float:
 
 def _producers(plan: Plan, run: RunStep) -> List[List[List[Tuple[int, int]]]]:
     """For each rank and compute action: the (rank, action index) that produce its inputs elsewhere."""
-    where: Dict[Tuple[int, str, int, int], int] = {}  # (rank, "F"/"B", module, mb) -> action index
+    where: Dict[Tuple[int, bool, int, int], int] = {}  # (rank, is forward, module, mb) -> action index
     for r, row in enumerate(run.compute):
         for i, (token, _, _) in enumerate(row):
             for p in compute_parts(token):
-                if p is not None and p.kind != "W":
-                    where[(r, p.kind[0], p.module, p.mb)] = i
+                if p is not None and p.kind != WEIGHT:
+                    where[(r, p.kind == FORWARD, p.module, p.mb)] = i
     out = []
     for r, row in enumerate(run.compute):
         per_action = []
         for token, _, _ in row:
             deps = []
             for p in compute_parts(token):
-                if p is None or p.kind == "W":
+                if p is None or p.kind == WEIGHT:
                     continue
                 info = plan.stages[r][p.module]
-                peer = (info.prev_rank, info.prev_module) if p.kind == "F" else (info.next_rank, info.next_module)
+                forward = p.kind == FORWARD
+                peer = (info.prev_rank, info.prev_module) if forward else (info.next_rank, info.next_module)
                 if peer[0] >= 0 and peer[0] != r:
-                    i = where.get((peer[0], p.kind[0], peer[1], p.mb))
+                    i = where.get((peer[0], forward, peer[1], p.mb))
                     if i is not None:
                         deps.append((peer[0], i))
             per_action.append(deps)
@@ -117,14 +118,15 @@ def _receives_before(plan: Plan, rank: int) -> List[bool]:
 
 def estimate_costs(runs: Sequence[RunStep], plan: Plan) -> Dict[str, float]:
     """Estimated simulator costs (ns) from one or more steps: F, B, W, FB, P2P and overhead."""
-    durs: Dict[str, List[float]] = {"F": [], "B": [], "Bz": [], "W": [], "FB": []}
+    pair = "forward_backward"
+    durs: Dict[str, List[float]] = {FORWARD: [], BACKWARD: [], BACKWARD_INPUT: [], WEIGHT: [], pair: []}
     waits: List[float] = []  # producer end -> consumer start, consumer idle
     gaps: List[float] = []  # end of an action -> start of the next, next receiving nothing
     for run in runs:
         for row in run.compute:
             for token, s, e in row:
                 first, second = compute_parts(token)
-                durs["FB" if second is not None else first.kind].append(e - s)
+                durs[pair if second is not None else first.kind].append(e - s)
         producers = _producers(plan, run)
         for r, row in enumerate(run.compute):
             received = _receives_before(plan, r)
@@ -135,21 +137,29 @@ def estimate_costs(runs: Sequence[RunStep], plan: Plan) -> Dict[str, float]:
                     waits.append(s - ready)
                 elif prev_end is not None and not received[i]:
                     gaps.append(s - prev_end)  # no receive waited on: the gap is bookkeeping alone
-    f = _mean(durs["F"], 0.0)
-    w = _mean(durs["W"], 0.0)
-    n_b, n_bz = len(durs["B"]), len(durs["Bz"])
-    if n_b + n_bz:
-        b = (sum(durs["B"]) + sum(durs["Bz"]) + n_bz * w) / (n_b + n_bz)
+    f = _mean(durs[FORWARD], 0.0)
+    w = _mean(durs[WEIGHT], 0.0)
+    n_b, n_bi = len(durs[BACKWARD]), len(durs[BACKWARD_INPUT])
+    if n_b + n_bi:
+        b = (sum(durs[BACKWARD]) + sum(durs[BACKWARD_INPUT]) + n_bi * w) / (n_b + n_bi)
     else:
         b = 2 * f
     overhead = max(0.0, _mean(gaps, 0.0))
     # A waiting consumer's measured delay also holds the bookkeeping the simulator charges
     # as ``overhead`` before every action, so the transfer itself is the difference.
     p2p = max(0.0, _mean(waits, 0.0) - overhead)
-    return {"F": f, "B": b, "W": min(w, b), "FB": _mean(durs["FB"], f + b), "P2P": p2p, "overhead": overhead}
+    return {"F": f, "B": b, "W": min(w, b), "FB": _mean(durs[pair], f + b), "P2P": p2p, "overhead": overhead}
 
 
-def step_edges(runs: Sequence[RunStep], plan: Plan) -> Tuple[List[float], List[float], float]:
+class StepEdges(NamedTuple):
+    """What :func:`step_edges` measured, in nanoseconds."""
+
+    start: List[float]  # per rank: when its program begins (mean step start + set-up)
+    tail: List[float]  # per rank: from its last action to its step's end
+    setup: float  # step start -> first action of a rank that needs no input
+
+
+def step_edges(runs: Sequence[RunStep], plan: Plan) -> StepEdges:
     """Per-rank ``start`` and ``tail`` (ns) of the recorded steps, and the set-up time included in ``start``.
 
     ``start[r]``: mean time rank r started its step, plus the mean set-up time from a step's
@@ -170,7 +180,7 @@ def step_edges(runs: Sequence[RunStep], plan: Plan) -> Tuple[List[float], List[f
             if not producers[r][0]:
                 setups.append(row[0][1] - run.bounds[r][0])
     setup = max(0.0, _mean(setups, 0.0))
-    return [max(0.0, _mean(x, 0.0)) + setup for x in starts], [_mean(x, 0.0) for x in tails], setup
+    return StepEdges([max(0.0, _mean(x, 0.0)) + setup for x in starts], [_mean(x, 0.0) for x in tails], setup)
 
 
 def predict(runs: Sequence[RunStep], plan: Optional[Plan] = None) -> Prediction:

@@ -14,18 +14,22 @@ from dualpipe_ext import _C  # one line saying how to build it, when it is not b
 Action = _C.Action
 ActionType = _C.ActionType
 
-__all__ = ["Part", "compute_parts", "parse_action"]
+__all__ = ["BACKWARD", "BACKWARD_INPUT", "FORWARD", "KINDS", "WEIGHT", "Part", "compute_parts", "parse_action"]
 
 _COMPUTE_FORMS = "F<m>.<c>, B<m>.<c>, B<m>.<c>z, W or F<m>.<c>+B<n>.<d>"
-_KIND = {ActionType.FORWARD: "F", ActionType.BACKWARD: "B", ActionType.BACKWARD_INPUT: "Bz",
-         ActionType.WEIGHT: "W"}
+# A part's kind is its action type's name in lower case: one name per kind of computation.
+FORWARD, BACKWARD, BACKWARD_INPUT, WEIGHT = "forward", "backward", "backward_input", "weight"
+KINDS = (FORWARD, BACKWARD, BACKWARD_INPUT, WEIGHT)
+_KIND = {ActionType.FORWARD: FORWARD, ActionType.BACKWARD: BACKWARD, ActionType.BACKWARD_INPUT: BACKWARD_INPUT,
+         ActionType.WEIGHT: WEIGHT}
 
 
 @dataclass(frozen=True)
 class Part:
     """One computation inside a compute action."""
 
-    # "F" forward, "B" full backward, "Bz" backward for inputs only, "W" backward for weights
+    # one of KINDS: "forward", "backward" (input and weight gradients), "backward_input" (input
+    # gradients; the weight work is queued for a later W), "weight" (a queued weight-gradient batch)
     kind: str
     # local module index; -1 for a W, whose origin the token does not say
     module: int
@@ -50,7 +54,7 @@ def compute_parts(token: str) -> Tuple[Part, Optional[Part]]:
             raise ValueError(f"malformed overlapped pair {token!r}: expected F<m>.<c>+B<n>.<d>") from None
         raise ValueError(f"malformed compute token {token!r}: expected {_COMPUTE_FORMS}") from None
     if a.type == ActionType.FORWARD_BACKWARD:
-        return Part("F", a.module, a.mb), Part("B", a.module2, a.mb2)
+        return Part(FORWARD, a.module, a.mb), Part(BACKWARD, a.module2, a.mb2)
     kind = _KIND.get(a.type)
     if kind is None:
         raise ValueError(f"malformed compute token {token!r}: a communication action; expected {_COMPUTE_FORMS}")

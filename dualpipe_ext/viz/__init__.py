@@ -7,6 +7,7 @@ Nothing here imports matplotlib until a picture is written.
 """
 from __future__ import annotations
 
+from dualpipe_ext.schedules.analysis import TimedAction
 from dualpipe_ext.viz.layout import COLOURS, Box, Cell, Drawing, layout
 from dualpipe_ext.viz.render import render
 
@@ -14,15 +15,16 @@ __all__ = ["COLOURS", "Box", "Cell", "Drawing", "draw_run", "draw_timeline", "la
 
 
 def draw_timeline(timeline, path: str, schedule: str = "", time_unit: str = "cost units", title: str = "") -> Drawing:
-    """Lay out ``timeline`` (per rank: (token, start, end)), write it to ``path`` and return what was drawn."""
+    """Lay out ``timeline`` (per rank: ``TimedAction``s or (token, start, end)), write it to ``path`` and return what was drawn."""
     drawing = layout(timeline, schedule=schedule or None, time_unit=time_unit, title=title)
     render(drawing, path)
     return drawing
 
 
 def measured_timeline(run):
-    """Per rank (token, start_ms, end_ms) of a merged recorded step (:class:`~dualpipe_ext.viz.records.RunStep`)."""
-    return [[(t, s / 1e6, e / 1e6) for t, s, e in row] for row in run.compute]
+    """Per rank, each compute action of a merged recorded step (:class:`~dualpipe_ext.viz.records.RunStep`) as a
+    ``TimedAction`` in milliseconds."""
+    return [[TimedAction(t, s / 1e6, e / 1e6) for t, s, e in row] for row in run.compute]
 
 
 def draw_run(run, path: str, title: str = "") -> Drawing:

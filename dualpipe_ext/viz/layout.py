@@ -10,28 +10,29 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
+from dualpipe_ext.schedules.analysis import TimedAction
 from dualpipe_ext.schedules.registry import schedule_info, schedule_names
-from dualpipe_ext.schedules.tokens import Part, compute_parts
+from dualpipe_ext.schedules.tokens import BACKWARD, BACKWARD_INPUT, FORWARD, KINDS, WEIGHT, Part, compute_parts
 
 __all__ = ["Box", "Cell", "Drawing", "Timeline", "layout", "COLOURS"]
 
-# Per rank: (compute token, start, end) in execution order.
-Timeline = Sequence[Sequence[Tuple[str, float, float]]]
+# Per rank: each compute action (token, start, end) in execution order; plain 3-tuples are accepted too.
+Timeline = Sequence[Sequence[TimedAction]]
 
 # (kind, module) -> fill colour. Module 1 (reverse direction of DualPipe, second leg of
 # DualPipeV) is a darker shade of the same hue. Hues follow the DualPipe README figure.
 COLOURS: Dict[Tuple[str, int], str] = {
-    ("F", 0): "#F5B041",
-    ("F", 1): "#B9770E",
-    ("B", 0): "#52BE80",
-    ("B", 1): "#1E8449",
-    ("Bz", 0): "#A9DF7F",
-    ("Bz", 1): "#6E9E3C",
-    ("W", 0): "#85C1E9",
-    ("W", 1): "#2E86C1",
+    (FORWARD, 0): "#F5B041",
+    (FORWARD, 1): "#B9770E",
+    (BACKWARD, 0): "#52BE80",
+    (BACKWARD, 1): "#1E8449",
+    (BACKWARD_INPUT, 0): "#A9DF7F",
+    (BACKWARD_INPUT, 1): "#6E9E3C",
+    (WEIGHT, 0): "#85C1E9",
+    (WEIGHT, 1): "#2E86C1",
 }
-_DARK = {COLOURS[("F", 1)], COLOURS[("B", 1)], COLOURS[("Bz", 1)], COLOURS[("W", 1)]}
-_KIND_NAMES = {"F": "Forward", "B": "Backward", "Bz": "Backward for input", "W": "Backward for weights"}
+_DARK = {COLOURS[(kind, 1)] for kind in KINDS}
+_KIND_NAMES = {FORWARD: "Forward", BACKWARD: "Backward", BACKWARD_INPUT: "Backward input", WEIGHT: "Weight"}
 PAIR_LEGEND = "Overlapped forward & backward"
 
 # Geometry, in inches and points. A shortest action gets _MIN_CELL_IN so that its
@@ -48,7 +49,7 @@ _CHAR_WIDTH = 0.62  # glyph width of a digit as a fraction of the font size
 class Cell:
     """A filled rectangle: one computation (half of the box for an overlapped pair)."""
 
-    kind: str  # "F", "B", "Bz" or "W"
+    kind: str  # a computation's kind (schedules.tokens.KINDS): "forward", "backward", "backward_input", "weight"
     module: int  # 0 or 1; -1 for a W whose backward was not in the timeline
     mb: int  # micro-batch within the module; -1 when unknown
     start: float
@@ -90,7 +91,7 @@ class Drawing:
         return {c for _, cols in self.legend for c in cols}
 
 
-def _check(timeline: Timeline) -> List[List[Tuple[str, float, float]]]:
+def _check(timeline: Timeline) -> List[List[TimedAction]]:
     if not isinstance(timeline, (list, tuple)) or not timeline:
         raise ValueError("timeline must be a non-empty list with one list of (token, start, end) per rank")
     rows = []
@@ -106,26 +107,26 @@ def _check(timeline: Timeline) -> List[List[Tuple[str, float, float]]]:
                 raise ValueError(f"rank {r}: action {token!r} ends ({end}) before it starts ({start})")
             if any(p is not None and p.module > 1 for p in compute_parts(token)):
                 raise ValueError(f"rank {r}: action {token!r} names a module above 1; a rank draws modules 0 and 1")
-            clean.append((token, start, end))
+            clean.append(TimedAction(token, start, end))
         clean.sort(key=lambda e: (e[1], e[2]))
         rows.append(clean)
     return rows
 
 
-def _pair_split(rows: List[List[Tuple[str, float, float]]]) -> float:
+def _pair_split(rows: List[List[TimedAction]]) -> float:
     """Fraction of an overlapped pair drawn as its forward.
 
-    Mean lone forward over mean lone forward plus mean lone full backward (input-only
-    backwards where no full one runs alone; half when there is neither).
+    Mean lone forward over mean lone forward plus mean lone backward (backward inputs where
+    no backward runs alone; half when there is neither).
     """
-    durs: Dict[str, List[float]] = {"F": [], "B": [], "Bz": []}
+    durs: Dict[str, List[float]] = {FORWARD: [], BACKWARD: [], BACKWARD_INPUT: []}
     for row in rows:
         for token, s, e in row:
             part, second = compute_parts(token)
             if second is None and part.kind in durs:
                 durs[part.kind].append(e - s)
     mean = {k: sum(v) / len(v) for k, v in durs.items() if v}
-    f, b = mean.get("F"), mean.get("B", mean.get("Bz"))
+    f, b = mean.get(FORWARD), mean.get(BACKWARD, mean.get(BACKWARD_INPUT))
     return 0.5 if f is None or b is None or f + b <= 0 else min(0.8, max(0.2, f / (f + b)))
 
 
@@ -181,7 +182,7 @@ def layout(
 
     out_rows = []
     for r, row in enumerate(rows):
-        pending: Deque[Part] = deque()  # backward-for-input parts whose W has not run yet
+        pending: Deque[Part] = deque()  # backward-input parts whose W has not run yet
         boxes = []
         for token, s, e in row:
             first, second = compute_parts(token)
@@ -190,12 +191,12 @@ def layout(
                 cells: Tuple[Cell, ...] = (cell(first, s, mid), cell(second, mid, e))
                 parts = (first, second)
             else:
-                if first.kind == "W" and pending:
+                if first.kind == WEIGHT and pending:
                     origin = pending.popleft()
-                    first = Part("W", origin.module, origin.mb)
+                    first = Part(WEIGHT, origin.module, origin.mb)
                 cells = (cell(first, s, e),)
                 parts = (first,)
-            pending.extend(p for p in parts if p.kind == "Bz")
+            pending.extend(p for p in parts if p.kind == BACKWARD_INPUT)
             boxes.append(Box(r, token, s - t0, e - t0, cells))
         out_rows.append(tuple(boxes))
 
@@ -204,7 +205,7 @@ def layout(
     legend: List[Tuple[str, Tuple[str, ...]]] = []
     other = _module1_name(schedule)
     two_modules = any(m == 1 for _, m in used)
-    for kind in ("F", "B", "Bz", "W"):
+    for kind in KINDS:
         for module in (0, 1):
             if (kind, module) in used:
                 name = _KIND_NAMES[kind]

@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
 
+from dualpipe_ext.schedules.analysis import TimedAction
+
 __all__ = ["FORMAT", "RunStep", "load_record", "merge_step"]
 
 FORMAT = "dualpipe_ext.timeline/1"
@@ -24,8 +26,8 @@ class RunStep:
     ranks: int  # pipeline ranks of the plan
     chunks: int  # micro-batches of the plan
     step: int  # index of the step within the records
-    # per rank: (token, start_ns, end_ns) of compute actions, in time order
-    compute: Tuple[Tuple[Tuple[str, int, int], ...], ...]
+    # per rank: each compute action (token, start_ns, end_ns), in time order
+    compute: Tuple[Tuple[TimedAction, ...], ...]
     # per rank: (name, cat, start_ns, end_ns) of communication waits and spans
     other: Tuple[Tuple[Tuple[str, str, int, int], ...], ...]
     # per rank: (start_ns, end_ns) of the step itself
@@ -107,7 +109,7 @@ def merge_step(records: Sequence[Dict[str, Any]], step: int = -1) -> RunStep:
         ranks=ranks,
         chunks=int(records[0]["chunks"]),
         step=step,
-        compute=tuple(tuple((n, s - t0, e - t0) for n, s, e in row) for row in compute),
+        compute=tuple(tuple(TimedAction(n, s - t0, e - t0) for n, s, e in row) for row in compute),
         other=tuple(tuple((n, c, s - t0, e - t0) for n, c, s, e in row) for row in other),
         bounds=tuple((s - t0, e - t0) for s, e in bounds),
     )

@@ -9,7 +9,7 @@ from dualpipe_ext.overlap import ComponentCosts
 from dualpipe_ext.overlap.plan import (component_plan, deepseek_plan, exposed_comm, format_plan, pair_runs,
                                        sequential_plan, validate_plan)
 
-F, B, W = _C.Pass.F, _C.Pass.B, _C.Pass.W
+F, B, W = _C.Pass.FORWARD, _C.Pass.BACKWARD_INPUT, _C.Pass.WEIGHT
 COMPUTE, ISSUE, WAIT = _C.StepKind.COMPUTE, _C.StepKind.ISSUE, _C.StepKind.WAIT
 A, M, D, K, S = _C.Component.ATTN, _C.Component.MLP, _C.Component.DISPATCH, _C.Component.COMBINE, _C.Component.SHARED
 R = _C.RunSpec

@@ -23,12 +23,14 @@ def test_costs_and_edges_read_from_records(tmp_path):
     assert c["W"] == pytest.approx(1e6, rel=1e-6)
     assert set(c) == {"F", "B", "W", "FB", "P2P", "overhead"}
     assert c["overhead"] == pytest.approx(0.1e6, rel=1e-3) and c["P2P"] >= 0
-    start, tail, setup = step_edges(runs, plan)
+    edges = step_edges(runs, plan)
+    start, tail, setup = edges
+    assert (edges.start, edges.tail, edges.setup) == (start, tail, setup)
     run = runs[0]
     assert len(start) == len(tail) == 4 and setup >= 0
     for r, row in enumerate(run.compute):
         assert start[r] == pytest.approx(run.bounds[r][0] + setup)
-        assert tail[r] == pytest.approx(run.bounds[r][1] - row[-1][2])
+        assert tail[r] == pytest.approx(run.bounds[r][1] - row[-1].end)
 
 
 def test_predict_is_the_simulator_with_those_inputs(tmp_path):

@@ -25,12 +25,12 @@ def test_every_printed_action_parses_back(name):
 
 
 def test_compute_parts_follow_the_parsed_action():
-    assert compute_parts("F0.3") == (Part("F", 0, 3), None)
-    assert compute_parts("B1.2") == (Part("B", 1, 2), None)
-    assert compute_parts("B1.2z") == (Part("Bz", 1, 2), None)
-    assert compute_parts("W") == (Part("W", -1, -1), None)
-    assert compute_parts("F0.3+B1.1") == (Part("F", 0, 3), Part("B", 1, 1))
-    assert compute_parts("F12.30") == (Part("F", 12, 30), None)  # the same numbers the C++ parser takes
+    assert compute_parts("F0.3") == (Part("forward", 0, 3), None)
+    assert compute_parts("B1.2") == (Part("backward", 1, 2), None)
+    assert compute_parts("B1.2z") == (Part("backward_input", 1, 2), None)
+    assert compute_parts("W") == (Part("weight", -1, -1), None)
+    assert compute_parts("F0.3+B1.1") == (Part("forward", 0, 3), Part("backward", 1, 1))
+    assert compute_parts("F12.30") == (Part("forward", 12, 30), None)  # the same numbers the C++ parser takes
     for token in get_plan("dualpipe", 4, 8).trace()[1]:
         a = parse_action(token)
         first, second = compute_parts(token)

@@ -90,9 +90,9 @@ def test_send_before_data():
     _reject(_mutated("1f1b", 4, 8, edit), "dependency:", "sendF0.1>1 (rank 0, step 3) sends data that does not exist yet")
 
 
-def test_weight_before_any_input_only_backward():
+def test_weight_before_any_backward_input():
     _reject(_mutated("zb1p", 4, 8, lambda rows: rows[0].insert(0, "W")), "weight FIFO:", "[[W]]",
-            "no input-only backward")
+            "no backward input")
 
 
 def test_weight_never_run():

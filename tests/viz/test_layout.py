@@ -38,14 +38,14 @@ def test_pairs_modules_and_weight_cells():
     row0 = d.rows[0]
     pair = next(b for b in row0 if b.token == "F0.3+B1.1")
     f, b = pair.cells
-    assert (f.kind, f.module, f.mb, f.colour) == ("F", 0, 3, COLOURS[("F", 0)])
-    assert (b.kind, b.module, b.mb, b.colour) == ("B", 1, 1, COLOURS[("B", 1)])
+    assert (f.kind, f.module, f.mb, f.colour) == ("forward", 0, 3, COLOURS[("forward", 0)])
+    assert (b.kind, b.module, b.mb, b.colour) == ("backward", 1, 1, COLOURS[("backward", 1)])
     # F:B = 1:2 in the lone actions, so the forward half gets a third of the pair
     assert f.end - f.start == pytest.approx((pair.end - pair.start) / 3)
     # rank 0: ... B1.0z W ...: the W finishes micro-batch 0 of module 1
     i = [x.token for x in row0].index("B1.0z")
     w = row0[i + 1].cells[0]
-    assert (w.kind, w.module, w.mb, w.label) == ("W", 1, 0, "0")
+    assert (w.kind, w.module, w.mb, w.label) == ("weight", 1, 0, "0")
     names = [n for n, _ in d.legend]
     assert "Forward (reverse direction)" in names and PAIR_LEGEND in names
     assert len(set(COLOURS.values())) == len(COLOURS)
@@ -56,7 +56,7 @@ def test_legend_names_second_leg_for_dualpipev_and_single_module_schedules():
     assert "Forward (second leg of the V)" in [n for n, _ in v.legend]
     g = layout(sequential_timeline("1f1b", 4, 8), schedule="1f1b")
     assert [n for n, _ in g.legend] == ["Forward", "Backward"]
-    assert g.colours_used() == {COLOURS[("F", 0)], COLOURS[("B", 0)]}
+    assert g.colours_used() == {COLOURS[("forward", 0)], COLOURS[("backward", 0)]}
 
 
 def test_large_plans_stay_bounded_and_labels_shrink_or_drop():
@@ -70,8 +70,8 @@ def test_large_plans_stay_bounded_and_labels_shrink_or_drop():
     d = layout(tl, schedule="dualpipe")
     assert d.width_in <= 41.2
     cells = [c for row in d.rows for b in row for c in b.cells]
-    assert all(c.label == "" and c.font_size == 0 for c in cells if c.kind == "W")
-    assert all(c.label and c.font_size >= 4.5 for c in cells if c.kind == "F")
+    assert all(c.label == "" and c.font_size == 0 for c in cells if c.kind == "weight")
+    assert all(c.label and c.font_size >= 4.5 for c in cells if c.kind == "forward")
 
 
 @pytest.mark.parametrize("bad,msg", [
