@@ -1,7 +1,7 @@
 """Overlap engine: component-split stages and the interleaved runs of their chunks.
 
     stage = OverlappedMoEStage(BlockConfig(MoEConfig(...)), num_layers=4, group=ep_group)
-    pipe = DualPipe((stage_a, stage_b))  # F&B pairs run through the engine
+    pipe = DualPipe((stage_a, stage_b))  # overlapped pairs (FB) run through the engine
 
 See ``docs/overlap.md``.
 """

@@ -80,7 +80,7 @@ class Executor:
         self.link = link
         self.recorder = recorder
         t = type(self.modules[0])
-        # Stages of one class that define overlapped_forward_backward run F&B pairs themselves.
+        # Stages of one class that define overlapped_forward_backward run overlapped pairs (FB) themselves.
         self.overlapped = (len(self.modules) == 2 and type(self.modules[1]) is t
                            and hasattr(t, "overlapped_forward_backward"))
         self.num_overlapped_calls = 0
