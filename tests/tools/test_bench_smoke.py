@@ -11,7 +11,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # script, extra arguments, what its JSON must hold
 CASES = [
-    ("bench_ep.py", [], lambda r: [x["num_sms"] for x in r["rows"]] == [1, 2] and r["payload_bytes"] > 0),
+    ("bench_ep.py", [], lambda r: [x["num_sms"] for x in r["rows"]] == [1, 2] and r["payload_bytes"] > 0
+     and 0 < r["fp8_payload_bytes"] < r["payload_bytes"] and all(
+         x[k + "_gbs"] > 0 for x in r["rows"] for k in ("dispatch", "combine", "dispatch_kernels", "combine_kernels",
+                                                        "dispatch_graph", "combine_graph", "dispatch_put",
+                                                        "dispatch_recv", "fp8_dispatch", "fp8_dispatch_graph"))),
     ("bench_overlap.py", [], lambda r: len(r["rows"]) == 2 and all(x["gemm_slowdown"] > 0 for x in r["rows"])),
     ("bench_moe_kernels.py", [], lambda r: {g["backend"] for g in r["grouped_gemm"]} >= {"triton", "torch"}
      and all(g["max_rel_error"] < 1e-4 for g in r["grouped_gemm"])),
