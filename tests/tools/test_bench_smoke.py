@@ -18,7 +18,7 @@ CASES = [
                                                         "dispatch_recv", "fp8_dispatch", "fp8_dispatch_graph"))),
     ("bench_overlap.py", [], lambda r: len(r["rows"]) == 2 and all(x["gemm_slowdown"] > 0 for x in r["rows"])),
     ("bench_moe_kernels.py", [], lambda r: {g["backend"] for g in r["grouped_gemm"]} >= {"triton", "torch"}
-     and all(g["max_rel_error"] < 1e-4 for g in r["grouped_gemm"])),
+     and all(g["max_rel_error"] < 1e-4 for g in r["grouped_gemm"]) and r["cutlass"].startswith("not timed")),
     ("bench_moe_layer.py", [], lambda r: "plain grouped_mm" in [x["variant"] for x in r["rows"]]
      and all(x["max_rel_diff_vs_moe"] is None or x["max_rel_diff_vs_moe"] < (0.1 if "FP8" in x["variant"] else 1e-4)
              for x in r["rows"])
