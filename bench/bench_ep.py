@@ -18,7 +18,9 @@ does not measure NVLink. Each budget first checks the rows bit for bit. Three vi
 
 - the whole call from the host (``ep.dispatch``/``ep.combine``: layout kernels, checks, launches);
 - the put and receive kernels alone (layout computed once; device time between CUDA events while
-  the host has queued ahead, each kernel on its own and their sum);
+  the host has queued ahead, each kernel on its own and their sum), and again with row steps twice
+  as wide (32 KiB of bf16 in flight per program and step instead of 16: does a program's speed
+  depend on how many bytes it keeps in flight?);
 - the whole call captured once in a CUDA graph (``dualpipe_ext.graphs.StepGraph``) and replayed:
   its device time without the host's.
 
@@ -30,6 +32,7 @@ and the FP8 dispatch (rows quantized to e4m3 + scales, fewer bytes) against bf16
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -87,6 +90,9 @@ def run_cpu(args) -> None:
     print(table(["path", "median ms", "p20 - p80 ms", "ratio to collective"], rows))
 
 
+WIDE_BASE = 512  # the kernels' default row step (ep_common._BLOCK_H), doubled for the 'wide' measurement
+
+
 def _kernels_only(ep, x, idx, w, experts, handle, recv_y):
     """The exchange kernels of one dispatch and one combine without the host code around them: the
     layout (positions, counts) computed once here, outputs allocated once, the put and receive kernels
@@ -125,6 +131,19 @@ def _kernels_only(ep, x, idx, w, experts, handle, recv_y):
     return d_put, d_recv, c_put, c_recv, (recv_x, out)
 
 
+@contextlib.contextmanager
+def _row_step(block_h: int):
+    """Within the block the row-moving loops of the exchange kernels step ``block_h`` elements of a row at a
+    time (default 512: a 16 x 512 tile, 16 KiB of bf16 in flight per program and step)."""
+    from dualpipe_ext.kernels import ep_common
+
+    before, ep_common._BLOCK_H = ep_common._BLOCK_H, block_h
+    try:
+        yield before
+    finally:
+        ep_common._BLOCK_H = before
+
+
 def _graph_ms(step, dev, quick, check):
     """Median ms of ``step`` captured once in a CUDA graph and replayed (eager on CPU); ``check`` tests the
     replay's outputs first."""
@@ -146,6 +165,7 @@ def run_exchange(args) -> dict:
     tokens, hidden, experts, topk = (16, 128, 16, 4) if smoke else (args.gpu_tokens, args.gpu_hidden,
                                                                     args.gpu_experts, 8)
     budgets = [1, 2] if smoke else args.sms
+    wide = 2 * WIDE_BASE if not smoke else 64  # CPU: a row step narrower than the rows, to exercise it
     steps = Steps("bench_ep")
     with steps("process group and inputs"):
         init_single_group()
@@ -166,7 +186,7 @@ def run_exchange(args) -> dict:
         row = dict(num_sms=sms)
         with steps(f"EPBuffer num_sms={sms}"):
             ep = moe.EPBuffer(None, max_tokens=tokens, hidden=hidden, dtype=torch.bfloat16, num_sms=sms,
-                              max_topk=topk, timeout_s=30.0, device=dev)
+                              max_topk=topk, timeout_s=5.0, device=dev)  # a healthy wait takes microseconds
             try:
                 recv_x, _, _, handle = ep.dispatch(x, idx, w, experts)
                 if not (torch.equal(recv_x[:tokens], x) and torch.equal(ep.combine(recv_x, handle), x)):
@@ -180,6 +200,13 @@ def run_exchange(args) -> dict:
                     raise AssertionError(f"num_sms={sms}: the exchange kernels alone moved other rows")
                 row.update(dispatch_put_ms=ms[0], dispatch_recv_ms=ms[1], combine_put_ms=ms[2], combine_recv_ms=ms[3])
                 row["dispatch_kernels_ms"], row["combine_kernels_ms"] = ms[0] + ms[1], ms[2] + ms[3]
+                # the same kernels stepping twice as wide a tile: twice the bytes in flight per program
+                with _row_step(wide):
+                    ms = stream_ms([d_put, d_recv, c_put, c_recv], dev)
+                    if not (torch.equal(k_x[:tokens], x) and torch.equal(k_out, x)):
+                        raise AssertionError(f"num_sms={sms}: the exchange kernels with wide tiles moved other rows")
+                row.update(dispatch_put_wide_ms=ms[0], dispatch_recv_wide_ms=ms[1], combine_put_wide_ms=ms[2],
+                           combine_recv_wide_ms=ms[3])
 
                 def same_rows(out):
                     if not torch.equal(out[0][:tokens], x):
@@ -212,7 +239,7 @@ def run_exchange(args) -> dict:
             row[base + "_of_copy"] = copy_ms / row[key]
         rows.append(row)
     return dict(benchmark="exchange", env=environment(dev), world=1, tokens=tokens, hidden=hidden, experts=experts,
-                topk=topk, dtype="bfloat16", payload_bytes=payload, fp8_payload_bytes=fp8_bytes, copy_ms=copy_ms,
+                topk=topk, dtype="bfloat16", row_step=WIDE_BASE, wide_row_step=wide, payload_bytes=payload, fp8_payload_bytes=fp8_bytes, copy_ms=copy_ms,
                 copy_gbs=payload / copy_ms / 1e6, rows=rows)
 
 
@@ -235,10 +262,13 @@ def print_exchange(r: dict) -> None:
         print(table(["num_sms", "dispatch ms", "GB/s", "of copy", "combine ms", "GB/s", "of copy"],
                     [[x["num_sms"], f"{x[d + '_ms']:.3f}", f"{x[d + '_gbs']:.0f}", f"{x[d + '_of_copy'] * 100:.0f} %",
                       f"{x[c + '_ms']:.3f}", f"{x[c + '_gbs']:.0f}", f"{x[c + '_of_copy'] * 100:.0f} %"] for x in ok]))
-    print("\nkernels alone, each (device time between events, the host queued ahead)")
-    print(table(["num_sms", "dispatch put ms", "dispatch receive ms", "combine put ms", "combine receive ms"],
-                [[x["num_sms"]] + [f"{x[k]:.3f}" for k in ("dispatch_put_ms", "dispatch_recv_ms", "combine_put_ms",
-                                                            "combine_recv_ms")] for x in ok]))
+    print(f"\nkernels alone, each (device time between events, the host queued ahead); GB/s of payload; "
+          f"'wide': row steps of {r['wide_row_step']} elements instead of {r['row_step']}")
+    kinds = ("dispatch_put", "dispatch_recv", "combine_put", "combine_recv")
+    print(table(["num_sms"] + [f"{k.replace('_', ' ').replace('recv', 'receive')}{w}" for k in kinds
+                               for w in ("", " wide")],
+                [[x["num_sms"]] + [f"{x[k + w + '_ms']:.3f} ms, {x[k + w + '_gbs']:.0f}" for k in kinds
+                                   for w in ("", "_wide")] for x in ok]))
     if r["fp8_payload_bytes"]:
         print(f"\nFP8 dispatch: {r['fp8_payload_bytes'] / 1e6:.1f} MB of packed rows (e4m3 + float32 scales, "
               f"padded to 16 bytes) against {r['payload_bytes'] / 1e6:.1f} MB of bf16; GB/s of the FP8 bytes")

@@ -15,7 +15,8 @@ CASES = [
      and 0 < r["fp8_payload_bytes"] < r["payload_bytes"] and all(
          x[k + "_gbs"] > 0 for x in r["rows"] for k in ("dispatch", "combine", "dispatch_kernels", "combine_kernels",
                                                         "dispatch_graph", "combine_graph", "dispatch_put",
-                                                        "dispatch_recv", "fp8_dispatch", "fp8_dispatch_graph"))),
+                                                        "dispatch_recv", "combine_put_wide", "combine_recv_wide", "fp8_dispatch",
+                                                        "fp8_dispatch_graph"))),
     ("bench_overlap.py", [], lambda r: len(r["rows"]) == 2 and all(x["gemm_slowdown"] > 0 for x in r["rows"])),
     ("bench_moe_kernels.py", [], lambda r: {g["backend"] for g in r["grouped_gemm"]} >= {"triton", "torch"}
      and all(g["max_rel_error"] < 1e-4 for g in r["grouped_gemm"]) and r["cutlass"].startswith("not timed")),
