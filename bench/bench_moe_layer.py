@@ -232,7 +232,8 @@ def _measure(name, layer, x, grad, shape, dev, quick, steps, reference) -> dict:
             x_in = x if name != "plain grouped_mm" else x.view(-1, shape["hidden"])
             try:
                 row["phases"] = _phase_times(layer, phases, x_in, grad, raw, dev,
-                                             iters=3 if dev.type == "cpu" else 10)
+                                             iters=3 if dev.type == "cpu" else 10,
+                                             exact=name != "plain grouped_mm")
             except Exception as e:  # noqa: BLE001 - the variant's timing stands; the exit status says it failed
                 traceback.print_exc()
                 row["error"] = f"phases: {type(e).__name__}: {e}"
@@ -310,10 +311,17 @@ def _plain_phases(layer: GroupedMMMoE, shape: dict):
             ("reduce (weighted sum)", combine), ("combine", lambda s: None), ("shared expert", shared)]
 
 
-def _phase_times(layer, phases, x, grad, want, dev, iters: int) -> list:
+def _same(got: torch.Tensor, want: torch.Tensor, exact: bool) -> bool:
+    if exact:
+        return torch.equal(got, want)
+    return bool(((got.float() - want.float()).abs().max() <= 1e-2 * want.float().abs().max()).item())
+
+
+def _phase_times(layer, phases, x, grad, want, dev, iters: int, exact: bool = True) -> list:
     """Per phase (the forward's, then "backward"): median device ms between CUDA events recorded after
     each phase was queued (host gaps included: a phase the host cannot feed shows up) and median host ms
-    to queue it. Checks the phased output against ``want`` bit for bit first."""
+    to queue it. Checks the phased output against ``want`` first: bit for bit when ``exact`` (the plain
+    layer's ``index_add`` sums in a varying order on a GPU: to 1 % there)."""
     import statistics
     import time
 
@@ -340,9 +348,9 @@ def _phase_times(layer, phases, x, grad, want, dev, iters: int) -> list:
         for _, fn in phases:
             fn(state)
             mark()
-        if it == 0 and not torch.equal(state["out"].detach(), want):
+        if it == 0 and not _same(state["out"].detach(), want, exact):
             raise AssertionError("the phase-by-phase forward differs from the layer's own: the phases no longer "
-                                 "mirror MoE.forward")
+                                 "mirror its forward")
         state["out"].backward(grad.view(state["out"].shape))
         mark()
         if cuda:
