@@ -279,9 +279,15 @@ def print_exchange(r: dict) -> None:
                       f"{x['dispatch_graph_ms']:.3f}", f"{x['fp8_dispatch_graph_ms']:.3f}",
                       f"{x['fp8_dispatch_graph_gbs']:.0f}",
                       f"{x['dispatch_graph_ms'] / x['fp8_dispatch_graph_ms']:.2f}"] for x in ok]))
+    print("\nsummary, % of the copy's rate (whole call / kernels alone / graph replay; FP8: replayed, GB/s of its "
+          "bytes)")
+    print(table(["num_sms", "dispatch", "combine", "fp8 dispatch"],
+                [[x["num_sms"]] + [" / ".join(f"{x[k + '_of_copy'] * 100:.0f}" for k in (d, d + "_kernels", d + "_graph"))
+                                   for d in ("dispatch", "combine")] + [f"{x['fp8_dispatch_graph_gbs']:.0f} GB/s"]
+                 for x in ok]))
     for x in r["rows"]:
         if "error" in x:
-            print(f"num_sms={x['num_sms']}: FAILED: {x['error']}")
+            print(f"num_sms={x['num_sms']}: FAILED: {x['error'][:150]}")
 
 
 def main() -> int:

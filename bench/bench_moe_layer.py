@@ -384,6 +384,11 @@ def _top_kernels(step, dev, count: int = 12) -> list:
 
 
 def print_result(r: dict) -> None:
+    for x in r["rows"]:  # the longest tables first: a report keeps the tail of the output
+        if x.get("top_kernels"):
+            print(f"{x['variant']}: kernels of one step by total time (torch.profiler)")
+            print(table(["kernel", "calls", "ms"], [[k["name"], k["calls"], f"{k['ms']:.3f}"]
+                                                   for k in x["top_kernels"]]) + "\n")
     s = r["shape"]
     print(f"MoE layer forward + backward on {r['env']['device_name']}: {s['tokens']} tokens, hidden {s['hidden']}, "
           f"{s['experts']} experts of width {s['inter']}, top-{s['topk']} in {s['topk_group']} of {s['n_group']} "
@@ -392,11 +397,12 @@ def print_result(r: dict) -> None:
     print(table(["variant", "ms", "tokens/s", "peak MB", "diff vs MoE"],
                 [[x["variant"], f"{x['ms']:.2f}", f"{x['tokens_per_s']:.3g}",
                   "-" if x["peak_bytes"] is None else f"{x['peak_bytes'] / 2 ** 20:.0f}",
-                  "-" if x["max_rel_diff_vs_moe"] is None else f"{x['max_rel_diff_vs_moe']:.1e}"] if "error" not in x
-                 else [x["variant"], "failed", "", "", x["error"][:80]] for x in r["rows"]]))
+                  "-" if x["max_rel_diff_vs_moe"] is None else f"{x['max_rel_diff_vs_moe']:.1e}"]
+                 if "error" not in x or "ms" in x else [x["variant"], "failed", "", "", x["error"][:80]]
+                 for x in r["rows"]]))
     phased = [x for x in r["rows"] if "phases" in x]
     if phased:
-        print("\nPer phase, median of 10 steps: device ms between CUDA events recorded after each phase was "
+        print("Per phase, median of 10 steps: device ms between CUDA events recorded after each phase was "
               "queued (host gaps included) / host ms to queue it")
         names = [p["phase"] for p in phased[0]["phases"]]
         print(table(["phase"] + [x["variant"] for x in phased],
@@ -405,10 +411,8 @@ def print_result(r: dict) -> None:
                     + [["total"] + [f"{sum(p['device_ms'] for p in x['phases']):.3f} / "
                                     f"{sum(p['host_ms'] for p in x['phases']):.3f}" for x in phased]]))
     for x in r["rows"]:
-        if x.get("top_kernels"):
-            print(f"\n{x['variant']}: kernels of one step by total time (torch.profiler)")
-            print(table(["kernel", "calls", "ms"], [[k["name"], k["calls"], f"{k['ms']:.3f}"]
-                                                   for k in x["top_kernels"]]))
+        if "error" in x:
+            print(f"{x['variant']}: FAILED: {x['error'][:150]}")
 
 
 def main() -> int:

@@ -75,7 +75,7 @@ for s in "${STEPS[@]}"; do
   if [ "$code" -eq 124 ] || [ "$code" -eq 137 ]; then status="TIMEOUT after $limit s"; elif [ "$code" -ne 0 ]; then status="FAIL (exit $code)"; fi
   [ "$code" -eq 0 ] || failed=$((failed + 1))
   echo "$name: $status, $took s" >&2
-  { echo "## $name: $status, $took s"; echo '```'; grep -v '^\s*$' "$LOGS/$name.log" | tail -n 18 | cut -c1-200; echo '```'; } >> "$REPORT"
+  { echo "## $name: $status, $took s"; echo '```'; grep -v '^\s*$' "$LOGS/$name.log" | tail -n 30 | cut -c1-200; echo '```'; } >> "$REPORT"
 done
 
 $PY - "$WORK/figures" "$OUT_DIR/figures.json" <<'EOF' || echo "figures.json: could not be written" >> "$REPORT"
