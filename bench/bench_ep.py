@@ -239,7 +239,8 @@ def run_exchange(args) -> dict:
             row[base + "_of_copy"] = copy_ms / row[key]
         rows.append(row)
     return dict(benchmark="exchange", env=environment(dev), world=1, tokens=tokens, hidden=hidden, experts=experts,
-                topk=topk, dtype="bfloat16", row_step=WIDE_BASE, wide_row_step=wide, payload_bytes=payload, fp8_payload_bytes=fp8_bytes, copy_ms=copy_ms,
+                topk=topk, dtype="bfloat16", row_step=WIDE_BASE, wide_row_step=wide, payload_bytes=payload,
+                fp8_payload_bytes=fp8_bytes, copy_ms=copy_ms,
                 copy_gbs=payload / copy_ms / 1e6, rows=rows)
 
 
@@ -282,7 +283,8 @@ def print_exchange(r: dict) -> None:
     print("\nsummary, % of the copy's rate (whole call / kernels alone / graph replay; FP8: replayed, GB/s of its "
           "bytes)")
     print(table(["num_sms", "dispatch", "combine", "fp8 dispatch"],
-                [[x["num_sms"]] + [" / ".join(f"{x[k + '_of_copy'] * 100:.0f}" for k in (d, d + "_kernels", d + "_graph"))
+                [[x["num_sms"]] + [" / ".join(f"{x[k + '_of_copy'] * 100:.0f}"
+                                              for k in (d, d + "_kernels", d + "_graph"))
                                    for d in ("dispatch", "combine")] + [f"{x['fp8_dispatch_graph_gbs']:.0f} GB/s"]
                  for x in ok]))
     for x in r["rows"]:
