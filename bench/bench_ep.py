@@ -238,6 +238,9 @@ def run_exchange(args) -> dict:
             row[base + "_gbs"] = moved / row[key] / 1e6
             row[base + "_of_copy"] = copy_ms / row[key]
         rows.append(row)
+        if args.json:  # what is measured so far, in case the run is stopped before the end
+            write_json(args.json, dict(benchmark="exchange", partial=True, env=environment(dev), tokens=tokens,
+                                       hidden=hidden, payload_bytes=payload, copy_ms=copy_ms, rows=rows))
     return dict(benchmark="exchange", env=environment(dev), world=1, tokens=tokens, hidden=hidden, experts=experts,
                 topk=topk, dtype="bfloat16", row_step=WIDE_BASE, wide_row_step=wide, payload_bytes=payload,
                 fp8_payload_bytes=fp8_bytes, copy_ms=copy_ms,
