@@ -42,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Steps, bench_ms, environment, gpu_bench_main, init_single_group, table  # noqa: E402
+from harness import Steps, bench_ms, environment, gpu_bench_main, init_single_group, table, write_json  # noqa: E402
 from layer_phases import our_phases, phase_times, plain_phases, top_kernels  # noqa: E402
 
 GPU_SHAPE = dict(tokens=8192, hidden=2048, inter=1408, experts=64, topk=8, n_group=8, topk_group=4)
@@ -191,6 +191,8 @@ def run(args) -> dict:
         if name == "MoE":
             reference = rows[-1].pop("output")
         rows[-1].pop("output", None)
+        if args.json:  # what is measured so far, in case the run is stopped before the end
+            write_json(args.json, dict(benchmark="moe_layer", partial=True, shape=shape, rows=rows))
     return dict(benchmark="moe_layer", env=environment(dev), dtype=str(dtype), shape=shape, transformers=have_hf,
                 rows=rows)
 
