@@ -16,7 +16,8 @@ buffer through the peer table, so GB/s (payload bytes / time) says how fast the 
 local memory at each budget, against a plain device copy of the same bytes on all SMs; it
 does not measure NVLink. Each budget first checks the rows bit for bit. Three views per budget:
 
-- the whole call from the host (``ep.dispatch``/``ep.combine``: layout kernels, checks, launches);
+- the whole call from the host (``ep.dispatch``/``ep.combine``: layout kernels, checks, launches), and
+  the host's own time per call (its kernels queued behind a sleeping stream);
 - the put and receive kernels alone (layout computed once; device time between CUDA events while
   the host has queued ahead, each kernel on its own and their sum), and again with row steps twice
   as wide (32 KiB of bf16 in flight per program and step instead of 16: does a program's speed
@@ -45,8 +46,8 @@ if "--cpu-smoke" in sys.argv:
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (Steps, bench_ms, environment, init_single_group, median, quantile, spawn_ranks,  # noqa: E402
-                     stream_ms, table, watchdog, write_json)
+from harness import (Steps, bench_ms, environment, host_ms, init_single_group, median, quantile,  # noqa: E402
+                     spawn_ranks, stream_ms, table, watchdog, write_json)
 
 
 def _cpu_worker(rank, world, port, args, queue):
@@ -193,6 +194,9 @@ def run_exchange(args) -> dict:
                     raise AssertionError(f"num_sms={sms}: the dispatched or combined rows differ from the tokens")
                 row["dispatch_ms"] = bench_ms(lambda: ep.dispatch(x, idx, w, experts), dev, args.quick)
                 row["combine_ms"] = bench_ms(lambda: ep.combine(recv_x, handle), dev, args.quick)
+                # the host's own time per call (its kernels queued behind a sleeping stream)
+                row["dispatch_host_only_ms"] = host_ms(lambda: ep.dispatch(x, idx, w, experts), dev)
+                row["combine_host_only_ms"] = host_ms(lambda: ep.combine(recv_x, handle), dev)
                 # the kernels alone: layout once, then put and receive back to back, device time only
                 d_put, d_recv, c_put, c_recv, (k_x, k_out) = _kernels_only(ep, x, idx, w, experts, handle, recv_x)
                 ms = stream_ms([d_put, d_recv, c_put, c_recv], dev)
@@ -220,6 +224,7 @@ def run_exchange(args) -> dict:
                 fp8_bytes = tokens * ep.fp8_row_bytes
                 want = ep.dispatch(x, idx, w, experts, fp8=True)[0][:tokens].clone()
                 row["fp8_dispatch_ms"] = bench_ms(lambda: ep.dispatch(x, idx, w, experts, fp8=True), dev, args.quick)
+                row["fp8_dispatch_host_only_ms"] = host_ms(lambda: ep.dispatch(x, idx, w, experts, fp8=True), dev)
 
                 def same_fp8(out):
                     if not torch.equal(out[0][:tokens], want):
@@ -232,7 +237,7 @@ def run_exchange(args) -> dict:
                 row["error"] = f"{type(e).__name__}: {e}"
             finally:
                 ep.close()
-        for key in [k for k in row if k.endswith("_ms")]:  # GB/s of payload and fraction of the copy's time
+        for key in [k for k in row if k.endswith("_ms") and "_host_only" not in k]:  # GB/s, fraction of the copy
             base = key[:-3]
             moved = fp8_bytes if base.startswith("fp8") else payload
             row[base + "_gbs"] = moved / row[key] / 1e6
@@ -284,11 +289,13 @@ def print_exchange(r: dict) -> None:
                       f"{x['fp8_dispatch_graph_gbs']:.0f}",
                       f"{x['dispatch_graph_ms'] / x['fp8_dispatch_graph_ms']:.2f}"] for x in ok]))
     print("\nsummary, % of the copy's rate (whole call / kernels alone / graph replay; FP8: replayed, GB/s of its "
-          "bytes)")
-    print(table(["num_sms", "dispatch", "combine", "fp8 dispatch"],
+          "bytes); host ms: the host's own time per call (dispatch / combine)")
+    print(table(["num_sms", "dispatch", "combine", "fp8 dispatch", "host ms"],
                 [[x["num_sms"]] + [" / ".join(f"{x[k + '_of_copy'] * 100:.0f}"
                                               for k in (d, d + "_kernels", d + "_graph"))
-                                   for d in ("dispatch", "combine")] + [f"{x['fp8_dispatch_graph_gbs']:.0f} GB/s"]
+                                   for d in ("dispatch", "combine")] + [f"{x['fp8_dispatch_graph_gbs']:.0f} GB/s",
+                                                                        f"{x['dispatch_host_only_ms']:.3f} / "
+                                                                        f"{x['combine_host_only_ms']:.3f}"]
                  for x in ok]))
     for x in r["rows"]:
         if "error" in x:

@@ -221,3 +221,26 @@ def stream_ms(fns, device, iters: int = 20, flush_bytes: int = 256 << 20) -> lis
             end.record()
     torch.cuda.synchronize(device)
     return [median([row[i].elapsed_time(row[i + 1]) for row in events]) for i in range(len(fns))]
+
+
+def host_ms(fn, device, iters: int = 20) -> float:
+    """Median milliseconds the host spends in one call of ``fn``, its device work queued behind a sleeping
+    stream (CUDA) so that the host never waits for the device; wall-clock of the whole call on CPU."""
+    import time
+
+    import torch
+
+    fn()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        if hasattr(torch.cuda, "_sleep"):
+            torch.cuda._sleep(200_000_000)
+    times = []
+    for _ in range(iters if cuda else max(1, min(iters, 2))):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    if cuda:
+        torch.cuda.synchronize(device)
+    return median(times)

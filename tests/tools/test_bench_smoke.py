@@ -16,7 +16,8 @@ CASES = [
          x[k + "_gbs"] > 0 for x in r["rows"] for k in ("dispatch", "combine", "dispatch_kernels", "combine_kernels",
                                                         "dispatch_graph", "combine_graph", "dispatch_put",
                                                         "dispatch_recv", "combine_put_wide", "combine_recv_wide", "fp8_dispatch",
-                                                        "fp8_dispatch_graph"))),
+                                                        "fp8_dispatch_graph"))
+     and all(x["dispatch_host_only_ms"] > 0 and x["combine_host_only_ms"] > 0 for x in r["rows"])),
     ("bench_overlap.py", [], lambda r: len(r["rows"]) == 2 and all(x["gemm_slowdown"] > 0 for x in r["rows"])),
     ("bench_moe_kernels.py", [], lambda r: {g["backend"] for g in r["grouped_gemm"]} >= {"triton", "torch"}
      and all(g["max_rel_error"] < 1e-4 for g in r["grouped_gemm"]) and r["cutlass"].startswith("not timed")),
