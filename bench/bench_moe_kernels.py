@@ -164,6 +164,21 @@ GEMM_SHAPES = [  # DeepSeek-V3 on one rank of EP 8: 4096 tokens x top-8 rows ove
 SMOKE_GEMM_SHAPES = [GemmShape("smoke", 64, 48, 32, 4)]
 
 
+def cutlass_status() -> str:
+    """Whether the grouped-GEMM step times CUTLASS, and if not, why (in words, for the report)."""
+    if SMOKE:
+        return "not timed: CPU smoke run"
+    try:
+        from dualpipe_ext import _cuda  # noqa: F401
+    except ImportError as e:
+        try:
+            import cutlass_library  # noqa: F401
+        except ImportError:
+            return "not timed: no CUDA extension (no CUTLASS headers: the nvidia-cutlass wheel was not carried in .whl/)"
+        return f"not timed: the CUTLASS headers are there but dualpipe_ext._cuda does not import ({e})"
+    return "timed"
+
+
 def gemm_rows(device, quick: bool) -> List[dict]:
     """TFLOP/s of each grouped GEMM backend at each shape, errors against the fp32 reference."""
     from dualpipe_ext.kernels.grouped_mm import grouped_mm_reference
@@ -171,6 +186,7 @@ def gemm_rows(device, quick: bool) -> List[dict]:
 
     dtype = torch.float32 if SMOKE else torch.bfloat16  # the interpreter's bf16 arithmetic is not the GPU's
     backends = ["triton", "torch"] + ([] if SMOKE or cuda_extension() is None else ["cutlass"])
+    print(f"CUTLASS grouped GEMM: {cutlass_status()}", flush=True)
     out = []
     for shape in SMOKE_GEMM_SHAPES if SMOKE else GEMM_SHAPES:
         gen = torch.Generator(device="cpu").manual_seed(5)
@@ -243,7 +259,7 @@ def main() -> int:
                  else [g["shape"], g["backend"], "failed", "", "", g["error"]]
                  for g in gemms]))
     write_json(args.json, dict(benchmark="moe_kernels", env=environment(device), copy_gbs=copy_gbps, kernels=records,
-                               grouped_gemm=gemms, peak_tflops=H200_BF16_DENSE_TFLOPS))
+                               grouped_gemm=gemms, peak_tflops=H200_BF16_DENSE_TFLOPS, cutlass=cutlass_status()))
     if args.csv:
         new = not os.path.exists(args.csv)
         with open(args.csv, "a", newline="") as f:

@@ -187,3 +187,60 @@ def gpu_bench_main(name: str, description: str, run, print_result, timeout_s: fl
     print_result(result)
     write_json(args.json, result)
     return int(any("error" in x for x in result["rows"]))
+
+
+def stream_ms(fns, device, iters: int = 20, flush_bytes: int = 256 << 20) -> list:
+    """Median milliseconds of each of ``fns`` run one after another, ``iters`` times: their device time
+    alone. On CUDA the stream first sleeps while the host queues every iteration (an L2 flush, then
+    each function between two events), so no host time falls between the events; on CPU wall-clock
+    around each call."""
+    import time
+
+    import torch
+
+    if torch.device(device).type != "cuda":
+        times = [[] for _ in fns]
+        for _ in range(max(1, min(iters, 2))):
+            for i, fn in enumerate(fns):
+                t0 = time.perf_counter()
+                fn()
+                times[i].append((time.perf_counter() - t0) * 1e3)
+        return [median(t) for t in times]
+    for fn in fns:  # warm-up: compiles, and settles the allocator
+        fn()
+    flush = torch.empty(flush_bytes, dtype=torch.int8, device=device)
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(len(fns) + 1)] for _ in range(iters)]
+    torch.cuda.synchronize(device)
+    if hasattr(torch.cuda, "_sleep"):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU clocks: the host queues everything below meanwhile
+    for row in events:
+        flush.zero_()
+        row[0].record()
+        for fn, end in zip(fns, row[1:]):
+            fn()
+            end.record()
+    torch.cuda.synchronize(device)
+    return [median([row[i].elapsed_time(row[i + 1]) for row in events]) for i in range(len(fns))]
+
+
+def host_ms(fn, device, iters: int = 20) -> float:
+    """Median milliseconds the host spends in one call of ``fn``, its device work queued behind a sleeping
+    stream (CUDA) so that the host never waits for the device; wall-clock of the whole call on CPU."""
+    import time
+
+    import torch
+
+    fn()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        if hasattr(torch.cuda, "_sleep"):
+            torch.cuda._sleep(200_000_000)
+    times = []
+    for _ in range(iters if cuda else max(1, min(iters, 2))):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    if cuda:
+        torch.cuda.synchronize(device)
+    return median(times)

@@ -286,11 +286,23 @@ def launch_wait(ch: Channel, shape: int, kind: int) -> None:
 def compact_positions(topk_idx: torch.Tensor, num_experts: int, world: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(pos [num_tokens, world] int64: rank of token t among the tokens sent to rank r, or -1;
     counts [world] int64: tokens sent to each rank), experts split evenly and contiguously."""
-    local = num_experts // world
-    owner = torch.where(topk_idx >= 0, topk_idx // local, -1)
-    sent = (owner.unsqueeze(-1) == torch.arange(world, device=topk_idx.device)).any(1)
-    counts = sent.sum(0, dtype=torch.int64)
-    pos = torch.where(sent, torch.cumsum(sent.to(torch.int64), 0) - 1, -1)
-    return pos, counts
+    # six launches: -1 // local is -1, which matches no rank; the counts are the running sums' last row
+    owner = torch.div(topk_idx, num_experts // world, rounding_mode="floor")
+    sent = (owner.unsqueeze(-1) == _ranks(world, topk_idx.device)).any(1)
+    if sent.shape[0] == 0:
+        return torch.full((0, world), -1, dtype=torch.int64, device=topk_idx.device), sent.sum(0, dtype=torch.int64)
+    running = torch.cumsum(sent, 0, dtype=torch.int64)
+    return running * sent - 1, running[-1]
+
+
+_RANKS: dict = {}
+
+
+def _ranks(world: int, device: torch.device) -> torch.Tensor:
+    """[world] int64 ``arange``, made once per (world, device)."""
+    key = (world, str(device))
+    if key not in _RANKS:
+        _RANKS[key] = torch.arange(world, device=device)
+    return _RANKS[key]
 
 

@@ -16,13 +16,13 @@ cd "$(dirname "$0")/.."
 
 # name|limit_s|command (run with bash -c; $FIG is the step's JSON path, $PY the interpreter)
 STEPS=(
-  "environment|15|nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader; \$PY -c 'import torch, triton; p = torch.cuda.get_device_properties(0); print(torch.__version__, torch.version.cuda, triton.__version__, p.name, p.multi_processor_count, \"SMs\")'"
-  "wheels|15|if ls .whl/*.whl >/dev/null 2>&1; then \$PY -m pip install -q --no-index --no-deps --no-compile --target \$SITE .whl/*.whl && ls \$SITE; else echo 'skipped: no .whl/ carried'; fi"
+  "environment|10|nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader; \$PY -c 'import torch, triton; p = torch.cuda.get_device_properties(0); print(torch.__version__, torch.version.cuda, triton.__version__, p.name, p.multi_processor_count, \"SMs\")'"
+  "wheels|10|if ls .whl/*.whl >/dev/null 2>&1; then \$PY -m pip install -q --no-index --no-deps --no-compile --target \$SITE .whl/*.whl && ls \$SITE; else echo 'skipped: no .whl/ carried'; fi"
   "build|120|bash tools/gpu_build.sh"
-  "tests_gpu|150|TRITON_INTERPRET=0 \$PY -m pytest -q -m gpu -k 'not float32' -p no:cacheprovider tests/gpu tests/kernels --junitxml=\$LOGS/tests_gpu.xml"
-  "bench_ep|35|\$PY bench/bench_ep.py --gpu --quick --sms 8 16 20 24 32 66 132 --json \$FIG"
-  "bench_moe_layer|45|\$PY bench/bench_moe_layer.py --quick --json \$FIG"
-  "bench_graphs|35|\$PY bench/bench_graphs.py --quick --json \$FIG"
+  "tests_gpu|135|TRITON_INTERPRET=0 \$PY -m pytest -q -m gpu -k 'not float32' -p no:cacheprovider tests/gpu tests/kernels --junitxml=\$LOGS/tests_gpu.xml"
+  "bench_ep|50|\$PY bench/bench_ep.py --gpu --quick --sms 8 16 20 24 32 66 132 --json \$FIG"
+  "bench_moe_layer|60|\$PY bench/bench_moe_layer.py --quick --json \$FIG"
+  "bench_graphs|30|\$PY bench/bench_graphs.py --quick --json \$FIG"
   "bench_grouped_mm|40|\$PY bench/bench_moe_kernels.py --quick --json \$FIG"
   "bench_fp8|15|\$PY bench/bench_fp8.py --json \$FIG"
   "bench_overlap|30|\$PY bench/bench_overlap.py --gpu --quick --json \$FIG"
@@ -75,7 +75,7 @@ for s in "${STEPS[@]}"; do
   if [ "$code" -eq 124 ] || [ "$code" -eq 137 ]; then status="TIMEOUT after $limit s"; elif [ "$code" -ne 0 ]; then status="FAIL (exit $code)"; fi
   [ "$code" -eq 0 ] || failed=$((failed + 1))
   echo "$name: $status, $took s" >&2
-  { echo "## $name: $status, $took s"; echo '```'; grep -v '^\s*$' "$LOGS/$name.log" | tail -n 18 | cut -c1-200; echo '```'; } >> "$REPORT"
+  { echo "## $name: $status, $took s"; echo '```'; grep -v '^\s*$' "$LOGS/$name.log" | tail -n 30 | cut -c1-200; echo '```'; } >> "$REPORT"
 done
 
 $PY - "$WORK/figures" "$OUT_DIR/figures.json" <<'EOF' || echo "figures.json: could not be written" >> "$REPORT"

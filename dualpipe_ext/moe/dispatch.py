@@ -166,12 +166,16 @@ def _pack_expert_slots(topk_idx, topk_weights, send_pos, num_rows: int, num_loca
 
     Returns ([num_rows, num_topk] int64, [num_rows, num_topk] float32; weights keep autograd).
     """
-    token_idx, rank_idx = (send_pos >= 0).nonzero(as_tuple=True)
-    rows = send_pos[token_idx, rank_idx]
-    src_token = torch.empty(num_rows, dtype=torch.int64, device=send_pos.device)
-    dst_rank = torch.empty(num_rows, dtype=torch.int64, device=send_pos.device)
-    src_token[rows] = token_idx
-    dst_rank[rows] = rank_idx
+    # every (token, rank) entry scatters its token and rank to its send row; entries not sent go to one
+    # extra row, dropped: no host read (a nonzero would be a second one after the counts')
+    num_tokens, world = send_pos.shape
+    dev = send_pos.device
+    flat = send_pos.flatten()
+    rows = torch.where(flat >= 0, flat, num_rows)
+    tokens = torch.arange(num_tokens, device=dev).repeat_interleave(world, output_size=num_tokens * world)
+    ranks = torch.arange(world, device=dev).repeat(num_tokens)
+    src_token = torch.empty(num_rows + 1, dtype=torch.int64, device=dev).scatter_(0, rows, tokens)[:num_rows]
+    dst_rank = torch.empty(num_rows + 1, dtype=torch.int64, device=dev).scatter_(0, rows, ranks)[:num_rows]
     chosen = topk_idx[src_token]
     local = chosen - dst_rank[:, None] * num_local
     mine = (chosen >= 0) & (local >= 0) & (local < num_local)

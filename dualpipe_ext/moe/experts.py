@@ -81,7 +81,7 @@ class _GroupedLinear(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grouped_mm(grad, weight.transpose(1, 2).contiguous(), group_ends, backend, num_comm_sms)
+            grad_x = grouped_mm(grad, weight.transpose(1, 2), group_ends, backend, num_comm_sms)  # a view: no copy
         if not ctx.needs_input_grad[1]:
             return grad_x, None, None, None, None
 

@@ -118,7 +118,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor, backe
     if which == "torch":
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=group_ends.to(torch.int32))
     if which == "cutlass":
-        return cutlass_grouped_mm(x, w, group_ends, num_comm_sms)
+        return cutlass_grouped_mm(x, w.contiguous(), group_ends, num_comm_sms)
     if which == "triton":
         from dualpipe_ext.kernels.grouped_mm import grouped_mm
 

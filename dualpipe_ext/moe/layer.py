@@ -184,6 +184,28 @@ class MoE(nn.Module):
             return h + 4 * -(-h // 128)
         return h * self.experts.gate_up.element_size()
 
+    @property
+    def exchanges_tokens(self) -> bool:
+        """False for one rank on the collective path: there ``forward`` hands the tokens to the experts as
+        they are (``local_experts_forward``), since dispatch and combine would copy every row to itself."""
+        return self.ep is not None or self.hier is not None or group_size(self.group) > 1
+
+    def local_experts_forward(self, x: torch.Tensor, topk_idx: torch.Tensor,
+                              topk_weights: torch.Tensor) -> torch.Tensor:
+        """``forward``'s experts without dispatch and combine (one rank, collective path), bitwise what the
+        exchanges would give: ``x`` [num_tokens, hidden] (rounded through FP8 with ``fp8_dispatch``, as the
+        dispatch rounds it), ``topk_idx`` [num_tokens, topk] int64 and ``topk_weights`` float32 from
+        ``route``. Every token has ``topk`` experts, so the expanded rows number ``num_tokens * topk``:
+        no host read. Returns [num_tokens, hidden] in the experts' dtype."""
+        n = x.shape[0]
+        if self.config.fp8_dispatch:
+            from .collectives import all_to_all_fp8
+
+            x = all_to_all_fp8(x, [n], [n], self.group, None, ue8m0=self.config.fp8_ue8m0)()
+        self.received_rows += n
+        return experts_forward(self.experts, x, topk_idx, topk_weights, num_comm_sms=self.num_comm_sms,
+                               capacity=True)
+
     def experts_forward(self, recv_x: torch.Tensor, recv_idx: torch.Tensor, recv_weights: torch.Tensor) -> torch.Tensor:
         """This rank's routed experts on the received rows: [num_recv, hidden] in the dtype of recv_x."""
         if self.ep is None:
@@ -257,9 +279,12 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         topk_idx, topk_weights = self.route(x)
         self.count_load(topk_idx)
-        recv_x, recv_idx, recv_weights, handle = self.dispatch(x, topk_idx, topk_weights)
-        y = self.experts_forward(recv_x, recv_idx, recv_weights)
-        out = self.combine(y.to(x.dtype), handle)
+        if self.exchanges_tokens:
+            recv_x, recv_idx, recv_weights, handle = self.dispatch(x, topk_idx, topk_weights)
+            y = self.experts_forward(recv_x, recv_idx, recv_weights)
+            out = self.combine(y.to(x.dtype), handle)
+        else:
+            out = self.local_experts_forward(x, topk_idx, topk_weights).to(x.dtype)
         if self.shared is not None:
             out = out + self.shared(x)
         return out.reshape(shape)
