@@ -47,7 +47,7 @@ def _exchange_worker(rank, world, hidden, dtype, fused):
     from dualpipe_ext.kernels._common import poison_outputs
 
     ep = moe.EPBuffer(None, max_tokens=MAX_TOKENS, hidden=hidden, dtype=dtype, num_sms=2, max_topk=4, timeout_s=60)
-    ep._fused = fused
+    ep._exchanges.fused = fused
     report = []
     for seed, (routing, ue8m0, async_op) in enumerate((("random", False, False), ("holes", True, True))):
         x, idx, w = problem(rank, world, routing, EXPERTS, TOPK, hidden, MAX_TOKENS, seed, dtype)
