@@ -141,11 +141,14 @@ def _layer_worker(rank, world, hidden):
         ep = (moe.EPBuffer(None, max_tokens=MAX_TOKENS, hidden=hidden, dtype=torch.float32, max_topk=2,
                            timeout_s=60) if path == "ep" else None)
         layer = moe.MoE(cfg, ep=ep)
+        stats = []
+        layer.register_dispatch_hook(lambda lay, handle: stats.append(lay.dispatch_stats(handle)))
         x = torch.randn(MAX_TOKENS - rank, hidden, generator=torch.Generator().manual_seed(rank)).requires_grad_(True)
         y = layer(x)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         out[path] = dict(out=y.detach(), grad_x=x.grad, row_bytes=layer.dispatch_row_bytes,
-                         ep_row_bytes=ep.fp8_row_bytes if ep is not None else None)
+                         ep_row_bytes=ep.fp8_row_bytes if ep is not None else None,
+                         rows=[st.received_rows for st in stats], bytes=[st.received_bytes for st in stats])
         if ep is not None:
             ep.close()
     return out
@@ -157,6 +160,9 @@ def test_moe_layer_with_fp8_dispatch_on_the_epbuffer_path():
     for res in run_ranks(_layer_worker, 2, hidden, timeout_s=600):
         ep, coll = res["ep"], res["collective"]
         assert ep["row_bytes"] == ep["ep_row_bytes"] == 48 and coll["row_bytes"] == 44
+        # one dispatch each, the same rows received (padding rows of the buffer not counted)
+        assert len(ep["rows"]) == 1 and ep["rows"] == coll["rows"] and ep["rows"][0] > 0
+        assert ep["bytes"] == [48 * ep["rows"][0]] and coll["bytes"] == [44 * coll["rows"][0]]
         # the same FP8-rounded rows reach the same experts; only the summation order may differ
         assert torch.allclose(ep["out"], coll["out"], rtol=1e-5, atol=1e-6)
         assert torch.allclose(ep["grad_x"], coll["grad_x"], rtol=1e-5, atol=1e-6)
