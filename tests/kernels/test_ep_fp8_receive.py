@@ -104,6 +104,7 @@ def _tokens(rank: int) -> int:
     (200, torch.float32, torch.float32),  # a partial last group
     (102, torch.bfloat16, torch.bfloat16),  # scales at byte 102: not 4-byte aligned
     (1000, torch.float16, torch.float16),  # 8 groups (two tiles of 4), the last partial
+    (12, torch.bfloat16, torch.bfloat16),  # 16 bytes of FP8 row in a 24-byte slot row: 4-byte code loads
 ])
 def test_receive_dequantizes_quantized_rows_as_the_reference(hidden, buffer_dtype, out_dtype):
     from dualpipe_ext.kernels import fp8
