@@ -7,20 +7,24 @@ backward of its combine (rows only). ``dispatch_exchange_reference`` at the end 
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .ep_common import (NUM_WARPS_PUT, NUM_WARPS_RECV, DISPATCH, Channel, _common, _consts, advance_epoch,
-                        row_geometry)
+from .ep_common import (_BLOCK_H, NUM_WARPS_PUT, NUM_WARPS_RECV, DISPATCH, Channel, ExchangeLayout, _common, _consts,
+                        advance_epoch, row_geometry, row_vec)
 
 from ._triton import block_range, tl, triton  # None without Triton: the references run without it
 
 if triton is not None:
     from .ep_common import (_begin_recv, _received_block, _region, _signal_all, _uses, _wait_counters, _write_meta,
                             exchange_kernel)
+    from .fp8 import dequantize_value
 
-__all__ = ["launch_put_dispatch", "launch_recv_dispatch", "dispatch_exchange_reference"]
+__all__ = ["launch_put_dispatch", "launch_recv_dispatch", "fp8_row_geometry", "dispatch_exchange_reference"]
+
+_FP8_OUT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # fp8.dequantize_value's OUT_KIND
 
 if triton is not None:
 
@@ -71,12 +75,40 @@ if triton is not None:
             _write_meta(table_ptr, me, world, meta_word, counts_ptr, error, num_experts, num_topk, WP, True)
         _signal_all(table_ptr, me, world, sig_word, WP)
 
+    @triton.jit
+    def _recv_fp8_rows(src, out_ptr, counts, nb, ends, pid, num_programs, hidden, stride, max_tokens, WP: tl.constexpr,
+                       BLOCK_T: tl.constexpr, NG: tl.constexpr, OUT_KIND: tl.constexpr):
+        """Dequantize the received packed rows of byte pointer ``src`` (row pitch ``stride`` bytes) into
+        ``out_ptr`` [rows, hidden] as ``fp8.dequantize`` does, ``NG`` groups of 128 columns at a time."""
+        c = tl.arange(0, 128)
+        num_groups = tl.cdiv(hidden, 128)
+        for item in range(pid, tl.sum(nb), num_programs):
+            s, j = _received_block(item, nb, ends, BLOCK_T, WP)
+            valid = j < tl.sum(tl.where(tl.arange(0, WP) == s, counts, 0))
+            row = (s * max_tokens + j).to(tl.int64)
+            base = src + row * stride  # [BLOCK_T] row starts
+            for g0 in range(0, num_groups, NG):
+                g = g0 + tl.arange(0, NG)
+                col = g[:, None] * 128 + c[None, :]  # [NG, 128]
+                m = valid[:, None, None] & (col < hidden)[None, :, :]
+                code = tl.load(base[:, None, None] + col[None, :, :], mask=m, other=0, cache_modifier=".cg")
+                # the scales: 4 little-endian bytes each, at byte hidden + 4 g (not always 4-byte aligned)
+                sp = base[:, None] + hidden + 4 * g[None, :]
+                sm = valid[:, None] & (g < num_groups)[None, :]
+                bits = tl.load(sp, mask=sm, other=0, cache_modifier=".cg").to(tl.int32)
+                for b in tl.static_range(1, 4):
+                    bits |= tl.load(sp + b, mask=sm, other=0, cache_modifier=".cg").to(tl.int32) << (8 * b)
+                scale = bits.to(tl.float32, bitcast=True)
+                v = dequantize_value(code.to(tl.int32), scale[:, :, None], OUT_KIND)
+                tl.store(out_ptr + row[:, None, None] * hidden + col[None, :, :], v, mask=m)
+
     @exchange_kernel
     def _recv_dispatch_kernel(table_ptr, status_ptr, epoch_ptr, out_x_ptr, out_idx_ptr, out_w_ptr, out_src_ptr,
                               count_ptr, me, world, hidden, stride, num_topk, max_tokens, max_topk, dx_off, didx_off, dw_off,
                               dsrc_off, sig_word, ack_word, meta_word, zero_word, epoch_word, timeout_ns, max_spins,
                               ROUTES: tl.constexpr, WP: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
-                              BLOCK_H: tl.constexpr, VEC: tl.constexpr, WAIT: tl.constexpr, HAS_POLL: tl.constexpr):
+                              BLOCK_H: tl.constexpr, VEC: tl.constexpr, WAIT: tl.constexpr, HAS_POLL: tl.constexpr,
+                              FP8: tl.constexpr):
         pid, num_programs = tl.program_id(0), tl.num_programs(0)
         counts = _begin_recv(table_ptr, status_ptr, me, world, sig_word, zero_word,
                              (_uses(epoch_ptr, epoch_word) + 1) * num_programs, meta_word, count_ptr, timeout_ns,
@@ -87,15 +119,19 @@ if triton is not None:
         # the rows: only the blocks that hold received rows, spread evenly over the programs
         nb = tl.cdiv(counts, BLOCK_T)
         ends = tl.cumsum(nb, 0)
-        for item in range(pid, tl.sum(nb), num_programs):
-            s, j = _received_block(item, nb, ends, BLOCK_T, WP)
-            valid = j < tl.sum(tl.where(tl.arange(0, WP) == s, counts, 0))
-            row = (s * max_tokens + j).to(tl.int64)
-            for h0 in range(0, hidden, BLOCK_H):
-                h, h_ok = block_range(h0, BLOCK_H, hidden)
-                m = valid[:, None] & h_ok[None, :]
-                v = tl.load(src_x + row[:, None] * stride + h[None, :], mask=m, cache_modifier=".cg")
-                tl.store(out_x_ptr + row[:, None] * hidden + h[None, :], v, mask=m)
+        if FP8 == 0:  # copy the rows as they are
+            for item in range(pid, tl.sum(nb), num_programs):
+                s, j = _received_block(item, nb, ends, BLOCK_T, WP)
+                valid = j < tl.sum(tl.where(tl.arange(0, WP) == s, counts, 0))
+                row = (s * max_tokens + j).to(tl.int64)
+                for h0 in range(0, hidden, BLOCK_H):
+                    h, h_ok = block_range(h0, BLOCK_H, hidden)
+                    m = valid[:, None] & h_ok[None, :]
+                    v = tl.load(src_x + row[:, None] * stride + h[None, :], mask=m, cache_modifier=".cg")
+                    tl.store(out_x_ptr + row[:, None] * hidden + h[None, :], v, mask=m)
+        else:  # packed FP8 rows (``hidden`` e4m3 bytes, then float32 scales, ``stride`` bytes apart): dequantize
+            _recv_fp8_rows(src_x.to(tl.pointer_type(tl.uint8)), out_x_ptr, counts, nb, ends, pid, num_programs,
+                           hidden, stride, max_tokens, WP, BLOCK_T, BLOCK_H // 128, FP8 - 1)
         if ROUTES:  # indices, weights and sources of every row: padding rows get -1, 0, -1
             k = tl.arange(0, KP)
             k_ok = k < num_topk
@@ -138,21 +174,46 @@ def launch_put_dispatch(ch: Channel, x: torch.Tensor, pos: torch.Tensor, counts:
 
 
 def launch_recv_dispatch(ch: Channel, out_x: torch.Tensor, routes_out: Optional[Tuple[torch.Tensor, ...]],
-                         count_out: torch.Tensor, num_topk: int) -> None:
+                         count_out: torch.Tensor, num_topk: int, *, packed_fp8: bool = False) -> None:
     """Copy the rows received in this slot into ``out_x`` [world * max_tokens, hidden] (or the narrower rows
-    of raw bytes that the put sent, see ``row_geometry``; rows past a
-    sender's count are not written) and, with ``routes_out = (idx [rows, num_topk] int64, weights
-    float32, src [rows] int64)``, the routes of every row (padding: -1, 0, -1); ``count_out`` [world]
-    int64 gets the rows each rank sent. Then one more completed use of the slot."""
+    of raw bytes that the put sent, see ``row_geometry``; rows past a sender's count are not written) and,
+    with ``routes_out = (idx [rows, num_topk] int64, weights float32, src [rows] int64)``, the routes of
+    every row (padding: -1, 0, -1); ``count_out`` [world] int64 gets the rows each rank sent. Then one
+    more completed use of the slot.
+
+    ``packed_fp8``: the slot holds packed FP8 rows (``hidden`` e4m3 bytes, ``4 * ceil(hidden / 128)``
+    bytes of float32 scales, zero padding) and ``out_x`` [world * max_tokens, hidden] float32, bfloat16
+    or float16 gets them dequantized, bit for bit as ``fp8.dequantize`` does."""
     lay = ch.layout
     dx, didx, dw, dsrc, _, _ = lay.slot_offsets(ch.slot)
     idx, w, src = routes_out if routes_out is not None else (count_out, out_x, count_out)
-    width, stride, rows = row_geometry(lay, out_x)
+    if packed_fp8:
+        width, stride, rows = fp8_row_geometry(lay, out_x)
+        target = out_x.view(torch.int16) if out_x.dtype == torch.bfloat16 else out_x  # bf16 stored as its bits
+    else:
+        width, stride, rows = row_geometry(lay, out_x)
+        rows["FP8"], target = 0, out_x
     _recv_dispatch_kernel[(ch.num_programs,)](
-        ch.table, ch.status, ch.epochs, out_x, idx, w, src, count_out, ch.me, lay.world, width, stride, num_topk,
+        ch.table, ch.status, ch.epochs, target, idx, w, src, count_out, ch.me, lay.world, width, stride, num_topk,
         lay.max_tokens, lay.max_topk, dx, didx, dw, dsrc, ROUTES=routes_out is not None, WAIT=ch.fused_wait,
         num_warps=NUM_WARPS_RECV, **_common(ch, DISPATCH), **{**_consts(ch, num_topk), **rows})
     advance_epoch(ch, DISPATCH)
+
+
+def fp8_row_geometry(lay: "ExchangeLayout", out_x: torch.Tensor) -> Tuple[int, int, dict]:
+    """How the receive kernel walks packed FP8 slot rows into ``out_x`` [n, hidden]: ``(hidden, slot row
+    pitch in bytes, consts)``. ``VEC`` (at most 16 bytes: one 128-bit load of codes) divides both, so the
+    code loads vectorise; ``BLOCK_H`` is a whole number of 128-column groups."""
+    if out_x.dim() != 2 or out_x.shape[1] != lay.hidden or out_x.dtype not in _FP8_OUT:
+        raise ValueError(f"FP8 rows dequantize into [n, {lay.hidden}] float32/bfloat16/float16, got "
+                         f"{out_x.dtype} {tuple(out_x.shape)}")
+    pitch = lay.hidden * lay.elem_size
+    groups = -(-lay.hidden // 128)
+    if lay.hidden + 4 * groups > pitch:
+        raise ValueError(f"FP8 rows of {lay.hidden + 4 * groups} bytes do not fit a slot row of {pitch} bytes")
+    group_block = min(_BLOCK_H // 128, 1 << (groups - 1).bit_length())
+    return lay.hidden, pitch, dict(BLOCK_H=128 * group_block, VEC=row_vec(math.gcd(lay.hidden, pitch), 1),
+                                   FP8=1 + _FP8_OUT[out_x.dtype])
 
 
 # torch reference

@@ -35,7 +35,8 @@ Bandwidth: rows move as 128-bit accesses (addresses read from ``table`` are decl
 16-byte aligned, row starts multiples of ``VEC`` elements); receivers touch only the
 blocks that hold received rows; ``NUM_WARPS_*`` say how wide a program is. Dispatch-shaped
 exchanges may move narrower rows of another element type in the same slots (FP8 dispatch:
-packed e4m3 bytes and scales as int32 words, padded to 16 bytes; see ``row_geometry``).
+packed e4m3 bytes and scales as int32 words, padded to 16 bytes; see ``row_geometry``), which
+the receive kernel dequantizes on the way out of the slot (``fp8_row_geometry``).
 
 Under ``TRITON_INTERPRET=1`` the programs of one launch run one after another, so puts
 and waits on the receiving side are separate launches; no program waits for a later
@@ -48,7 +49,7 @@ from .ep_combine import combine_exchange_reference, launch_put_combine, launch_r
 from .ep_common import (ACK, COMBINE, DATA, DISPATCH, DO_NOT_SPECIALIZE, HAS_POLL, META_FIELDS, NUM_WARPS_PUT,
                         NUM_WARPS_RECV, NUM_WARPS_WAIT, Channel, ExchangeLayout, advance_epoch, compact_positions,
                         launch_wait, row_vec)
-from .ep_dispatch import dispatch_exchange_reference, launch_put_dispatch, launch_recv_dispatch
+from .ep_dispatch import dispatch_exchange_reference, fp8_row_geometry, launch_put_dispatch, launch_recv_dispatch
 
 try:  # the kernels themselves, for the compile check
     from .ep_combine import _put_combine_kernel, _recv_combine_kernel  # noqa: F401
@@ -58,5 +59,5 @@ except ImportError:  # no Triton: the references only
 
 __all__ = ["ExchangeLayout", "Channel", "DISPATCH", "COMBINE", "DATA", "ACK", "META_FIELDS", "HAS_POLL",
            "NUM_WARPS_PUT", "NUM_WARPS_RECV", "NUM_WARPS_WAIT", "DO_NOT_SPECIALIZE", "row_vec", "advance_epoch",
-           "launch_wait", "launch_put_dispatch", "launch_recv_dispatch", "launch_put_combine", "launch_recv_combine",
+           "launch_wait", "launch_put_dispatch", "launch_recv_dispatch", "fp8_row_geometry", "launch_put_combine", "launch_recv_combine",
            "compact_positions", "dispatch_exchange_reference", "combine_exchange_reference"]

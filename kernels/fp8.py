@@ -183,6 +183,21 @@ if triton is not None:
         return tl.where((code & 0x7F) == 0x7F, float("nan"), v)
 
     @triton.jit
+    def dequantize_value(code, scale, OUT_KIND: tl.constexpr):
+        """What ``dequantize`` stores for int32 e4m3 codes ``code`` times float32 ``scale`` (broadcast):
+        float32 (OUT_KIND 0), the int16 bits of the bfloat16 rounded to nearest even (1), float16 (2)."""
+        v = _e4m3_value(code) * scale
+        if OUT_KIND == 1:  # bfloat16: round to nearest even on the bits, store the upper half
+            b = v.to(tl.int32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+            b = tl.where(v != v, 0x7FC0, b)  # NaN stays NaN
+            return b.to(tl.int16)
+        elif OUT_KIND == 2:
+            return v.to(tl.float16)
+        else:
+            return v
+
+    @triton.jit
     def _quantize_kernel(x_ptr, q_ptr, s_ptr, num_tokens, hidden, num_groups, stride_x, stride_q, stride_s,
                          UE8M0: tl.constexpr, BLOCK_T: tl.constexpr, GROUP: tl.constexpr):
         rows, rmask = block_range(tl.program_id(0) * BLOCK_T, BLOCK_T, num_tokens)
@@ -211,17 +226,8 @@ if triton is not None:
             mask = rmask[:, None] & (cols < hidden)[None, :]
             code = tl.load(q_ptr + rows[:, None] * stride_q + cols[None, :], mask=mask, other=0).to(tl.int32)
             scale = tl.load(s_ptr + rows * stride_s + g, mask=rmask, other=1.0)
-            v = _e4m3_value(code) * scale[:, None]
-            ptrs = out_ptr + rows[:, None] * stride_out + cols[None, :]
-            if OUT_KIND == 1:  # bfloat16: round to nearest even on the bits, store the upper half
-                b = v.to(tl.int32, bitcast=True)
-                b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-                b = tl.where(v != v, 0x7FC0, b)  # NaN stays NaN
-                tl.store(ptrs, b.to(tl.int16), mask=mask)
-            elif OUT_KIND == 2:
-                tl.store(ptrs, v.to(tl.float16), mask=mask)
-            else:
-                tl.store(ptrs, v, mask=mask)
+            v = dequantize_value(code, scale[:, None], OUT_KIND)
+            tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], v, mask=mask)
 
 
 # ------------------------------------------------------------------------------------- torch reference

@@ -77,7 +77,7 @@ def _pair_under_recording(rank, world):
     from dualpipe_ext.overlap import BlockConfig, OverlapConfig, OverlappedMoEStage, component_plan
 
     ep = EPBuffer(None, max_tokens=6, hidden=8, dtype=torch.float32, max_topk=2, timeout_s=30)
-    ep._fused = True  # exchanges as on CUDA: launched on the communication stream
+    ep._exchanges.fused = True  # exchanges as on CUDA: launched on the communication stream
     cfg = BlockConfig(MoEConfig(hidden=8, moe_intermediate=8, num_experts=2, topk=2, num_shared_experts=1),
                       num_heads=2)
     torch.manual_seed(0)

@@ -150,6 +150,8 @@ def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
     modules = tuple(m.to(device) for m in modules)
     moes = moe_layers(modules)
     _use_nodes(job, moes)
+    dispatched: List[tuple] = []  # (layer, handle) of this step's dispatches, read after the step
+    hooks = [m.register_dispatch_hook(lambda layer, handle: dispatched.append((layer, handle))) for m in moes]
     set_p2p_tensor_shapes([(job.micro_batch, job.lm.seq, job.lm.hidden)])
     set_p2p_tensor_dtype(torch.float32)
     cls = DualPipe if job.schedule == "dualpipe" else DualPipeV
@@ -172,14 +174,15 @@ def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
     for step in range(start_step, job.steps):
         inputs, labels, everything = _feeds(job, corpus, layout, "train", step, device)
         opt.zero_grad(set_to_none=True)
-        for m in moes:
-            m.received_rows = 0
+        dispatched.clear()
         dist.barrier()
         t0 = time.perf_counter()
         loss, _ = pipe.step(*inputs, num_chunks=job.chunks, criterion=causal_lm_loss, labels=labels)
         sync_grads(modules, ids, layout, 1.0 / n_micro)
+        stats = [layer.dispatch_stats(handle) for layer, handle in dispatched]
+        dispatched.clear()
         mine = [float(loss.detach().sum()), float(loss.numel())] if loss is not None else [0.0, 0.0]
-        mine.append(float(sum(m.received_rows * m.dispatch_row_bytes for m in moes)))  # collective path only
+        mine.append(float(sum(st.received_bytes for st in stats)))
         total = _reduced(mine)
         mean_loss = float(total[0] / total[1])
         if step == 0 and job.check:
@@ -188,7 +191,7 @@ def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
         dt = time.perf_counter() - t0
         timing = _reduced([dt, _exposed_ms(pipe.timeline), _resident_mb()], dist.ReduceOp.MAX)
         pipe.timeline.clear()
-        off_node = _rows_off_node(job, moes)
+        off_node = _rows_off_node(job, stats)
         if off_node is not None:
             out["off_node"].append(off_node)
         out["losses"].append(mean_loss)
@@ -205,6 +208,8 @@ def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
             ckpt_stats.update(save(job, layout, modules, names, opt, step + 1))
     if bar is not None:
         bar.close()
+    for hook in hooks:
+        hook.remove()
     out["pairs"] = pipe.executor.num_overlapped_calls
     out["held_out"] = _evaluate(job, corpus, layout, pipe, device)
     out["copies_differ"] = copies_differ(modules, ids, layout)
@@ -217,24 +222,22 @@ def run_rank(rank: int, world: int, job: JobConfig) -> Dict[str, object]:
 
 def _use_nodes(job: JobConfig, moes) -> None:
     """With ``ep_nodes``: every MoE layer (the same layers in the same order on every rank of an
-    expert-parallel group) dispatches hierarchically and totals its rows."""
+    expert-parallel group) dispatches hierarchically."""
     if not job.ep_nodes:
         return
     for layer in moes:
-        layer.use_hierarchical(job.ep_ranks_per_node, track=True)
+        layer.use_hierarchical(job.ep_ranks_per_node)
         if layer.num_nodes != job.ep_nodes:
             raise ValueError(f"--ep-nodes {job.ep_nodes}: the expert-parallel group spans {layer.num_nodes} nodes")
 
 
-def _rows_off_node(job: JobConfig, moes) -> Optional[Tuple[int, int]]:
-    """(dispatch rows that left their node, rows the flat path would have sent) over all ranks this step."""
+def _rows_off_node(job: JobConfig, stats) -> Optional[Tuple[int, int]]:
+    """(dispatch rows that left their node, rows the flat path would have sent) over all ranks this step;
+    ``stats``: this rank's ``moe.DispatchStats`` of the step."""
     if not job.ep_nodes:
         return None
-    inter = sum(m.hier.totals["inter_rows"] for m in moes)
-    flat = sum(m.hier.totals["flat_inter_rows"] for m in moes)
-    for m in moes:
-        m.hier.reset_totals()
-    return _sum_rows(inter, flat)
+    nodes = [st.nodes for st in stats if st.nodes is not None]
+    return _sum_rows(sum(n.inter_rows for n in nodes), sum(n.flat_inter_rows for n in nodes))
 
 
 def _sum_rows(inter: int, flat: int) -> Tuple[int, int]:

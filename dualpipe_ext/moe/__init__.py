@@ -13,11 +13,11 @@ from .dispatch import DispatchHandle, combine, combine_backward, dispatch, dispa
 from .ep_buffer import EPBuffer, EPBufferError, EPHandle
 from . import ep_ops  # noqa: F401  (it defines EPBuffer.dispatch and EPBuffer.combine)
 from .experts import GroupedExperts, SharedExperts, experts_forward
-from .layer import MoE, MoEConfig
+from .layer import DispatchStats, MoE, MoEConfig
 
 __all__ = ["route", "dispatch", "combine", "combine_backward", "dispatch_backward", "DispatchHandle", "EPBuffer",
            "EPHandle", "EPBufferError",
-           "MoE", "MoEConfig",
+           "MoE", "MoEConfig", "DispatchStats",
            "GroupedExperts", "SharedExperts", "experts_forward"]
 
 

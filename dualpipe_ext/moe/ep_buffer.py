@@ -16,69 +16,36 @@ write into the peers' symmetric buffers and signal them (``kernels/ep_exchange.p
 persistent grid of ``num_sms`` programs being the SM budget; on CUDA on the communication
 stream. The one collective is the construction.
 
-``dispatch`` and ``combine`` (and their autograd) are defined in ``ep_ops.py`` over the raw
-exchanges of this class (``exchange``, ``combine_shaped`` and the backward exchanges).
+The buffer is the public face of parts with one job each: ``ep_memory`` (the symmetric buffers,
+allocated collectively once), ``ep_exchanges`` (slots, epochs, launching the kernels and waiting),
+``ep_board`` (bad input agreed on every rank, missing peers named, the buffer broken after a
+timeout) and ``ep_ops`` (``dispatch`` and ``combine`` with their autograd, over this class's public
+exchanges: ``exchange``, ``combine_shaped`` and the backward exchanges).
 
-Exchanges take slots of two rings (dispatch-shaped and combine-shaped, ``num_slots`` each):
-the lowest free one, freed when the exchange is waited on, so up to ``num_slots`` exchanges of
-each shape can be in flight (``async_op=True``) and waited on in any order. Signals carry
-epochs kept in device words, so slots are reused without a reset and every use of a slot
-launches the same kernels with the same arguments (CUDA graphs can replay them).
-
-Failures: bad input (too many tokens, wrong hidden size, dtype, device, top-k) is decided
-from shapes on the host; the rank that passed it takes part without rows, every rank writes
-what it passed on a board of shared host words, and at the exchange's own wait every rank
-raises the same ``ValueError`` naming it (no device read: on time on CUDA too). A wait that
-expires (``timeout_s``) raises ``EPBufferError`` naming the ranks that are missing, and
-whether their processes have exited; the buffer is unusable afterwards. On CUDA an expired
-wait inside a kernel is reported into host-mapped status words that the host reads without
-synchronising, so it surfaces at the next exchange; ``DUALPIPE_EXT_CHECKS=1`` synchronises
-at every wait.
+Up to ``num_slots`` exchanges of each shape can be in flight (``async_op=True``) and waited on
+in any order; every use of a slot launches the same kernels with the same arguments (CUDA graphs
+can replay them). Bad input (too many tokens, wrong hidden size, dtype, device, top-k) is decided
+from shapes on the host and raises the same ``ValueError`` on every rank at the exchange's wait
+(no device read); a wait that expires (``timeout_s``) raises ``EPBufferError`` naming the missing
+ranks, and the buffer is unusable afterwards. ``DUALPIPE_EXT_CHECKS=1`` synchronises at every
+wait on CUDA.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from dualpipe_ext import faults
-from dualpipe_ext.debug import checks_enabled
 from dualpipe_ext.kernels._common import WIRE_DTYPES, new_output
-from dualpipe_ext.inflight import InFlight
-from dualpipe_ext.streams import CommScope
 
+from .ep_board import EPBufferError, ExchangeBoard, board_rows
 from .ep_errors import EPError
+from .ep_exchanges import Exchanges
 from .ep_memory import allocate
 
 __all__ = ["EPBuffer", "EPHandle", "EPBufferError"]
-
-# What every rank names for a rank's error code.
-_ERRORS = {EPError.X: "x is not a [num_tokens, hidden] tensor", EPError.TOO_MANY_TOKENS: "more tokens than max_tokens",
-           EPError.HIDDEN: "wrong hidden size", EPError.DTYPE: "wrong dtype", EPError.DEVICE: "wrong device",
-           EPError.TOPK_IDX: "topk_idx is not a [num_tokens, num_topk] int64 tensor",
-           EPError.TOPK_WEIGHTS: "topk_weights is not a float32 tensor of topk_idx's shape",
-           EPError.NUM_TOPK: "num_topk above max_topk",
-           EPError.NUM_EXPERTS: "num_experts not a positive multiple of the group size",
-           EPError.TOPK_IDX_VALUES: "topk_idx values out of range",
-           EPError.TOPK_WEIGHTS_VALUES: "topk_weights not finite",
-           EPError.ROWS: "y is not a [recv_capacity, hidden] tensor", EPError.HANDLE: "handle is not from this buffer",
-           EPError.FP8_DTYPE: "fp8 dispatch of a dtype it does not quantize",
-           EPError.FP8_ROW_BYTES: "fp8 rows do not fit the buffer's rows"}
-_SHAPES = ("dispatch", "combine")
-_CPU_WAIT_SLICE_S = 0.5  # a CPU wait checks its peers' processes this often
-
-
-def _board_rows(num_slots: int) -> int:
-    """Exchanges the host board remembers: a peer is at most 2 * num_slots exchanges past the oldest one
-    this rank has not waited on, itself at most 2 * num_slots behind this rank's newest."""
-    return 4 * num_slots + 8
-
-
-class EPBufferError(RuntimeError):
-    """An exchange of an ``EPBuffer`` could not complete (a peer is missing); names the peer."""
 
 
 @dataclass(frozen=True)
@@ -100,33 +67,6 @@ class EPHandle:
     @property
     def num_topk(self) -> int:
         return self.topk_idx.shape[1]
-
-
-class _Ring:
-    """Slots of one exchange shape: the free ones, and which exchange holds each of the others.
-
-    An exchange takes the lowest free slot and frees it when waited on, so exchanges may be waited
-    on in any order; every rank issues the same exchanges, so every rank picks the same slots."""
-
-    def __init__(self, num_slots: int, shape: str) -> None:
-        self.num_slots, self.shape = num_slots, shape
-        self.uses = [0] * num_slots
-        self.held: Dict[int, int] = {}  # slot -> ordinal of the exchange that holds it (not waited on yet)
-
-    def begin(self, ordinal: int) -> Tuple[int, int]:
-        """(slot, uses of it including this one) for exchange ``ordinal``; raises when every slot is held."""
-        if len(self.held) >= self.num_slots:
-            held = ", ".join(f"slot {s}: exchange {o}" for s, o in sorted(self.held.items()))
-            raise RuntimeError(f"EPBuffer: exchange {ordinal} needs a slot of the {self.shape} ring, but all "
-                               f"{self.num_slots} are held by exchanges not waited on yet ({held}); wait on one "
-                               f"first, or build the EPBuffer with a larger num_slots")
-        slot = min(s for s in range(self.num_slots) if s not in self.held)
-        self.uses[slot] += 1
-        self.held[slot] = ordinal
-        return slot, self.uses[slot]
-
-    def end(self, slot: int) -> None:
-        self.held.pop(slot, None)
 
 
 class EPBuffer:
@@ -176,18 +116,11 @@ class EPBuffer:
                                               torch.empty(0, dtype=dtype).element_size())
         request = (max_tokens, hidden, str(dtype), self.num_sms, max_topk, num_slots, self.device.type)
         self._mem = allocate(self.group, self.layout.nbytes, 2 * self.world + 1, self.device, request,
-                             _board_rows(num_slots))
-        # CUDA: put and receive launched together on the communication stream, the waits inside the
-        # kernels; CPU: the receive launched at wait(), after a wait launch (the interpreter runs a
-        # launch's programs one after another). Tests set it on CPU too, to run the CUDA kernels' waits.
-        self._fused = self.device.type == "cuda"
-        self._global = [dist.get_global_rank(self.group, p) for p in range(self.world)]
-        self._rings = (_Ring(num_slots, "dispatch-shaped"), _Ring(num_slots, "combine-shaped"))
-        # completed uses of every (shape, slot), on the device: the kernels read them, the stream advances them
-        self._epochs = torch.zeros(2 * num_slots, dtype=torch.int64, device=self.device)
-        self._ordinal = 0
-        self._broken: Optional[str] = None
-        self._has_poll = kx.HAS_POLL  # False: the spin-loop wait of Triton releases without tl.atomic_poll
+                             board_rows(num_slots))
+        global_ranks = [dist.get_global_rank(self.group, p) for p in range(self.world)]
+        self._board = ExchangeBoard(self._mem, self.rank, self.world, global_ranks, self.timeout_s)
+        self._exchanges = Exchanges(kx, self._mem, self.layout, self._board, self.rank, num_slots, self.num_sms,
+                                    self.timeout_s, self.device)
 
     # Properties and lifecycle -----------------------------------------------------------
 
@@ -201,7 +134,7 @@ class EPBuffer:
         if self._mem is not None:
             self._mem.close()
             self._mem = None
-        self._broken = self._broken or "it was closed"
+        self._board.broken = self._board.broken or "it was closed"
 
     def __enter__(self) -> "EPBuffer":
         return self
@@ -325,157 +258,13 @@ class EPBuffer:
         return EPError.OK, None
 
     def exchange(self, shape: int, what: str, code: int, detail: Optional[str], agree: Tuple[int, int],
-                  put: Callable, recv: Callable, result: Callable, keep_alive: tuple, async_op: bool):
-        """Run one exchange: the put now, the receive now (CUDA: on the communication stream) or at wait().
+                 put: Callable, recv: Callable, result: Callable, keep_alive: tuple, async_op: bool):
+        """Run one raw exchange (``ep_exchanges.Exchanges.run``): ``put(channel)`` now, ``recv(channel)`` now
+        (CUDA: on the communication stream) or at ``wait()``, then ``result()``.
 
-        ``code``: this rank's error code (0: good input); ``agree``: (num_experts, num_topk), which every
-        rank must have passed alike. Both go on the host board, read at the wait."""
-        if self._broken is not None:
-            raise EPBufferError(f"EPBuffer (rank {self.rank}) is unusable: {self._broken}; create a new one")
-        if self._fused:  # expired device waits reported since the last look, before anything new is queued
-            self._raise_on_status(f"an exchange before {what} (exchange {self._ordinal})")
-        ring, ordinal = self._rings[shape], self._ordinal
-        slot, uses = ring.begin(ordinal)  # raises on every rank alike, before anything moves
-        self._ordinal += 1
-        self._publish(ordinal, int(code), agree)
-        ch = self._channel(slot)
-        label = f"{what} (exchange {ordinal}, {_SHAPES[shape]} slot {slot})"
-
-        def finish():
-            try:
-                if not self._fused:
-                    self._cpu_wait(ch, shape, self._kx.DATA, label)
-                    recv(ch)
-                elif checks_enabled() and self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-            finally:
-                ring.end(slot)
-            self._agree_on_input(ordinal, label, detail)
-            self._raise_on_status(label)
-            return result()
-
-        if self._fused:
-            scope = CommScope(self.device)
-            with scope:
-                put(ch)
-                recv(ch)
-            pending = InFlight(finish, event=scope.done, device=self.device, keep_alive=keep_alive)
-        else:
-            if uses > 1:
-                self._cpu_wait(ch, shape, self._kx.ACK, label)
-            put(ch)
-            pending = InFlight(finish)
-        if code != 0:  # the rank that passed bad input completes the exchange, then raises with the others
-            pending.wait()
-            raise AssertionError("unreachable: the board names this rank's bad input")  # pragma: no cover
-        return pending if async_op else pending.wait()
-
-    def _channel(self, slot: int):
-        fused = self._fused
-        wait_s = self.timeout_s if fused else min(self.timeout_s, _CPU_WAIT_SLICE_S)
-        spins = int(self.timeout_s * (2e6 if fused else 2e3))
-        return self._kx.Channel(self._mem.table, self._mem.status_addr, self._epochs, self.layout, self.rank, slot,
-                                self.num_sms, int(wait_s * 1e9), spins, fused, self._has_poll)
-
-    # The host board: what every rank passed to each exchange --------------------------
-
-    def _publish(self, ordinal: int, code: int, agree: Tuple[int, int]) -> None:
-        row = self._mem.board[self.rank][ordinal % len(self._mem.board[self.rank])]
-        row[1], row[2], row[3] = code, agree[0], agree[1]
-        row[0] = ordinal + 1  # last: a peer that sees it sees the rest (x86 stores stay in order)
-
-    def _agree_on_input(self, ordinal: int, label: str, detail: Optional[str]) -> None:
-        """At the wait of exchange ``ordinal``: wait until every rank's host has issued it, then raise the
-        same ``ValueError`` on every rank if any passed bad input. Host memory only: no device read, so a
-        rejected exchange raises at its own wait, also while its kernels are still queued."""
-        board, world = self._mem.board, self.world
-        k = ordinal % len(board[0])
-        start, spins = time.monotonic(), 0
-        while True:
-            seqs = [int(b[k, 0]) for b in board]
-            behind = [p for p in range(world) if seqs[p] < ordinal + 1]
-            if not behind:
-                break
-            spins += 1
-            if spins % 256 == 0:
-                waited = time.monotonic() - start
-                dead = [p for p in behind if not faults.pid_alive(self._mem.pids[p])]
-                raised = faults.raised_by([self._global[p] for p in behind], faults.window())
-                if dead or raised or waited >= self.timeout_s:
-                    self._fail(f"{label} waited {waited:.1f} s for the peers to issue it; " + "; ".join(
-                        self._peer_state(p, p in dead, raised.get(self._global[p])) for p in behind))
-            time.sleep(0 if spins < 64 else 1e-4)
-        if any(seq != ordinal + 1 for seq in seqs):  # a peer issued board-size exchanges more: cannot happen
-            raise RuntimeError(f"EPBuffer {label}: the host board of the group was overwritten ({seqs})")
-        entries = [tuple(int(v) for v in b[k, 1:]) for b in board]
-        codes = [e[0] for e in entries]
-        good = [p for p in range(world) if codes[p] == 0]
-        agreed = [entries[p][1:] for p in good]
-        common = max(agreed, key=lambda v: (agreed.count(v), -agreed.index(v))) if good else None
-        for p in good:
-            if entries[p][1:] != common:
-                codes[p] = EPError.DISAGREE
-        if not any(codes):
-            return
-        bad = [r for r, c in enumerate(codes) if c]
-        fp8 = any(entries[p][2] >> 16 for p in good)  # a dispatch's fp8 mode travels in num_topk's bits 16 and up
-
-        def said(e, t):
-            return f"{e}, {t & 0xFFFF}" + (f", fp8 mode {t >> 16}" if fp8 else "")
-
-        names = "; ".join(f"rank {r}: " + (f"num_experts or num_topk{' or fp8' if fp8 else ''} differ from the "
-                                           f"other ranks' ({said(*entries[r][1:])} against {said(*common)})"
-                                           if codes[r] == EPError.DISAGREE else _ERRORS[codes[r]]) for r in bad)
-        msg = f"EPBuffer {label}: rank(s) {bad} of the group passed bad input ({names}); the exchange was dropped"
-        if detail is not None:
-            msg += f". On rank {self.rank}: {detail}"
-        raise ValueError(msg)
-
-    def _cpu_wait(self, ch, shape: int, kind: int, label: str) -> None:
-        """Wait in slices so that a peer whose process has exited is named at once."""
-        status, world = self._mem.status_np, self.world
-        start = time.monotonic()
-        while True:
-            self._kx.launch_wait(ch, shape, kind)
-            if status[2 * world] == 0:
-                return
-            missing = [p for p in range(world) if status[p] and p != self.rank]
-            waited = time.monotonic() - start
-            dead = [p for p in missing if not faults.pid_alive(self._mem.pids[p])]
-            raised = faults.raised_by([self._global[p] for p in missing], faults.window())
-            if dead or raised or waited >= self.timeout_s:
-                status[:world] = 0
-                status[2 * world] = 0
-                what = "the data of" if kind == self._kx.DATA else "the peers to finish reading the previous use of"
-                self._fail(f"{label} waited {waited:.1f} s for {what} its slot; " + "; ".join(
-                    self._peer_state(p, p in dead, raised.get(self._global[p])) for p in missing))
-            status[:world] = 0
-            status[2 * world] = 0
-
-    def _peer_state(self, p: int, dead: bool, raised: Optional[str]) -> str:
-        """What became of missing peer ``p`` (a rank of the group), in words."""
-        who = f"rank {p} (global rank {self._global[p]}, pid {self._mem.pids[p]})"
-        if raised is not None:
-            return f"{who} failed at {raised}"
-        if dead:
-            return f"{who} has exited"
-        return f"{who} did not signal (it hangs, or issued a different sequence of exchanges)"
-
-    def _raise_on_status(self, label: str) -> None:
-        """Raise ``EPBufferError`` if a device wait has expired (the status words say so)."""
-        status, world = self._mem.status_np, self.world
-        if not status[2 * world]:
-            return
-        missing = [p for p in range(world) if status[p] and p != self.rank]
-        status[:world] = 0
-        status[2 * world] = 0
-        who = (f"the signals of rank(s) {missing} did not come (died, hangs, or issued a different sequence of "
-               f"exchanges)" if missing else "this rank's own receive of a slot's previous use did not complete")
-        self._fail(f"{label} (or an exchange before it) waited {self.timeout_s:g} s; {who}")
-
-    def _fail(self, message: str) -> None:
-        self._broken = message
-        raise EPBufferError(f"EPBuffer (rank {self.rank} of {self.world}): {message}")
+        ``shape``: ``kernels.DISPATCH`` or ``kernels.COMBINE``; ``code``: this rank's error code (0: good
+        input); ``agree``: (num_experts, num_topk), which every rank must have passed alike."""
+        return self._exchanges.run(shape, what, code, detail, agree, put, recv, result, keep_alive, async_op)
 
 
 def _check_kernels_available(device: torch.device) -> None:

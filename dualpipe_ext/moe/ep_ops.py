@@ -41,15 +41,6 @@ def _pack_fp8(x: torch.Tensor, row_bytes: int, ue8m0: bool) -> torch.Tensor:
     return packed.view(torch.int32)
 
 
-def _unpack_fp8(rows: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of ``_pack_fp8`` and the dequantization: [n, row_bytes // 4] int32 -> [n, hidden] ``dtype``."""
-    from dualpipe_ext.kernels import fp8
-
-    raw = rows.view(torch.uint8)
-    scales = raw[:, hidden:fp8.packed_row_bytes(hidden)].contiguous().view(torch.float32)
-    return fp8.dequantize(raw[:, :hidden], scales, dtype)
-
-
 def _check_dispatch(ep: EPBuffer, x, topk_idx, topk_weights, num_experts, fp8: bool = False
                     ) -> Tuple[int, Optional[str]]:
     """(error code, detail) of this rank's dispatch inputs, decided from shapes (values in debug mode)."""
@@ -138,9 +129,7 @@ def dispatch_op(ep: EPBuffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
         counts = torch.zeros(ep.world, dtype=torch.int64, device=ep.device)
         rows = ep.placeholder_rows()
         idx, weights = pos, torch.zeros(0, 0, device=ep.device)
-    recv_x = new_output((cap, ep.hidden), ep.dtype, ep.device)
-    # FP8: the packed rows land here, then are dequantized into recv_x (every row; padding rows stay garbage)
-    recv_raw = new_output((cap, ep.fp8_row_bytes // 4), torch.int32, ep.device) if fp8 and code == 0 else None
+    recv_x = new_output((cap, ep.hidden), ep.dtype, ep.device)  # FP8: the receive kernel dequantizes into it
     recv_idx = new_output((cap, max(num_topk, 1)), torch.int64, ep.device)
     recv_w = new_output((cap, max(num_topk, 1)), torch.float32, ep.device)
     recv_src = new_output((cap,), torch.int64, ep.device)
@@ -151,11 +140,8 @@ def dispatch_op(ep: EPBuffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
         kx.launch_put_dispatch(ch, rows, pos, counts, (idx, weights), num_experts, num_topk, int(code))
 
     def recv(ch):
-        if recv_raw is None:
-            kx.launch_recv_dispatch(ch, recv_x, (recv_idx, recv_w, recv_src), recv_count, num_topk)
-            return
-        kx.launch_recv_dispatch(ch, recv_raw, (recv_idx, recv_w, recv_src), recv_count, num_topk)
-        recv_x.copy_(_unpack_fp8(recv_raw, ep.hidden, ep.dtype))
+        kx.launch_recv_dispatch(ch, recv_x, (recv_idx, recv_w, recv_src), recv_count, num_topk,
+                                packed_fp8=fp8 and code == 0)
 
     def result():
         handle = EPHandle(pos, counts, idx, recv_src, recv_count, num_experts, ep)
@@ -163,7 +149,7 @@ def dispatch_op(ep: EPBuffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
             out_x, out_w = _Dispatch.apply(x, topk_weights, [recv_x, recv_w], handle)
         return out_x, recv_idx, out_w, handle
 
-    keep = (rows, pos, counts, idx, weights, recv_x, recv_idx, recv_w, recv_src, recv_count, recv_raw)
+    keep = (rows, pos, counts, idx, weights, recv_x, recv_idx, recv_w, recv_src, recv_count)
     return ep.exchange(kx.DISPATCH, "dispatch", code, detail, (num_experts, num_topk + (mode << 16)), put, recv,
                        result, keep, async_op)
 

@@ -14,6 +14,9 @@ mirrored exchanges of each leg, through the autograd of ``moe.dispatch``/``moe.c
     recv_x, recv_idx, recv_weights, handle = hier.dispatch(x, topk_idx, topk_weights, num_experts)
     out = hier.combine(expert_out, handle)
     handle.stats().inter_rows  # rows this rank sent to other nodes (flat path: .flat_inter_rows)
+
+Nothing here counts across calls: each dispatch's rows are in its handle (``stats()``); a caller
+that wants totals sums them (``MoE.register_dispatch_hook`` hands it every handle of a layer).
 """
 from __future__ import annotations
 
@@ -195,33 +198,10 @@ class HierarchicalEP:
 
     _groups: Dict[Tuple[int, Tuple[int, ...]], Any] = {}  # subgroups by world and global ranks, shared
 
-    def __init__(self, group=None, ranks_per_node: Optional[int] = None, *, num_comm_sms: Optional[int] = None,
-                 track: bool = False):
+    def __init__(self, group=None, ranks_per_node: Optional[int] = None, *, num_comm_sms: Optional[int] = None):
         self.group, self.num_comm_sms = group, num_comm_sms
         self.layout = node_layout(group, ranks_per_node)
         self.node_group, self.rail_group = self._subgroups(group, self.layout)
-        self.last_handle: Optional[HierarchicalHandle] = None
-        # with track: rows of every dispatch since reset_totals() (reads the routing on the host)
-        self.track = track
-        self.totals = {"inter_rows": 0, "flat_inter_rows": 0, "intra_rows": 0, "inter_bytes": 0, "dispatches": 0}
-
-    def last_stats(self) -> Optional[ExchangeStats]:
-        """``stats()`` of the last dispatch's handle (None before the first)."""
-        return self.last_handle.stats() if self.last_handle is not None else None
-
-    def reset_totals(self) -> None:
-        for k in self.totals:
-            self.totals[k] = 0
-
-    def _record(self, handle: HierarchicalHandle) -> None:
-        self.last_handle = handle
-        if self.track:
-            st = handle.stats()
-            self.totals["inter_rows"] += st.inter_rows
-            self.totals["flat_inter_rows"] += st.flat_inter_rows
-            self.totals["intra_rows"] += st.intra_rows
-            self.totals["inter_bytes"] += st.inter_bytes
-            self.totals["dispatches"] += 1
 
     @classmethod
     def _subgroups(cls, group, layout: NodeLayout):
@@ -259,9 +239,7 @@ class HierarchicalEP:
 
             def finish():
                 px, pidx, pw, intra = pending.wait()
-                handle = HierarchicalHandle(inter, intra, self.layout, row_bytes)
-                self._record(handle)
-                return px, pidx, pw, handle
+                return px, pidx, pw, HierarchicalHandle(inter, intra, self.layout, row_bytes)
 
             return InFlight(finish, what="moe.dispatch (in-node leg)")
 

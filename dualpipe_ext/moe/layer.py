@@ -1,23 +1,26 @@
 """The expert-parallel MoE layer: router, dispatch, grouped experts, combine, shared experts."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from dualpipe_ext import faults
 from dualpipe_ext.debug import checks_enabled
+from dualpipe_ext.inflight import InFlight
 from dualpipe_ext.sm_budget import check_num_comm_sms
 
 from .collectives import group_rank, group_size
 from .dispatch import combine, combine_backward, dispatch, dispatch_backward
-from .ep_buffer import EPBuffer
+from .ep_buffer import EPBuffer, EPHandle
 from .experts import GroupedExperts, SharedExperts, experts_forward, linear
 from .grouped_mm import BACKENDS
 
-__all__ = ["MoEConfig", "MoE"]
+__all__ = ["MoEConfig", "MoE", "DispatchStats"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,20 @@ class MoEConfig:
                              "hierarchical=True yet")
 
 
+@dataclass(frozen=True)
+class DispatchStats:
+    """What one dispatch of an ``MoE`` layer moved to this rank (``MoE.dispatch_stats``)."""
+
+    received_rows: int  # token rows this rank's experts received (a token once per rank, padding not counted)
+    row_bytes: int  # bytes of one dispatched row on the wire (``MoE.dispatch_row_bytes``)
+    # hierarchical dispatch: rows this rank sent off its node, beside the flat path's (None on other paths)
+    nodes: Optional[Any] = None  # moe.hierarchical.ExchangeStats
+
+    @property
+    def received_bytes(self) -> int:
+        return self.received_rows * self.row_bytes
+
+
 class MoE(nn.Module):
     """Mixture-of-experts MLP with expert parallelism over ``group``.
 
@@ -117,7 +134,7 @@ class MoE(nn.Module):
         if ep is not None and config.hierarchical:
             raise ValueError("MoE: hierarchical dispatch runs on the collective path; pass ep=None")
         self.config, self.group, self.num_comm_sms, self.ep = config, group, num_comm_sms, ep
-        self.received_rows = 0  # token rows this rank's experts received on the collective path (reset by the user)
+        self._dispatch_hooks: "OrderedDict[int, Callable]" = OrderedDict()
         self.num_nodes, self.hier = _node_setup(config, group, num_comm_sms)
         self.num_local_experts = config.num_experts // world
         self.first_local_expert = group_rank(group) * self.num_local_experts
@@ -164,13 +181,41 @@ class MoE(nn.Module):
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, async_op: bool = False):
         """Tokens to their experts' ranks on this layer's path: ``(recv_x, recv_idx, recv_weights, handle)``
         (or an in-flight object with ``async_op``)."""
+        c = self.config
         if self.ep is not None:
-            return self.ep.dispatch(x, topk_idx, topk_weights, self.config.num_experts, async_op=async_op,
-                                    fp8=self.config.fp8_dispatch, ue8m0=self.config.fp8_ue8m0)
-        if self.hier is not None:
-            return self.hier.dispatch(x, topk_idx, topk_weights, self.config.num_experts, async_op=async_op)
-        return dispatch(x, topk_idx, topk_weights, self.config.num_experts, self.group, async_op=async_op,
-                        num_comm_sms=self.num_comm_sms, fp8=self.config.fp8_dispatch, ue8m0=self.config.fp8_ue8m0)
+            res = self.ep.dispatch(x, topk_idx, topk_weights, c.num_experts, async_op=async_op, fp8=c.fp8_dispatch,
+                                   ue8m0=c.fp8_ue8m0)
+        elif self.hier is not None:
+            res = self.hier.dispatch(x, topk_idx, topk_weights, c.num_experts, async_op=async_op)
+        else:
+            res = dispatch(x, topk_idx, topk_weights, c.num_experts, self.group, async_op=async_op,
+                           num_comm_sms=self.num_comm_sms, fp8=c.fp8_dispatch, ue8m0=c.fp8_ue8m0)
+        if not self._dispatch_hooks:
+            return res
+        return _then(res, self._run_dispatch_hooks) if async_op else self._run_dispatch_hooks(res)
+
+    def register_dispatch_hook(self, hook: Callable[["MoE", Any], None]) -> RemovableHandle:
+        """Call ``hook(layer, handle)`` with the handle of every later dispatch of this layer, when its
+        result is ready (at ``wait()`` of an asynchronous one), e.g. to pass it to ``dispatch_stats``
+        after the step. Returns a handle whose ``remove()`` unregisters the hook."""
+        handle = RemovableHandle(self._dispatch_hooks)
+        self._dispatch_hooks[handle.id] = hook
+        return handle
+
+    def _run_dispatch_hooks(self, result):
+        for hook in list(self._dispatch_hooks.values()):
+            hook(self, result[3])
+        return result
+
+    def dispatch_stats(self, handle) -> DispatchStats:
+        """What the dispatch that returned ``handle`` moved to this rank, as an immutable record. Reads the
+        host (the received count of an ``EPBuffer`` dispatch, the routing of a hierarchical one): call it
+        outside the step's hot path."""
+        from .hierarchical import HierarchicalHandle
+
+        rows = int(handle.recv_count.sum()) if isinstance(handle, EPHandle) else handle.num_recv
+        nodes = handle.stats() if isinstance(handle, HierarchicalHandle) else None
+        return DispatchStats(rows, self.dispatch_row_bytes, nodes)
 
     @property
     def dispatch_row_bytes(self) -> int:
@@ -208,8 +253,6 @@ class MoE(nn.Module):
 
     def experts_forward(self, recv_x: torch.Tensor, recv_idx: torch.Tensor, recv_weights: torch.Tensor) -> torch.Tensor:
         """This rank's routed experts on the received rows: [num_recv, hidden] in the dtype of recv_x."""
-        if self.ep is None:
-            self.received_rows += recv_x.shape[0]
         return experts_forward(self.experts, recv_x, recv_idx, recv_weights, num_comm_sms=self.num_comm_sms,
                                capacity=self.ep is not None)
 
@@ -240,21 +283,15 @@ class MoE(nn.Module):
         return dispatch_backward(grad_recv_x, grad_recv_weights, handle, handle.topk_idx, async_op=async_op,
                                  num_comm_sms=self.num_comm_sms)
 
-    def use_hierarchical(self, ranks_per_node: Optional[int] = None, *, track: bool = False) -> None:
+    def use_hierarchical(self, ranks_per_node: Optional[int] = None) -> None:
         """Dispatch hierarchically over nodes of ``ranks_per_node`` ranks from now on (collective over the
-        group, like the constructor); ``track`` totals the rows of every dispatch on ``self.hier.totals``."""
+        group, like the constructor); ``dispatch_stats`` of its handles then carries the off-node rows."""
         import dataclasses
 
         if self.ep is not None:
             raise ValueError("MoE: hierarchical dispatch runs on the collective path; this layer has an EPBuffer")
         self.config = dataclasses.replace(self.config, hierarchical=True, ranks_per_node=ranks_per_node)
         self.num_nodes, self.hier = _node_setup(self.config, self.group, self.num_comm_sms)
-        self.hier.track = track
-
-    def exchange_stats(self):
-        """Rows (and bytes) of this rank's last hierarchical dispatch that left its node, beside what the
-        flat path would have sent (``moe.hierarchical.ExchangeStats``; reads the routing on the host), or None."""
-        return self.hier.last_stats() if self.hier is not None else None
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError unless ``x`` is a float [..., hidden] tensor on the layer's device (and, outside
@@ -325,6 +362,16 @@ class MoE(nn.Module):
             torch.distributed.all_reduce(load, group=self.group)
         self.expert_bias += self.config.bias_update_speed * torch.sign(load.mean() - load)
         self.expert_load.zero_()
+
+
+def _then(pending: InFlight, fn: Callable[[Any], Any]) -> InFlight:
+    """``pending`` whose result goes through ``fn`` at ``wait()``; ``progress()`` still advances ``pending``."""
+
+    def advance():
+        pending.progress()
+        return [], lambda: fn(pending.wait())
+
+    return InFlight(advance=advance, what=pending.what)
 
 
 def _node_setup(config: MoEConfig, group, num_comm_sms):

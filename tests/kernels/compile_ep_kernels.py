@@ -44,12 +44,24 @@ def global_ops(ptx: str) -> dict:
     return dict(collections.Counter(re.findall(r"\b((?:ld|st)\.global[\w.]*)", ptx)))
 
 
+def fp8_receive(out: str) -> dict:
+    """The dispatch receive kernel that dequantizes packed FP8 rows into ``out`` rows ("bf16": stored as
+    their int16 bits, "fp32", "fp16"), with 16-byte code loads (VEC 16: hidden a multiple of 16)."""
+    kind = {"fp32": 0, "bf16": 1, "fp16": 2}[out]
+    consts = dict(WP=8, KP=8, BLOCK_T=16, BLOCK_H=512, VEC=16, HAS_POLL=False, ROUTES=True, WAIT=True, FP8=1 + kind)
+    k = compile_one(kx._recv_dispatch_kernel, "i16" if out == "bf16" else out, consts, kx.NUM_WARPS_RECV)
+    return {"_recv_dispatch_kernel": dict(ops=global_ops(k.asm["ptx"]), num_warps=k.metadata.num_warps)}
+
+
 def main():
     dtype = sys.argv[1] if len(sys.argv) > 1 else "bf16"
+    if dtype.startswith("fp8-"):  # e.g. fp8-bf16: the FP8 receive variant into bf16 rows
+        print(json.dumps(fp8_receive(dtype[4:])))
+        return
     vec = 16 // {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
     blocks = dict(WP=8, KP=8, BLOCK_T=16, BLOCK_H=512, VEC=vec, HAS_POLL=False)
     kernels = [(kx._put_dispatch_kernel, dict(ROUTES=True, WAIT_ACK=True), kx.NUM_WARPS_PUT),
-               (kx._recv_dispatch_kernel, dict(ROUTES=True, WAIT=True), kx.NUM_WARPS_RECV),
+               (kx._recv_dispatch_kernel, dict(ROUTES=True, WAIT=True, FP8=0), kx.NUM_WARPS_RECV),
                (kx._put_combine_kernel, dict(WEIGHTS=True, WAIT_ACK=True), kx.NUM_WARPS_PUT),
                (kx._recv_combine_kernel, dict(WEIGHTS=True, ACC=tl.float32, WAIT=True), kx.NUM_WARPS_RECV)]
     out = {}

@@ -57,7 +57,7 @@ def kernels():
     blocks = dict(WP=8, KP=8, BLOCK_T=16, BLOCK_H=512, VEC=8)
     for poll in (True, False) if ep_exchange.HAS_POLL else (False,):
         yield ep_exchange._put_dispatch_kernel, ex, dict(ROUTES=True, WAIT_ACK=True, HAS_POLL=poll, **blocks)
-        yield ep_exchange._recv_dispatch_kernel, ex, dict(ROUTES=True, WAIT=True, HAS_POLL=poll, **blocks)
+        yield ep_exchange._recv_dispatch_kernel, ex, dict(ROUTES=True, WAIT=True, HAS_POLL=poll, FP8=0, **blocks)
         yield ep_exchange._put_combine_kernel, ex, dict(WEIGHTS=True, WAIT_ACK=True, HAS_POLL=poll, **blocks)
         yield ep_exchange._recv_combine_kernel, ex, dict(WEIGHTS=True, ACC=tl.float32, WAIT=True, HAS_POLL=poll,
                                                          **blocks)

@@ -47,3 +47,30 @@ def test_exchange_kernels_move_rows_as_128_bit_accesses(tmp_path, dtype):
         assert ops.get(loads, 0) >= per_tile, (name, ops)  # rows loaded (what peers wrote: bypassing L1)
         if dtype == "bf16":  # no row element moves alone
             assert not any(op.endswith(".b16") for op in ops), (name, ops)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("out", ["bf16", "fp32", "fp16"])
+def test_fp8_receive_loads_codes_and_stores_rows_as_128_bit_accesses(tmp_path, out):
+    # the receive kernel that dequantizes packed FP8 rows: e4m3 codes in 16-byte loads, the rows of the
+    # output dtype in 16-byte stores, only the scales loaded byte by byte (4 a scale: they need not be aligned)
+    pytest.importorskip("triton.backends.nvidia")
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    script = os.path.join(os.path.dirname(__file__), "compile_ep_kernels.py")
+    proc = subprocess.run([sys.executable, script, "fp8-" + out], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    from dualpipe_ext.kernels.ep_exchange import NUM_WARPS_RECV
+
+    ops = got["_recv_dispatch_kernel"]["ops"]
+    threads = 32 * NUM_WARPS_RECV
+    elem = {"bf16": 2, "fp32": 4, "fp16": 2}[out]
+    assert ops.get("ld.global.cg.v4.b32", 0) >= 16 * 512 // 16 // threads, ops  # a 16 x 512 tile of codes
+    assert ops.get("st.global.v4.b32", 0) >= 16 * 512 * elem // 16 // threads, ops  # the same tile dequantized
+    # nothing but the scales (4 bytes each of a [16, 4] tile) moves in pieces narrower than 32 bits
+    assert ops.get("ld.global.cg.b8", 0) <= 8 and not any(op.startswith("st.global") and op.endswith((".b8", ".b16"))
+                                                          for op in ops), ops

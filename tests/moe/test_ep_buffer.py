@@ -27,7 +27,7 @@ def _exchange_worker(rank, world, routings, num_sms, fused=False):
 
     ep = moe.EPBuffer(None, max_tokens=MAX_TOKENS, hidden=HIDDEN, dtype=torch.float32, num_sms=num_sms, max_topk=4,
                       timeout_s=30)
-    ep._fused = fused  # True: the CUDA way, put and receive at once with the waits inside the kernels
+    ep._exchanges.fused = fused  # True: the CUDA way, put and receive at once with the waits inside the kernels
     report = []
     for seed, routing in enumerate(routings):
         problems = _all_problems(world, routing, seed)
@@ -214,7 +214,7 @@ def _fallback_worker(rank, world):
     from dualpipe_ext.kernels.ep_exchange import dispatch_exchange_reference
 
     ep = moe.EPBuffer(None, max_tokens=MAX_TOKENS, hidden=HIDDEN, dtype=torch.float32, max_topk=TOPK, timeout_s=30)
-    ep._has_poll = False  # the wait of Triton releases without tl.atomic_poll
+    ep._exchanges.has_poll = False  # the wait of Triton releases without tl.atomic_poll
     probs = _all_problems(world, "random", 3)
     got = [ep.dispatch(*probs[rank], EXPERTS)[0] for _ in range(3)]
     ref = dispatch_exchange_reference(*zip(*probs), EXPERTS, MAX_TOKENS)[rank]

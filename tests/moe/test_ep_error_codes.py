@@ -9,15 +9,15 @@ import torch
 
 def test_error_codes_are_distinct_and_named_by_both_paths():
     collective = importlib.import_module("dualpipe_ext.moe.dispatch")
-    from dualpipe_ext.moe import ep_buffer
+    from dualpipe_ext.moe import ep_board
     from dualpipe_ext.moe.ep_errors import EPError
 
     assert len(EPError.__members__) == len(set(EPError))  # no two names share a value
     assert EPError.OK == 0 and EPError.DISAGREE == 99
-    for table in (collective._DISPATCH_ERRORS, collective._COMBINE_ERRORS, ep_buffer._ERRORS):
+    for table in (collective._DISPATCH_ERRORS, collective._COMBINE_ERRORS, ep_board._ERRORS):
         assert all(isinstance(code, EPError) and code != EPError.OK for code in table)
     # a code read back from the wire as a plain int finds its words
-    assert ep_buffer._ERRORS[13] == "handle is not from this buffer"
+    assert ep_board._ERRORS[13] == "handle is not from this buffer"
     assert collective._DISPATCH_ERRORS[int(EPError.FP8_DTYPE)] == "x dtype for fp8"
 
 

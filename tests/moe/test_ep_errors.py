@@ -90,7 +90,7 @@ def test_peer_that_exits_is_named_without_waiting_for_the_timeout():
 
 def _silent_worker(rank, world, fused):
     ep = _buffer(timeout_s=1.5)
-    ep._fused = fused
+    ep._exchanges.fused = fused
     if rank == 1:
         time.sleep(6)  # alive, but never takes part
         return None
@@ -176,7 +176,7 @@ def _on_time_worker(rank, world):
     from dualpipe_ext.kernels import ep_exchange
 
     ep = _buffer()
-    ep._fused = True  # as on CUDA: the receive is queued with the put, the wait returns before it ran
+    ep._exchanges.fused = True  # as on CUDA: the receive is queued with the put, the wait returns before it ran
     x, idx, w = problem(rank, world, "random", EXPERTS, TOPK, HIDDEN, MAX_TOKENS)
     if rank == 1:  # one token too many
         x, idx, w = (torch.cat([t, t])[:MAX_TOKENS + 1] for t in (x, idx, w))

@@ -34,7 +34,7 @@ def _any_order_worker(rank, world, fused):
 
     ep = moe.EPBuffer(None, max_tokens=MAX_TOKENS, hidden=HIDDEN, dtype=torch.float32, max_topk=TOPK, num_slots=2,
                       timeout_s=60)
-    ep._fused = fused
+    ep._exchanges.fused = fused
     start = time.monotonic()
     inputs = []
     for seed, routing in enumerate(("random", "holes")):
@@ -82,11 +82,11 @@ def _over_limit_worker(rank, world):
         err = str(e)
     took = time.monotonic() - start
     # nothing of the refused exchange happened: not counted, not announced to the peers, no launch
-    untouched = ep._ordinal == 2 and int(ep._mem.board[rank][2, 0]) == 0
+    untouched = ep._exchanges.ordinal == 2 and int(ep._mem.board[rank][2, 0]) == 0
     # one waited on (the second): its slot is the one the next exchange takes, and all complete
     first_x = held[1].wait()[0]
     third = ep.dispatch(x, idx, w, EXPERTS, async_op=True)
-    slots = dict(ep._rings[0].held)
+    slots = dict(ep._exchanges.rings[0].held)
     results = [held[0].wait()[0], first_x, third.wait()[0]]
     from dualpipe_ext.kernels.ep_exchange import dispatch_exchange_reference
 

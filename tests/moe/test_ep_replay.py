@@ -68,7 +68,7 @@ def _worker(rank, world):
 
     ep = moe.EPBuffer(None, max_tokens=MAX_TOKENS, hidden=HIDDEN, dtype=torch.float32, max_topk=TOPK, num_slots=2,
                       timeout_s=30)
-    ep._fused = True  # as on CUDA: put and receive launched together, the waits inside the kernels
+    ep._exchanges.fused = True  # as on CUDA: put and receive launched together, the waits inside the kernels
     log = []
     _record_launches(log)
     ok = []
@@ -91,8 +91,8 @@ def _worker(rank, world):
             ok.append(torch.allclose(out, ref, rtol=1e-6, atol=1e-6) and torch.allclose(x.grad, xc.grad, rtol=1e-5,
                                                                                         atol=1e-5)
                       and torch.allclose(w.grad, wc.grad, rtol=1e-5, atol=1e-5))
-    uses = ep._rings[0].uses + ep._rings[1].uses
-    epochs_ok = ep._epochs.tolist() == uses
+    uses = ep._exchanges.rings[0].uses + ep._exchanges.rings[1].uses
+    epochs_ok = ep._exchanges.epochs.tolist() == uses
     # per kernel, slot and exchange (a dispatch carries routes, the backward of a combine does not)
     by_slot, launches = defaultdict(set), defaultdict(int)
     for name, _, grid, args, kwargs in log:

@@ -78,12 +78,14 @@ def _layer_worker(rank, world, dtype):
         cfg = moe.MoEConfig(hidden=HIDDEN, moe_intermediate=INTER, num_experts=EXPERTS, topk=TOPK,
                             num_shared_experts=1, fp8_dispatch=fp8)
         layer = moe.MoE(cfg, dtype=dtype)
+        stats = []
+        layer.register_dispatch_hook(lambda lay, handle: stats.append(lay.dispatch_stats(handle)))
         g = torch.Generator().manual_seed(rank)
         x = torch.randn(64, HIDDEN, generator=g).to(dtype).requires_grad_(True)
         out = layer(x)
         (out.float() * torch.randn(out.shape, generator=g)).sum().backward()
         results[fp8] = dict(out=out.detach().float(), grad_x=x.grad.float(), row_bytes=layer.dispatch_row_bytes,
-                            rows=layer.received_rows,
+                            rows=sum(st.received_rows for st in stats),
                             grads={n: p.grad.float() for n, p in layer.named_parameters() if p.grad is not None})
     return results
 

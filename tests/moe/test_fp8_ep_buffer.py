@@ -16,7 +16,7 @@ EXPERTS, TOPK, MAX_TOKENS = 8, 3, 6
 def test_fp8_rows_pack_into_16_byte_multiples_and_fit_the_slot_rows():
     from dualpipe_ext.kernels import fp8
     from dualpipe_ext.kernels.ep_common import ExchangeLayout, row_geometry
-    from dualpipe_ext.moe.ep_ops import _pack_fp8, _unpack_fp8
+    from dualpipe_ext.moe.ep_ops import _pack_fp8
 
     for hidden, dtype in ((100, torch.bfloat16), (200, torch.float32), (256, torch.float16)):
         row_bytes = -(-fp8.packed_row_bytes(hidden) // 16) * 16
@@ -25,7 +25,8 @@ def test_fp8_rows_pack_into_16_byte_multiples_and_fit_the_slot_rows():
         assert packed.dtype == torch.int32 and packed.shape == (5, row_bytes // 4)
         raw = packed.view(torch.uint8)
         assert torch.equal(raw[:, fp8.packed_row_bytes(hidden):], torch.zeros_like(raw[:, fp8.packed_row_bytes(hidden):]))
-        assert torch.equal(_unpack_fp8(packed, hidden, dtype).view(torch.uint8),
+        q, scales = fp8.unpack(raw[:, :fp8.packed_row_bytes(hidden)], hidden)
+        assert torch.equal(fp8.dequantize_reference(q, scales, dtype).view(torch.uint8),
                            fp8.round_trip(x).view(torch.uint8))
         elem = torch.empty(0, dtype=dtype).element_size()
         lay = ExchangeLayout.build(2, 4, hidden, 4, 1, elem)
@@ -46,7 +47,7 @@ def _exchange_worker(rank, world, hidden, dtype, fused):
     from dualpipe_ext.kernels._common import poison_outputs
 
     ep = moe.EPBuffer(None, max_tokens=MAX_TOKENS, hidden=hidden, dtype=dtype, num_sms=2, max_topk=4, timeout_s=60)
-    ep._fused = fused
+    ep._exchanges.fused = fused
     report = []
     for seed, (routing, ue8m0, async_op) in enumerate((("random", False, False), ("holes", True, True))):
         x, idx, w = problem(rank, world, routing, EXPERTS, TOPK, hidden, MAX_TOKENS, seed, dtype)
@@ -86,12 +87,13 @@ def _exchange_worker(rank, world, hidden, dtype, fused):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("hidden,dtype,fused", [
-    (100, torch.bfloat16, False),  # 104 bytes of FP8 row padded to 112, in 200-byte slot rows
-    (200, torch.float32, True),  # two scale groups, one partial; the waits inside the kernels as on CUDA
+@pytest.mark.parametrize("hidden,dtype,fused,world", [
+    (100, torch.bfloat16, False, 2),  # 104 bytes of FP8 row padded to 112, in 200-byte slot rows
+    (200, torch.float32, True, 2),  # two scale groups, one partial; the waits inside the kernels as on CUDA
+    (102, torch.float16, False, 4),  # scales at byte 102 of the slot row (not 4-byte aligned), 4 ranks
 ])
-def test_fp8_epbuffer_dispatch_is_a_dispatch_of_the_dequantized_tokens(hidden, dtype, fused):
-    for rank, report in enumerate(run_ranks(_exchange_worker, 2, hidden, dtype, fused, timeout_s=600)):
+def test_fp8_epbuffer_dispatch_is_a_dispatch_of_the_dequantized_tokens(hidden, dtype, fused, world):
+    for rank, report in enumerate(run_ranks(_exchange_worker, world, hidden, dtype, fused, timeout_s=600)):
         for routing, same in report:
             assert all(same.values()), (rank, routing, {k: v for k, v in same.items() if not v})
 
@@ -139,11 +141,14 @@ def _layer_worker(rank, world, hidden):
         ep = (moe.EPBuffer(None, max_tokens=MAX_TOKENS, hidden=hidden, dtype=torch.float32, max_topk=2,
                            timeout_s=60) if path == "ep" else None)
         layer = moe.MoE(cfg, ep=ep)
+        stats = []
+        layer.register_dispatch_hook(lambda lay, handle: stats.append(lay.dispatch_stats(handle)))
         x = torch.randn(MAX_TOKENS - rank, hidden, generator=torch.Generator().manual_seed(rank)).requires_grad_(True)
         y = layer(x)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         out[path] = dict(out=y.detach(), grad_x=x.grad, row_bytes=layer.dispatch_row_bytes,
-                         ep_row_bytes=ep.fp8_row_bytes if ep is not None else None)
+                         ep_row_bytes=ep.fp8_row_bytes if ep is not None else None,
+                         rows=[st.received_rows for st in stats], bytes=[st.received_bytes for st in stats])
         if ep is not None:
             ep.close()
     return out
@@ -155,6 +160,9 @@ def test_moe_layer_with_fp8_dispatch_on_the_epbuffer_path():
     for res in run_ranks(_layer_worker, 2, hidden, timeout_s=600):
         ep, coll = res["ep"], res["collective"]
         assert ep["row_bytes"] == ep["ep_row_bytes"] == 48 and coll["row_bytes"] == 44
+        # one dispatch each, the same rows received (padding rows of the buffer not counted)
+        assert len(ep["rows"]) == 1 and ep["rows"] == coll["rows"] and ep["rows"][0] > 0
+        assert ep["bytes"] == [48 * ep["rows"][0]] and coll["bytes"] == [44 * coll["rows"][0]]
         # the same FP8-rounded rows reach the same experts; only the summation order may differ
         assert torch.allclose(ep["out"], coll["out"], rtol=1e-5, atol=1e-6)
         assert torch.allclose(ep["grad_x"], coll["grad_x"], rtol=1e-5, atol=1e-6)
@@ -168,8 +176,7 @@ spec.loader.exec_module(m)
 kx = m.kx
 blocks = dict(WP=8, KP=8, BLOCK_T=16, BLOCK_H=512, VEC=4, HAS_POLL=False)
 out = {}
-for fn, consts, warps in ((kx._put_dispatch_kernel, dict(ROUTES=True, WAIT_ACK=True), kx.NUM_WARPS_PUT),
-                          (kx._recv_dispatch_kernel, dict(ROUTES=True, WAIT=True), kx.NUM_WARPS_RECV)):
+for fn, consts, warps in ((kx._put_dispatch_kernel, dict(ROUTES=True, WAIT_ACK=True), kx.NUM_WARPS_PUT),):
     k = m.compile_one(fn, "i32", {**blocks, **consts}, warps)
     out[fn.__name__] = m.global_ops(k.asm["ptx"])
 print(json.dumps(out))
@@ -178,7 +185,8 @@ print(json.dumps(out))
 
 @pytest.mark.slow
 def test_fp8_rows_move_as_128_bit_accesses_on_sm90(tmp_path):
-    # packed FP8 rows travel as int32 words (VEC = 4: 16 bytes) through the same dispatch kernels
+    # packed FP8 rows travel as int32 words (VEC = 4: 16 bytes) through the same put kernel; the receive
+    # kernel's FP8 variant (dequantizing) is checked in tests/kernels/test_compile_sm90.py
     pytest.importorskip("triton.backends.nvidia")
     import json
     import os
@@ -195,7 +203,7 @@ def test_fp8_rows_move_as_128_bit_accesses_on_sm90(tmp_path):
     from dualpipe_ext.kernels.ep_exchange import NUM_WARPS_PUT
 
     per_tile = 16 * 512 * 4 // 16 // (32 * NUM_WARPS_PUT)  # a 16 x 512 tile of int32 in 16-byte vectors
+    assert set(got) == {"_put_dispatch_kernel"}
     for name, ops in got.items():
-        loads = "ld.global.cg.v4.b32" if name.startswith("_recv") else "ld.global.v4.b32"
         assert ops.get("st.global.v4.b32", 0) >= per_tile, (name, ops)
-        assert ops.get(loads, 0) >= per_tile, (name, ops)
+        assert ops.get("ld.global.v4.b32", 0) >= per_tile, (name, ops)

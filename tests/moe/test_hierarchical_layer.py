@@ -30,6 +30,8 @@ def _worker(rank, world, tokens):
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(tokens[rank], HIDDEN, generator=g, dtype=torch.float64)
     grad_out = torch.randn(tokens[rank], HIDDEN, generator=g, dtype=torch.float64)
+    stats = []
+    hier.register_dispatch_hook(lambda layer, handle: stats.append(layer.dispatch_stats(handle)))
     out = {}
     for name, layer in (("flat", flat), ("hier", hier)):
         xi = x.clone().requires_grad_(True)
@@ -39,7 +41,8 @@ def _worker(rank, world, tokens):
         out[name] = dict(y=y.detach(), grad_x=xi.grad, idx=idx,
                          grads={n: (q.grad if q.grad is not None else torch.zeros_like(q))
                                 for n, q in layer.named_parameters()})
-    out["stats"] = hier.exchange_stats()
+    assert len(stats) == 1  # one dispatch: the forward (the backward runs the mirrored exchanges)
+    out["stats"] = stats[0].nodes
     out["num_nodes"] = hier.num_nodes
     return out
 
@@ -75,6 +78,9 @@ def test_layer_rejects_an_impossible_node_limit():
     hier = moe.MoE(moe.MoEConfig(hidden=8, moe_intermediate=4, num_experts=8, topk=2, hierarchical=True))
     hier.load_state_dict(layer.state_dict())
     x = torch.randn(7, 8)
+    stats = []
+    hier.register_dispatch_hook(lambda lay, handle: stats.append(lay.dispatch_stats(handle)))
     torch.testing.assert_close(hier(x), layer(x))
-    st = hier.exchange_stats()
+    assert stats[0].received_rows == 7
+    st = stats[0].nodes
     assert st.inter_rows == 0 and st.flat_inter_rows == 0 and st.intra_rows == 0
