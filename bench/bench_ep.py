@@ -110,7 +110,7 @@ def _kernels_only(ep, x, idx, w, experts, handle, recv_y):
     recv_count = torch.empty(ep.world, dtype=torch.int64, device=dev)
     out = torch.empty(x.shape[0], ep.hidden, dtype=ep.dtype, device=dev)
     out_count = torch.empty(ep.world, dtype=torch.int64, device=dev)
-    ch = ep._channel(0)
+    ch = ep._exchanges.channel(0)
     fused = ch.fused_wait
 
     def d_put():

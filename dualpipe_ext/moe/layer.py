@@ -103,6 +103,14 @@ class DispatchStats:
         return self.received_rows * self.row_bytes
 
 
+@dataclass(frozen=True)
+class LocalHandle:
+    """What the dispatch hooks get when one rank's ``forward`` hands its tokens to its experts without a
+    dispatch (``MoE.local_experts_forward``): every token reached this rank once."""
+
+    num_recv: int
+
+
 class MoE(nn.Module):
     """Mixture-of-experts MLP with expert parallelism over ``group``.
 
@@ -241,13 +249,15 @@ class MoE(nn.Module):
         exchanges would give: ``x`` [num_tokens, hidden] (rounded through FP8 with ``fp8_dispatch``, as the
         dispatch rounds it), ``topk_idx`` [num_tokens, topk] int64 and ``topk_weights`` float32 from
         ``route``. Every token has ``topk`` experts, so the expanded rows number ``num_tokens * topk``:
-        no host read. Returns [num_tokens, hidden] in the experts' dtype."""
+        no host read. Dispatch hooks get a ``LocalHandle``. Returns [num_tokens, hidden] in the experts'
+        dtype."""
         n = x.shape[0]
         if self.config.fp8_dispatch:
             from .collectives import all_to_all_fp8
 
             x = all_to_all_fp8(x, [n], [n], self.group, None, ue8m0=self.config.fp8_ue8m0)()
-        self.received_rows += n
+        if self._dispatch_hooks:
+            self._run_dispatch_hooks((None, None, None, LocalHandle(n)))
         return experts_forward(self.experts, x, topk_idx, topk_weights, num_comm_sms=self.num_comm_sms,
                                capacity=True)
 
