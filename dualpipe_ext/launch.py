@@ -1,6 +1,6 @@
 """Run a function on several local processes that form one ``torch.distributed`` group.
 
-``run_ranks(fn, world, *args)`` spawns ``world`` processes, initialises the process group in
+``run_ranks(fn, world, *args)`` starts ``world`` processes, initialises the process group in
 each on a free loopback port, calls ``fn(rank, world, *args)`` and returns the results by
 rank. It is how the tests, benchmarks and examples start their ranks::
 
@@ -19,6 +19,13 @@ raised (with their tracebacks), that exited without a result, or that did not fi
 every process still running is killed before it is raised, so none outlives the call. The
 group's key-value store lives in the calling process (as torchrun's agent holds it), so it
 outlives any rank: ranks that lose a peer can still read who reported what (:mod:`dualpipe_ext.faults`).
+
+The processes are forked from a fork server (``multiprocessing``'s ``forkserver``) that imported
+torch once, so a launch costs milliseconds rather than an interpreter start and a torch import
+per rank. The server starts at the first ``run_ranks`` of a process and runs nothing else, so
+CUDA is first initialised in the ranks; each rank gets the caller's current environment,
+working directory and ``sys.path`` before ``fn``'s module is imported. Ranks end without the
+interpreter's finalization (``os._exit`` after ``fn``), as every forked process does.
 """
 from __future__ import annotations
 
@@ -33,6 +40,9 @@ from datetime import timedelta
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 __all__ = ["LaunchError", "free_port", "run_ranks"]
+
+# What the fork server imports once, before it forks any rank.
+_PRELOAD = ("torch", "torch.distributed", "dualpipe_ext.launch")
 
 _HOST = "127.0.0.1"
 # After one rank fails, how long the others get to finish (or fail) before they are killed:
@@ -74,9 +84,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(fn: Callable, rank: int, world: int, port: int, args: tuple, out: "mp.Queue", backend: str,
-               init: bool, barrier: bool, init_timeout_s: float, store_port: int) -> None:
-    """Body of one spawned process: environment, process group, ``fn``, result or traceback."""
+def _set_environ(env: Dict[str, str]) -> Dict[str, str]:
+    os.environ.clear()
+    os.environ.update(env)
+    return env
+
+
+class _Environ:
+    """The caller's environment, first among a rank's arguments: it is in place as the rest are unpickled
+    (which imports ``fn``'s module), since forked ranks otherwise inherit the fork server's."""
+
+    def __init__(self) -> None:
+        self.env = dict(os.environ)
+
+    def __reduce__(self):
+        return _set_environ, (self.env,)
+
+
+def _context(preload: Sequence[str]):
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([*_PRELOAD, *preload])  # read when the server starts: the first launch
+    return ctx
+
+
+def _rank_main(env: Dict[str, str], fn: Callable, rank: int, world: int, port: int, args: tuple, out: "mp.Queue",
+               backend: str, init: bool, barrier: bool, init_timeout_s: float, store_port: int) -> None:
+    """Body of one rank's process: environment, process group, ``fn``, result or traceback."""
     os.environ.update({"MASTER_ADDR": _HOST, "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -109,8 +142,9 @@ def _rank_main(fn: Callable, rank: int, world: int, port: int, args: tuple, out:
 
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 120.0, backend: str = "gloo",
               init: bool = True, barrier: bool = True, init_timeout_s: float = 60.0,
-              grace_s: float = _GRACE_S, start_timeout_s: Optional[float] = None) -> List[Any]:
-    """Call ``fn(rank, world, *args)`` on ``world`` spawned processes; return the results by rank.
+              grace_s: float = _GRACE_S, start_timeout_s: Optional[float] = None,
+              preload: Sequence[str] = ()) -> List[Any]:
+    """Call ``fn(rank, world, *args)`` on ``world`` new processes; return the results by rank.
 
     ``fn`` and ``args`` must pickle (``fn`` a module-level function); results travel back
     through ``torch.save``, so tensors are fine. Each process sees ``MASTER_ADDR``,
@@ -121,7 +155,9 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float =
     purpose. ``backend="nccl"`` gives rank ``r`` the GPU ``r % device_count``. ``init_timeout_s``
     is the process group's timeout (its collectives' and the store's). ``timeout_s`` counts from
     when every rank has started ``fn``; ``start_timeout_s`` (default: ``init_timeout_s`` plus a
-    minute for imports) bounds the start-up before that.
+    minute for imports) bounds the start-up before that. ``preload`` names modules the fork server
+    imports once besides torch (slow imports every rank needs, e.g. transformers' model files); it
+    takes effect when the server starts, at the first ``run_ranks`` of the calling process.
 
     Raises :class:`LaunchError` naming the ranks that raised, exited or did not finish
     within ``timeout_s`` (or ``grace_s`` after the first rank failed) or did not start within
@@ -132,7 +168,7 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float =
         raise ValueError(f"run_ranks needs a positive int number of ranks, got world={world!r}")
     if not callable(fn) or "<lambda>" in getattr(fn, "__qualname__", "") or "<locals>" in getattr(
             fn, "__qualname__", ""):
-        raise ValueError(f"run_ranks runs a module-level function (spawned processes import it by name), got "
+        raise ValueError(f"run_ranks runs a module-level function (the ranks import it by name), got "
                          f"{getattr(fn, '__qualname__', type(fn).__name__)}")
     if not isinstance(backend, str):
         raise ValueError(f"backend must be a torch.distributed backend name ('gloo', 'nccl'), got {backend!r}")
@@ -142,7 +178,9 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float =
         raise ValueError(f"backend {backend!r} is not available in this torch build (gloo: CPU; nccl: CUDA GPUs)")
     import torch
 
-    ctx = mp.get_context("spawn")
+    if isinstance(preload, str) or not all(isinstance(m, str) for m in preload):
+        raise ValueError(f"preload must be a sequence of module names, got {preload!r}")
+    ctx = _context(preload)
     out = ctx.Queue()
     port = free_port()
     store, store_port = None, 0
@@ -150,7 +188,7 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float =
         store = dist.TCPStore(_HOST, 0, world, is_master=True, timeout=timedelta(seconds=init_timeout_s),
                               wait_for_workers=False)
         store_port = store.port
-    procs = [ctx.Process(target=_rank_main, args=(fn, r, world, port, args, out, backend, init, barrier,
+    procs = [ctx.Process(target=_rank_main, args=(_Environ(), fn, r, world, port, args, out, backend, init, barrier,
                                                   init_timeout_s, store_port), daemon=True)
              for r in range(world)]
     for p in procs:

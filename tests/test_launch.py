@@ -5,7 +5,7 @@ import time
 import pytest
 
 from dualpipe_ext.launch import LaunchError, run_ranks
-from launch_workers import exit_on_zero, hang_on_last, own_group, raise_on_one, report
+from launch_workers import environ, exit_on_zero, hang_on_last, own_group, raise_on_one, report
 
 
 def _alive(pid: int) -> bool:
@@ -61,3 +61,20 @@ def test_a_rank_that_exits_without_a_result():
 @pytest.mark.slow
 def test_without_init_the_function_sets_up_its_own_group():
     assert run_ranks(own_group, 2, timeout_s=60, init=False) == [2, 2]
+
+
+def test_each_launch_gives_the_ranks_the_callers_current_environment(monkeypatch):
+    """The ranks fork from a server started at the first launch; they still see the environment of the
+    launch itself, variables set and removed since included."""
+    names = ["DUALPIPE_EXT_PROBE_A", "DUALPIPE_EXT_PROBE_B"]
+    monkeypatch.setenv("DUALPIPE_EXT_PROBE_B", "first")
+    run_ranks(environ, 1, names, timeout_s=60, init=False)  # the server exists from here on
+    monkeypatch.setenv("DUALPIPE_EXT_PROBE_A", "second")
+    monkeypatch.delenv("DUALPIPE_EXT_PROBE_B")
+    results = run_ranks(environ, 2, names, timeout_s=60, init=False)
+    assert [r["env"] for r in results] == [{"DUALPIPE_EXT_PROBE_A": "second", "DUALPIPE_EXT_PROBE_B": None}] * 2
+
+
+def test_preload_names_modules():
+    with pytest.raises(ValueError, match="preload must be a sequence of module names"):
+        run_ranks(report, 1, "x", preload="torch")

@@ -247,7 +247,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ["DUALPIPE_EXT_SPAWNED"] = "1"
     try:
         results = run_ranks(run_rank, world, job, timeout_s=max(600.0, 30.0 * args.steps),
-                            backend="nccl" if args.device == "cuda" else "gloo")
+                            backend="nccl" if args.device == "cuda" else "gloo",
+                            preload=["transformers.models.deepseek_v3.modeling_deepseek_v3"])
     except LaunchError as e:
         print(f"the job failed: {e}", file=sys.stderr)
         return 1

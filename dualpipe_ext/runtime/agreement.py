@@ -38,9 +38,12 @@ class PipelineError(RuntimeError):
 Names = Tuple[Callable[[int], str], Sequence[int]]
 
 
-def _wait(work, timeout_s: float, what: str, rank: int, names: Optional[Names], peer: int = -1) -> None:
-    """Wait for ``work``; a failure raises PipelineError with its true cause (``peer``: global rank, if known)."""
-    begin, since = time.monotonic(), time.time()
+def _wait(work, timeout_s: float, what: str, rank: int, names: Optional[Names], peer: int = -1,
+          since: Optional[float] = None) -> None:
+    """Wait for ``work``; a failure raises PipelineError with its true cause (``peer``: global rank, if known),
+    diagnosed from the fault board's reports since ``since`` (a ``time.time()``; None: this wait's start)."""
+    begin = time.monotonic()
+    since = time.time() if since is None else since
     try:
         done = work.wait(timedelta(seconds=timeout_s))
     except RuntimeError as e:
@@ -70,19 +73,21 @@ def _raise(error: Optional[BaseException], elapsed: float, since: float, timeout
 
 def agree(group: dist.ProcessGroup, device: torch.device, rank: int, kind: int, message: Optional[str],
           values: Sequence[Tuple[str, int]] = (), timeout_s: float = 300.0, what: str = "step",
-          names: Optional[Names] = None) -> None:
+          names: Optional[Names] = None, since: Optional[float] = None) -> None:
     """Exchange this rank's error (``kind``, ``message``) and ``values`` with every rank of ``group``.
 
     Raises the same exception on every rank when any rank reported an error or when the
     ranks passed different ``values`` (pairs of name and integer, e.g. ``("num_chunks", 8)``).
     ``rank`` is this rank's name in messages (its pipeline rank); ``names`` words the ranks of a
-    failed collective (a function of the global rank, and the group's global ranks).
+    failed collective (a function of the global rank, and the group's global ranks). ``since``
+    (``time.time()``, default: the start of each wait): the fault board's reports from then on explain a
+    failed exchange.
     """
     flags = [kind]
     for _, v in values:
         flags += [int(v), -int(v)]
     t = torch.tensor(flags, dtype=torch.int64, device=device)
-    summary = _max_over_ranks(group, t, timeout_s, f"the error agreement of the {what}", rank, names)
+    summary = _max_over_ranks(group, t, timeout_s, f"the error agreement of the {what}", rank, names, since)
     worst = summary[0]
     disagree = [f"{name} (from {-summary[2 + 2 * i]} to {summary[1 + 2 * i]})"
                 for i, (name, _) in enumerate(values) if summary[1 + 2 * i] != -summary[2 + 2 * i]]
@@ -100,12 +105,12 @@ def agree(group: dist.ProcessGroup, device: torch.device, rank: int, kind: int, 
         rows[me, 1] = rank
         rows[me, 2:2 + len(data)] = torch.tensor(list(data), dtype=torch.int32)
     _wait(dist.all_reduce(rows, group=group, async_op=True), timeout_s, f"the error report of the {what}", rank,
-          names)
+          names, since=since)
     raise _combined(rows.cpu())
 
 
 def _max_over_ranks(group: dist.ProcessGroup, t: torch.Tensor, timeout_s: float, what: str, rank: int,
-                    names: Optional[Names]) -> List[int]:
+                    names: Optional[Names], since: Optional[float]) -> List[int]:
     """Elementwise maximum of ``t`` over the ranks of ``group``."""
     size = group.size()
     if size == 1:
@@ -114,37 +119,50 @@ def _max_over_ranks(group: dist.ProcessGroup, t: torch.Tensor, timeout_s: float,
     # 8 ranks all_reduce 8.6 ms, pairwise 5.0 ms. Powers of two: recursive doubling, log2(N)
     # rounds of one message each way (one round on 2 ranks, two on 4, against the ring's 2 (N - 1)).
     if dist.get_backend(group) != "gloo":
-        _wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s, what, rank, names)
+        _wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s, what, rank, names,
+              since=since)
         return t.tolist()
     if size & (size - 1) == 0:
-        return _doubling_max(group, t, timeout_s, what, rank, names)
+        return _doubling_max(group, t, timeout_s, what, rank, names, since)
     if size <= 4:
-        _wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s, what, rank, names)
+        _wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s, what, rank, names,
+              since=since)
         return t.tolist()
     me = group.rank()
     bufs = [torch.empty_like(t) for _ in range(size)]
     works = []
     for peer in range(size):
         if peer != me:
-            works.append((peer, group.recv([bufs[peer]], peer, _TAG)))
-            works.append((peer, group.send([t], peer, _TAG)))
+            works += _post(group, t, bufs[peer], peer, timeout_s, what, rank, names, since)
     for peer, w in works:
-        _wait(w, timeout_s, what, rank, names, dist.get_global_rank(group, peer))
+        _wait(w, timeout_s, what, rank, names, dist.get_global_rank(group, peer), since)
     bufs[me] = t
     return torch.stack(bufs).amax(0).tolist()
 
 
+def _post(group: dist.ProcessGroup, send: torch.Tensor, recv: torch.Tensor, peer: int, timeout_s: float, what: str,
+          rank: int, names: Optional[Names], since: Optional[float]) -> List[Tuple[int, object]]:
+    """Post one receive from and one send to ``peer`` (group rank); a connection already closed fails at
+    posting, and is explained like a failed wait."""
+    begin = time.monotonic()
+    try:
+        return [(peer, group.recv([recv], peer, _TAG)), (peer, group.send([send], peer, _TAG))]
+    except RuntimeError as e:
+        _raise(e, time.monotonic() - begin, time.time() if since is None else since, timeout_s, what, rank, names,
+               dist.get_global_rank(group, peer))
+        raise  # unreachable: _raise raises
+
+
 def _doubling_max(group: dist.ProcessGroup, t: torch.Tensor, timeout_s: float, what: str, rank: int,
-                  names: Optional[Names]) -> List[int]:
+                  names: Optional[Names], since: Optional[float]) -> List[int]:
     """Elementwise maximum over a group of 2^k ranks: in round d, exchange with rank ``me ^ d``."""
     me, size = group.rank(), group.size()
     acc, d = t, 1
     while d < size:
         peer = me ^ d
         buf = torch.empty_like(acc)
-        works = [group.recv([buf], peer, _TAG), group.send([acc], peer, _TAG)]
-        for w in works:
-            _wait(w, timeout_s, what, rank, names, dist.get_global_rank(group, peer))
+        for _, w in _post(group, acc, buf, peer, timeout_s, what, rank, names, since):
+            _wait(w, timeout_s, what, rank, names, dist.get_global_rank(group, peer), since)
         acc = torch.maximum(acc, buf)
         d <<= 1
     return acc.tolist()

@@ -320,6 +320,10 @@ class _Pipeline(nn.Module):
         """
         forward_only = not torch.is_grad_enabled()
         cfg = self.config
+        # Reports on the fault board from before this moment belong to earlier steps; a peer may report a
+        # failure of this step before this rank reaches the wait that fails, so every wait of the step counts
+        # from here.
+        since = faults.begin_window()
         if not isinstance(labels, (list, tuple)):
             labels = [labels]
         cp, kind, message = None, NONE, None
@@ -336,7 +340,7 @@ class _Pipeline(nn.Module):
         if cfg.check_errors:
             values = (("num_chunks", int(num_chunks)), ("torch.is_grad_enabled()", int(not forward_only)))
             agree(self._agree_group, _CPU, self.rank, kind, message, values=values + self._agreed,
-                  timeout_s=cfg.comm_timeout_s, what="step arguments", names=self._agreement_names())
+                  timeout_s=cfg.comm_timeout_s, what="step arguments", names=self._agreement_names(), since=since)
         elif message:
             raise ValueError(message)
 
@@ -352,7 +356,7 @@ class _Pipeline(nn.Module):
             error = f"pipeline rank {self.rank}: {error}"
         if cfg.check_errors:
             agree(self._agree_group, _CPU, self.rank, STEP if error else NONE, error,
-                  timeout_s=cfg.comm_timeout_s, what="step", names=self._agreement_names())
+                  timeout_s=cfg.comm_timeout_s, what="step", names=self._agreement_names(), since=since)
         elif error:
             raise PipelineError(error)
 

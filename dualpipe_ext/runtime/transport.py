@@ -91,7 +91,7 @@ class StepComm:
         self.next_receive = 0  # eager: position in plan.recv_bundles of the next bundle to post
         self.receiving: List[InFlight] = []  # eager: receives the next wait completes
         self.sending: List[InFlight] = []  # eager: posted sends in flight
-        self.started = faults.begin_window()  # reports on the fault board older than this are from earlier incidents
+        self.started = faults.window()  # the step's start (the pipeline began it): older reports are from earlier steps
 
     def start(self) -> None:
         """Post the receives that the first waits complete (eager only)."""

@@ -95,3 +95,34 @@ def killed_step(rank: int, world: int, schedule: str, site: str, victim: int, nt
         return {"first": first}
     fault_models.ACTIVE = Fault(site, victim, nth=nth, exit_code=17)
     return outcome(step)
+
+
+def late_to_the_agreement(rank: int, world: int, pid_dir: str) -> Dict:
+    """Three ranks, an agreement between ranks 0 and 2. Rank 1's process exits; rank 0 sees its connection
+    close, reports that on the fault board and ends a few seconds later without agreeing. Rank 2 reaches the
+    agreement only after the report, and its wait fails when rank 0's process ends: the report, older than
+    that wait, says that rank 1 is the one gone, not rank 0."""
+    import torch.distributed as dist
+    from dualpipe_ext import faults
+    from dualpipe_ext.runtime.agreement import PipelineError, agree
+
+    pair = dist.new_group([0, 2])
+    write_pid(pid_dir, rank)
+    faults.publish_process()
+    dist.barrier()
+    since = faults.begin_window()
+    if rank == 1:
+        os._exit(17)
+    if rank == 0:
+        try:
+            dist.recv(torch.empty(1), src=1)
+        except RuntimeError as e:
+            faults.report(1, faults.cause_of(e) or "error", "its receive")
+        time.sleep(5.0)
+        return {"message": None}
+    time.sleep(2.0)
+    try:
+        agree(pair, torch.device("cpu"), rank, 0, None, timeout_s=30, since=since)
+    except PipelineError as e:
+        return {"message": str(e)}
+    return {"message": None}

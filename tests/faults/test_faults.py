@@ -8,7 +8,7 @@ import re
 import pytest
 
 from dist_harness import LaunchError, run_ranks
-from fault_workers import CHUNKS, WEIGHT_STEPS, killed_step, raise_matrix
+from fault_workers import CHUNKS, WEIGHT_STEPS, killed_step, late_to_the_agreement, raise_matrix
 
 KIND = {"forward": "F", "backward": "B", "weight": "W", "send": "send", "recv": "recv"}
 
@@ -77,3 +77,16 @@ def test_a_process_that_exits_mid_step_is_named_by_every_other_rank(tmp_path, sc
         assert "waited" not in msg and "timeout" not in msg, msg  # the cause is a lost connection
         assert got["elapsed"] < 20, got  # seconds, not the 60 s timeout
     assert not any(_alive(p) for p in pids.values())  # no orphan
+
+
+def test_a_rank_late_to_the_agreement_still_names_the_process_that_exited(tmp_path):
+    """The diagnosis reads the fault board from the step's start, not from the failing wait's: the peers'
+    reports of the exit may be older than the wait."""
+    with pytest.raises(LaunchError) as info:
+        run_ranks(late_to_the_agreement, 3, str(tmp_path), timeout_s=60, barrier=False, grace_s=30)
+    err = info.value
+    assert err.exited == {1: 17} and not err.errors and not err.unfinished, str(err)
+    pid1 = int((tmp_path / "1.pid").read_text())
+    msg = err.results[2]["message"]
+    assert msg and "connection closed by global rank 0" in msg, msg
+    assert f"rank 1 is gone: its process (pid {pid1}) has exited" in msg, msg

@@ -16,7 +16,7 @@ import torch.multiprocessing as tmp
 from dualpipe_ext.launch import free_port
 from rt_exit_workers import drop_in_rank
 
-RUNS = 20
+RUNS = 8
 
 
 def _runs(schedule: str, world: int, chunks: int, tmp_path) -> list:
