@@ -211,9 +211,12 @@ class MoE(nn.Module):
         return handle
 
     def _run_dispatch_hooks(self, result):
-        for hook in list(self._dispatch_hooks.values()):
-            hook(self, result[3])
+        self._call_dispatch_hooks(result[3])
         return result
+
+    def _call_dispatch_hooks(self, handle) -> None:
+        for hook in list(self._dispatch_hooks.values()):
+            hook(self, handle)
 
     def dispatch_stats(self, handle) -> DispatchStats:
         """What the dispatch that returned ``handle`` moved to this rank, as an immutable record. Reads the
@@ -256,8 +259,7 @@ class MoE(nn.Module):
             from .collectives import all_to_all_fp8
 
             x = all_to_all_fp8(x, [n], [n], self.group, None, ue8m0=self.config.fp8_ue8m0)()
-        if self._dispatch_hooks:
-            self._run_dispatch_hooks((None, None, None, LocalHandle(n)))
+        self._call_dispatch_hooks(LocalHandle(n))
         return experts_forward(self.experts, x, topk_idx, topk_weights, num_comm_sms=self.num_comm_sms,
                                capacity=True)
 

@@ -38,12 +38,10 @@ class PipelineError(RuntimeError):
 Names = Tuple[Callable[[int], str], Sequence[int]]
 
 
-def _wait(work, timeout_s: float, what: str, rank: int, names: Optional[Names], peer: int = -1,
-          since: Optional[float] = None) -> None:
-    """Wait for ``work``; a failure raises PipelineError with its true cause (``peer``: global rank, if known),
-    diagnosed from the fault board's reports since ``since`` (a ``time.time()``; None: this wait's start)."""
+def _wait(work, timeout_s: float, what: str, rank: int, names: Optional[Names], peer: int, since: float) -> None:
+    """Wait for ``work``; a failure raises PipelineError with its true cause (``peer``: global rank, -1 if
+    unknown), diagnosed from the fault board's reports since ``since`` (a ``time.time()``)."""
     begin = time.monotonic()
-    since = time.time() if since is None else since
     try:
         done = work.wait(timedelta(seconds=timeout_s))
     except RuntimeError as e:
@@ -80,9 +78,9 @@ def agree(group: dist.ProcessGroup, device: torch.device, rank: int, kind: int, 
     ranks passed different ``values`` (pairs of name and integer, e.g. ``("num_chunks", 8)``).
     ``rank`` is this rank's name in messages (its pipeline rank); ``names`` words the ranks of a
     failed collective (a function of the global rank, and the group's global ranks). ``since``
-    (``time.time()``, default: the start of each wait): the fault board's reports from then on explain a
-    failed exchange.
+    (``time.time()``, default: now): the fault board's reports from then on explain a failed exchange.
     """
+    since = time.time() if since is None else since
     flags = [kind]
     for _, v in values:
         flags += [int(v), -int(v)]
@@ -105,12 +103,12 @@ def agree(group: dist.ProcessGroup, device: torch.device, rank: int, kind: int, 
         rows[me, 1] = rank
         rows[me, 2:2 + len(data)] = torch.tensor(list(data), dtype=torch.int32)
     _wait(dist.all_reduce(rows, group=group, async_op=True), timeout_s, f"the error report of the {what}", rank,
-          names, since=since)
+          names, -1, since)
     raise _combined(rows.cpu())
 
 
 def _max_over_ranks(group: dist.ProcessGroup, t: torch.Tensor, timeout_s: float, what: str, rank: int,
-                    names: Optional[Names], since: Optional[float]) -> List[int]:
+                    names: Optional[Names], since: float) -> List[int]:
     """Elementwise maximum of ``t`` over the ranks of ``group``."""
     size = group.size()
     if size == 1:
@@ -120,13 +118,13 @@ def _max_over_ranks(group: dist.ProcessGroup, t: torch.Tensor, timeout_s: float,
     # rounds of one message each way (one round on 2 ranks, two on 4, against the ring's 2 (N - 1)).
     if dist.get_backend(group) != "gloo":
         _wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s, what, rank, names,
-              since=since)
+              -1, since)
         return t.tolist()
     if size & (size - 1) == 0:
         return _doubling_max(group, t, timeout_s, what, rank, names, since)
     if size <= 4:
         _wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s, what, rank, names,
-              since=since)
+              -1, since)
         return t.tolist()
     me = group.rank()
     bufs = [torch.empty_like(t) for _ in range(size)]
@@ -141,20 +139,19 @@ def _max_over_ranks(group: dist.ProcessGroup, t: torch.Tensor, timeout_s: float,
 
 
 def _post(group: dist.ProcessGroup, send: torch.Tensor, recv: torch.Tensor, peer: int, timeout_s: float, what: str,
-          rank: int, names: Optional[Names], since: Optional[float]) -> List[Tuple[int, object]]:
+          rank: int, names: Optional[Names], since: float) -> List[Tuple[int, object]]:
     """Post one receive from and one send to ``peer`` (group rank); a connection already closed fails at
     posting, and is explained like a failed wait."""
     begin = time.monotonic()
     try:
         return [(peer, group.recv([recv], peer, _TAG)), (peer, group.send([send], peer, _TAG))]
     except RuntimeError as e:
-        _raise(e, time.monotonic() - begin, time.time() if since is None else since, timeout_s, what, rank, names,
-               dist.get_global_rank(group, peer))
+        _raise(e, time.monotonic() - begin, since, timeout_s, what, rank, names, dist.get_global_rank(group, peer))
         raise  # unreachable: _raise raises
 
 
 def _doubling_max(group: dist.ProcessGroup, t: torch.Tensor, timeout_s: float, what: str, rank: int,
-                  names: Optional[Names], since: Optional[float]) -> List[int]:
+                  names: Optional[Names], since: float) -> List[int]:
     """Elementwise maximum over a group of 2^k ranks: in round d, exchange with rank ``me ^ d``."""
     me, size = group.rank(), group.size()
     acc, d = t, 1
