@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 import torch.distributed as dist
 
 __all__ = ["LOST_CAUSES", "PeerLostError", "Verdict", "cause_of", "checked", "diagnose", "describe_failure", "duration",
-           "looks_lost", "pid_alive", "publish_process", "raised_by", "report", "begin_window", "window"]
+           "looks_lost", "pid_alive", "publish_process", "raised_by", "report", "stopped", "begin_window", "window"]
 
 T = TypeVar("T")
 
@@ -276,6 +276,15 @@ def raised_by(ranks: Sequence[int], since: float) -> Dict[int, str]:
         if r.cause == RAISED and r.by in ranks and r.by not in out:
             out[r.by] = f"its {r.where}: {r.detail}"
     return out
+
+
+def stopped(ranks: Sequence[int], since: float) -> List[int]:
+    """The ranks of ``ranks`` (global) that reported a failed communication since ``since``: a rank raises
+    at once then, so it will not reach a later wait of the same step (a rank whose own action raised,
+    ``RAISED``, goes on to the step's end). Empty when none did or the store is unreachable."""
+    store = _store()
+    reports = _board(store, since) if store is not None else None
+    return sorted({r.by for r in reports or () if r.by in ranks and r.cause != RAISED})
 
 
 def looks_lost(exc: BaseException) -> bool:

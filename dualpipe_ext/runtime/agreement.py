@@ -8,13 +8,14 @@ anything is wrong, a second collective exchanges the messages and every rank rai
 same exception. The common, error-free case costs one maximum of a few integers over the
 ranks: on gloo, for 2^k ranks, k rounds of one message each way (recursive doubling); for
 other sizes one all_reduce up to 4 ranks and one round of messages between all pairs above
-(one network latency where gloo's ring all_reduce takes 2 (N - 1) of them).
+(one network latency where gloo's ring all_reduce takes 2 (N - 1) of them). Ranks that share
+a host agree in shared memory instead (``host_agreement``), in microseconds.
 """
 from __future__ import annotations
 
 import time
 from datetime import timedelta
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -38,7 +39,14 @@ class PipelineError(RuntimeError):
 Names = Tuple[Callable[[int], str], Sequence[int]]
 
 
-def _wait(work, timeout_s: float, what: str, rank: int, names: Optional[Names], peer: int, since: float) -> None:
+class MaxOverRanks(Protocol):
+    """Where the common case of an agreement runs instead of the group (``host_agreement.HostAgreement``)."""
+
+    def max_over_ranks(self, flags: Sequence[int], timeout_s: float, what: str, rank: int,
+                       names: Optional[Names], since: float) -> List[int]: ...
+
+
+def wait_for(work, timeout_s: float, what: str, rank: int, names: Optional[Names], peer: int, since: float) -> None:
     """Wait for ``work``; a failure raises PipelineError with its true cause (``peer``: global rank, -1 if
     unknown), diagnosed from the fault board's reports since ``since`` (a ``time.time()``)."""
     begin = time.monotonic()
@@ -71,7 +79,8 @@ def _raise(error: Optional[BaseException], elapsed: float, since: float, timeout
 
 def agree(group: dist.ProcessGroup, device: torch.device, rank: int, kind: int, message: Optional[str],
           values: Sequence[Tuple[str, int]] = (), timeout_s: float = 300.0, what: str = "step",
-          names: Optional[Names] = None, since: Optional[float] = None) -> None:
+          names: Optional[Names] = None, since: Optional[float] = None,
+          host: Optional[MaxOverRanks] = None) -> None:
     """Exchange this rank's error (``kind``, ``message``) and ``values`` with every rank of ``group``.
 
     Raises the same exception on every rank when any rank reported an error or when the
@@ -79,13 +88,19 @@ def agree(group: dist.ProcessGroup, device: torch.device, rank: int, kind: int, 
     ``rank`` is this rank's name in messages (its pipeline rank); ``names`` words the ranks of a
     failed collective (a function of the global rank, and the group's global ranks). ``since``
     (``time.time()``, default: now): the fault board's reports from then on explain a failed exchange.
+    ``host``: the group's ranks' ``host_agreement.HostAgreement`` when they share a host: the common
+    case then runs in shared memory, not over ``group``.
     """
     since = time.time() if since is None else since
     flags = [kind]
     for _, v in values:
         flags += [int(v), -int(v)]
-    t = torch.tensor(flags, dtype=torch.int64, device=device)
-    summary = _max_over_ranks(group, t, timeout_s, f"the error agreement of the {what}", rank, names, since)
+    label = f"the error agreement of the {what}"
+    if host is not None:
+        summary = host.max_over_ranks(flags, timeout_s, label, rank, names, since)
+    else:
+        summary = _max_over_ranks(group, torch.tensor(flags, dtype=torch.int64, device=device), timeout_s, label,
+                                  rank, names, since)
     worst = summary[0]
     disagree = [f"{name} (from {-summary[2 + 2 * i]} to {summary[1 + 2 * i]})"
                 for i, (name, _) in enumerate(values) if summary[1 + 2 * i] != -summary[2 + 2 * i]]
@@ -102,7 +117,7 @@ def agree(group: dist.ProcessGroup, device: torch.device, rank: int, kind: int, 
         rows[me, 0] = kind
         rows[me, 1] = rank
         rows[me, 2:2 + len(data)] = torch.tensor(list(data), dtype=torch.int32)
-    _wait(dist.all_reduce(rows, group=group, async_op=True), timeout_s, f"the error report of the {what}", rank,
+    wait_for(dist.all_reduce(rows, group=group, async_op=True), timeout_s, f"the error report of the {what}", rank,
           names, -1, since)
     raise _combined(rows.cpu())
 
@@ -117,13 +132,13 @@ def _max_over_ranks(group: dist.ProcessGroup, t: torch.Tensor, timeout_s: float,
     # 8 ranks all_reduce 8.6 ms, pairwise 5.0 ms. Powers of two: recursive doubling, log2(N)
     # rounds of one message each way (one round on 2 ranks, two on 4, against the ring's 2 (N - 1)).
     if dist.get_backend(group) != "gloo":
-        _wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s, what, rank, names,
+        wait_for(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s, what, rank, names,
               -1, since)
         return t.tolist()
     if size & (size - 1) == 0:
         return _doubling_max(group, t, timeout_s, what, rank, names, since)
     if size <= 4:
-        _wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s, what, rank, names,
+        wait_for(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s, what, rank, names,
               -1, since)
         return t.tolist()
     me = group.rank()
@@ -133,7 +148,7 @@ def _max_over_ranks(group: dist.ProcessGroup, t: torch.Tensor, timeout_s: float,
         if peer != me:
             works += _post(group, t, bufs[peer], peer, timeout_s, what, rank, names, since)
     for peer, w in works:
-        _wait(w, timeout_s, what, rank, names, dist.get_global_rank(group, peer), since)
+        wait_for(w, timeout_s, what, rank, names, dist.get_global_rank(group, peer), since)
     bufs[me] = t
     return torch.stack(bufs).amax(0).tolist()
 
@@ -159,7 +174,7 @@ def _doubling_max(group: dist.ProcessGroup, t: torch.Tensor, timeout_s: float, w
         peer = me ^ d
         buf = torch.empty_like(acc)
         for _, w in _post(group, acc, buf, peer, timeout_s, what, rank, names, since):
-            _wait(w, timeout_s, what, rank, names, dist.get_global_rank(group, peer), since)
+            wait_for(w, timeout_s, what, rank, names, dist.get_global_rank(group, peer), since)
         acc = torch.maximum(acc, buf)
         d <<= 1
     return acc.tolist()

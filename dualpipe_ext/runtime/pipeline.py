@@ -5,8 +5,9 @@ Each runs a registered schedule by name, or a plan of the user's own (``schedule
 which the C++ validator checks when the pipeline is built: an unsound plan is refused with
 the validator's message, on every rank alike, before any communication.
 
-A step: check the arguments on every rank and agree on the verdict (a few small
-messages, over gloo even when the pipeline's group is NCCL), split the batch into micro-batches on the ranks that hold first stages,
+A step: check the arguments on every rank and agree on the verdict (in shared memory
+when the ranks share a host, else a few small messages over gloo, even when the
+pipeline's group is NCCL), split the batch into micro-batches on the ranks that hold first stages,
 walk this rank's plan, agree on success, then return ``(loss, outputs)`` on the ranks
 that hold last stages and ``(None, None)`` elsewhere.
 """
@@ -27,6 +28,7 @@ from dualpipe_ext.runtime.agreement import INPUT, NONE, STEP, PipelineError, agr
 from dualpipe_ext.runtime.compiled import CompiledPlan
 from dualpipe_ext.runtime.config import RuntimeConfig
 from dualpipe_ext.runtime.executor import Executor
+from dualpipe_ext.runtime.host_agreement import HostAgreement, open_on_host
 from dualpipe_ext.runtime.timeline import Recorder
 from dualpipe_ext.runtime.transport import CommFailure, LinkConfig
 from dualpipe_ext.schedules import Plan, PlanError, get_plan, schedule_info, schedule_names, validate
@@ -159,6 +161,9 @@ class _Pipeline(nn.Module):
                              f"{self.device}: move the stages to the GPU, or use a gloo group for CPU stages")
         self._has_params = any(True for m in modules for _ in m.parameters())
         self._agree_group = agreement_group(self.group) if self.config.check_errors else None
+        # The agreement in shared memory when every rank runs on this host (set up at the first step).
+        self._host: Optional[HostAgreement] = None
+        self._host_checked = False
         self.timeline = Recorder(self.config.record)
         self.timeline.rank = self.rank
         self.timeline.global_rank = dist.get_rank()
@@ -176,6 +181,9 @@ class _Pipeline(nn.Module):
         """Forget the process group (interpreter exit): the pipeline cannot step afterwards."""
         self.group = None
         self._agree_group = None
+        if self._host is not None:
+            self._host.close()
+            self._host = None
         self.executor.link = None
 
     def _check_schedule(self, name: str, num_modules: int) -> None:
@@ -338,9 +346,14 @@ class _Pipeline(nn.Module):
             message = p2p if isinstance(p2p, str) else self._check(cp, inputs, criterion, labels, forward_only)
             kind = INPUT if message else NONE
         if cfg.check_errors:
+            if not self._host_checked:
+                self._host = open_on_host(self._agree_group, cfg.comm_timeout_s, self.rank, self._agreement_names(),
+                                          since)
+                self._host_checked = True
             values = (("num_chunks", int(num_chunks)), ("torch.is_grad_enabled()", int(not forward_only)))
             agree(self._agree_group, _CPU, self.rank, kind, message, values=values + self._agreed,
-                  timeout_s=cfg.comm_timeout_s, what="step arguments", names=self._agreement_names(), since=since)
+                  timeout_s=cfg.comm_timeout_s, what="step arguments", names=self._agreement_names(), since=since,
+                  host=self._host)
         elif message:
             raise ValueError(message)
 
@@ -356,7 +369,8 @@ class _Pipeline(nn.Module):
             error = f"pipeline rank {self.rank}: {error}"
         if cfg.check_errors:
             agree(self._agree_group, _CPU, self.rank, STEP if error else NONE, error,
-                  timeout_s=cfg.comm_timeout_s, what="step", names=self._agreement_names(), since=since)
+                  timeout_s=cfg.comm_timeout_s, what="step", names=self._agreement_names(), since=since,
+                  host=self._host)
         elif error:
             raise PipelineError(error)
 
