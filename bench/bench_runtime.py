@@ -13,6 +13,10 @@ gives the median over rounds, the range of the rounds' medians and, per round, t
 the reference of that round.
 
     python bench/bench_runtime.py --reference /path/to/DualPipe --configs 2x64,2x512,4x64
+
+``--profile RUNTIME`` instead runs ``--steps`` steps of one runtime ("ours", "reference") under
+``cProfile`` on rank 0 of the first configuration and prints the functions that took longest,
+per step.
 """
 from __future__ import annotations
 
@@ -130,6 +134,39 @@ def _worker(rank, world, args, hidden):
     return rounds
 
 
+def _profiled(rank, world, args, hidden):
+    """``args.steps`` steps of one runtime, rank 0 under cProfile: (median step s, rows per function)."""
+    import cProfile
+    import pstats
+
+    runners = _runners(rank, world, args, hidden)
+    run = runners[REFERENCE if args.profile == "reference" else "ours"]
+    for _ in range(args.warmup):
+        run()
+    dist.barrier()
+    prof, times = cProfile.Profile(), []
+    prof.enable()
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    rows = sorted(((tt, nc, f"{os.path.basename(f)}:{ln}({fn})" if ln else fn)
+                   for (f, ln, fn), (_, nc, tt, _, _) in stats.items()), reverse=True)[:args.top]
+    return median(times), rows
+
+
+def _print_profile(args) -> None:
+    ranks, hidden = (int(v) for v in args.configs.split(",")[0].split("x"))
+    step, rows = run_ranks(_profiled, ranks, args, hidden, timeout_s=1800)[0]
+    print(f"{args.profile}, {ranks} ranks, hidden {hidden}: rank 0, {args.steps} steps under cProfile, median step "
+          f"{step * 1e3:.2f} ms; torch {torch.__version__}")
+    print(table(["function", "calls per step", "ms per step (own time)", "us per call"],
+                [[name, f"{n / args.steps:g}", f"{t / args.steps * 1e3:.3f}", f"{t / n * 1e6:.0f}"]
+                 for t, n, name in rows]))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reference", default=None, help="a checkout of deepseek-ai/DualPipe to time beside ours")
@@ -141,7 +178,16 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", action="store_true", help="also ours without error agreement and with recording")
     p.add_argument("--no-torch", action="store_true", help="leave out torch's ScheduleDualPipeV")
+    p.add_argument("--profile", choices=["ours", "reference"], default=None,
+                   help="profile one runtime on rank 0 instead of timing them side by side")
+    p.add_argument("--top", type=int, default=15, help="with --profile: how many functions to list")
     args = p.parse_args()
+    if args.profile:
+        if args.profile == "reference" and not args.reference:
+            p.error("--profile reference needs --reference DIR")
+        args.variants, args.no_torch = False, True
+        _print_profile(args)
+        return
     rows = []
     for config in args.configs.split(","):
         ranks, hidden = (int(v) for v in config.split("x"))

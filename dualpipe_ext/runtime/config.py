@@ -16,9 +16,10 @@ class RuntimeConfig:
     # room for a slow first step (Triton and torch.compile compile kernels between two
     # messages) without letting a hung job sit for NCCL's ten minutes or gloo's thirty.
     comm_timeout_s: float = 300.0
-    # Agree on errors across ranks: a small all_reduce before the step checks the inputs
-    # everywhere alike, and one after it reports a failure on any rank on every rank. With
-    # this off, bad input on one rank may leave its peers waiting until comm_timeout_s.
+    # Agree on errors across ranks: one agreement before the step checks the inputs
+    # everywhere alike, and one after it reports a failure on any rank on every rank (in
+    # shared memory when the ranks share a host, microseconds; else small gloo messages).
+    # With this off, bad input on one rank may leave its peers waiting until comm_timeout_s.
     check_errors: bool = True
     # Ask for labels on the ranks that compute the loss of a training step. Turn off for
     # criteria of the outputs alone (called as criterion(*outputs)).
