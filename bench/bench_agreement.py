@@ -24,13 +24,13 @@ from harness import median, quantile, table  # noqa: E402
 
 
 def _worker(rank: int, world: int, iters: int, rounds: int):
-    from dualpipe_ext.runtime.agreement import agree
+    from dualpipe_ext.runtime.agreement import Wait, agree
     from dualpipe_ext.runtime.host_agreement import open_on_host
 
     torch.set_num_threads(1)
     group = dist.group.WORLD
     names = (lambda g: f"global rank {g}", list(range(world)))
-    host = open_on_host(group, 60.0, rank, names, time.time())
+    host = open_on_host(group, Wait("the set-up", rank, 60.0, names, time.time()))
     if host is None:
         raise RuntimeError("the ranks could not share memory on this host")
     values = (("num_chunks", 8), ("torch.is_grad_enabled()", 1))

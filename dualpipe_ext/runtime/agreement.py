@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
-from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -39,31 +39,42 @@ class PipelineError(RuntimeError):
 Names = Tuple[Callable[[int], str], Sequence[int]]
 
 
+class Wait(NamedTuple):
+    """How the waits of one agreement are bounded and worded."""
+
+    what: str  # what is waited for, in messages ("the error agreement of the step")
+    rank: int  # this rank's name in messages (its pipeline rank)
+    timeout_s: float
+    names: Optional[Names]  # words global ranks, and the group's global ranks; None: "global rank N"
+    since: float  # a time.time(): the fault board's reports from then on explain a failure
+
+    def name(self, global_rank: int) -> str:
+        return self.names[0](global_rank) if self.names is not None else f"global rank {global_rank}"
+
+
 class MaxOverRanks(Protocol):
     """Where the common case of an agreement runs instead of the group (``host_agreement.HostAgreement``)."""
 
-    def max_over_ranks(self, flags: Sequence[int], timeout_s: float, what: str, rank: int,
-                       names: Optional[Names], since: float) -> List[int]: ...
+    def max_over_ranks(self, flags: Sequence[int], wait: Wait) -> List[int]: ...
 
 
-def wait_for(work, timeout_s: float, what: str, rank: int, names: Optional[Names], peer: int, since: float) -> None:
+def wait_for(work, wait: Wait, peer: int = -1) -> None:
     """Wait for ``work``; a failure raises PipelineError with its true cause (``peer``: global rank, -1 if
-    unknown), diagnosed from the fault board's reports since ``since`` (a ``time.time()``)."""
+    unknown), diagnosed from the fault board."""
     begin = time.monotonic()
     try:
-        done = work.wait(timedelta(seconds=timeout_s))
+        done = work.wait(timedelta(seconds=wait.timeout_s))
     except RuntimeError as e:
-        _raise(e, time.monotonic() - begin, since, timeout_s, what, rank, names, peer)
+        _raise(e, time.monotonic() - begin, wait, peer)
     if done is False:
-        _raise(None, time.monotonic() - begin, since, timeout_s, what, rank, names, peer)
+        _raise(None, time.monotonic() - begin, wait, peer)
 
 
-def _raise(error: Optional[BaseException], elapsed: float, since: float, timeout_s: float, what: str, rank: int,
-           names: Optional[Names], peer: int) -> None:
+def _raise(error: Optional[BaseException], elapsed: float, wait: Wait, peer: int) -> None:
     cause = faults.cause_of(error) if error is not None else faults.TIMEOUT
-    name, members = names if names is not None else ((lambda g: f"global rank {g}"), ())
+    rank, what, timeout_s, name = wait.rank, wait.what, wait.timeout_s, wait.name
     faults.report(peer, cause or "error", what, str(error or "")[:200])
-    verdict = faults.diagnose([peer] if peer >= 0 else [], since, name, members)
+    verdict = faults.diagnose([peer] if peer >= 0 else [], wait.since, name, wait.names[1] if wait.names else ())
     if cause == faults.TIMEOUT:
         head = (f"pipeline rank {rank}: {what} did not complete within {timeout_s:g} s: some rank of the pipeline "
                 f"did not reach it")
@@ -91,16 +102,15 @@ def agree(group: dist.ProcessGroup, device: torch.device, rank: int, kind: int, 
     ``host``: the group's ranks' ``host_agreement.HostAgreement`` when they share a host: the common
     case then runs in shared memory, not over ``group``.
     """
-    since = time.time() if since is None else since
+    wait = Wait(f"the error agreement of the {what}", rank, timeout_s, names,
+                time.time() if since is None else since)
     flags = [kind]
     for _, v in values:
         flags += [int(v), -int(v)]
-    label = f"the error agreement of the {what}"
     if host is not None:
-        summary = host.max_over_ranks(flags, timeout_s, label, rank, names, since)
+        summary = host.max_over_ranks(flags, wait)
     else:
-        summary = _max_over_ranks(group, torch.tensor(flags, dtype=torch.int64, device=device), timeout_s, label,
-                                  rank, names, since)
+        summary = _max_over_ranks(group, torch.tensor(flags, dtype=torch.int64, device=device), wait)
     worst = summary[0]
     disagree = [f"{name} (from {-summary[2 + 2 * i]} to {summary[1 + 2 * i]})"
                 for i, (name, _) in enumerate(values) if summary[1 + 2 * i] != -summary[2 + 2 * i]]
@@ -117,13 +127,11 @@ def agree(group: dist.ProcessGroup, device: torch.device, rank: int, kind: int, 
         rows[me, 0] = kind
         rows[me, 1] = rank
         rows[me, 2:2 + len(data)] = torch.tensor(list(data), dtype=torch.int32)
-    wait_for(dist.all_reduce(rows, group=group, async_op=True), timeout_s, f"the error report of the {what}", rank,
-          names, -1, since)
+    wait_for(dist.all_reduce(rows, group=group, async_op=True), wait._replace(what=f"the error report of the {what}"))
     raise _combined(rows.cpu())
 
 
-def _max_over_ranks(group: dist.ProcessGroup, t: torch.Tensor, timeout_s: float, what: str, rank: int,
-                    names: Optional[Names], since: float) -> List[int]:
+def _max_over_ranks(group: dist.ProcessGroup, t: torch.Tensor, wait: Wait) -> List[int]:
     """Elementwise maximum of ``t`` over the ranks of ``group``."""
     size = group.size()
     if size == 1:
@@ -132,49 +140,46 @@ def _max_over_ranks(group: dist.ProcessGroup, t: torch.Tensor, timeout_s: float,
     # 8 ranks all_reduce 8.6 ms, pairwise 5.0 ms. Powers of two: recursive doubling, log2(N)
     # rounds of one message each way (one round on 2 ranks, two on 4, against the ring's 2 (N - 1)).
     if dist.get_backend(group) != "gloo":
-        wait_for(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s, what, rank, names,
-              -1, since)
+        wait_for(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), wait)
         return t.tolist()
     if size & (size - 1) == 0:
-        return _doubling_max(group, t, timeout_s, what, rank, names, since)
+        return _doubling_max(group, t, wait)
     if size <= 4:
-        wait_for(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s, what, rank, names,
-              -1, since)
+        wait_for(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), wait)
         return t.tolist()
     me = group.rank()
     bufs = [torch.empty_like(t) for _ in range(size)]
     works = []
     for peer in range(size):
         if peer != me:
-            works += _post(group, t, bufs[peer], peer, timeout_s, what, rank, names, since)
+            works += _post(group, t, bufs[peer], peer, wait)
     for peer, w in works:
-        wait_for(w, timeout_s, what, rank, names, dist.get_global_rank(group, peer), since)
+        wait_for(w, wait, dist.get_global_rank(group, peer))
     bufs[me] = t
     return torch.stack(bufs).amax(0).tolist()
 
 
-def _post(group: dist.ProcessGroup, send: torch.Tensor, recv: torch.Tensor, peer: int, timeout_s: float, what: str,
-          rank: int, names: Optional[Names], since: float) -> List[Tuple[int, object]]:
+def _post(group: dist.ProcessGroup, send: torch.Tensor, recv: torch.Tensor, peer: int,
+          wait: Wait) -> List[Tuple[int, object]]:
     """Post one receive from and one send to ``peer`` (group rank); a connection already closed fails at
     posting, and is explained like a failed wait."""
     begin = time.monotonic()
     try:
         return [(peer, group.recv([recv], peer, _TAG)), (peer, group.send([send], peer, _TAG))]
     except RuntimeError as e:
-        _raise(e, time.monotonic() - begin, since, timeout_s, what, rank, names, dist.get_global_rank(group, peer))
+        _raise(e, time.monotonic() - begin, wait, dist.get_global_rank(group, peer))
         raise  # unreachable: _raise raises
 
 
-def _doubling_max(group: dist.ProcessGroup, t: torch.Tensor, timeout_s: float, what: str, rank: int,
-                  names: Optional[Names], since: float) -> List[int]:
+def _doubling_max(group: dist.ProcessGroup, t: torch.Tensor, wait: Wait) -> List[int]:
     """Elementwise maximum over a group of 2^k ranks: in round d, exchange with rank ``me ^ d``."""
     me, size = group.rank(), group.size()
     acc, d = t, 1
     while d < size:
         peer = me ^ d
         buf = torch.empty_like(acc)
-        for _, w in _post(group, acc, buf, peer, timeout_s, what, rank, names, since):
-            wait_for(w, timeout_s, what, rank, names, dist.get_global_rank(group, peer), since)
+        for _, w in _post(group, acc, buf, peer, wait):
+            wait_for(w, wait, dist.get_global_rank(group, peer))
         acc = torch.maximum(acc, buf)
         d <<= 1
     return acc.tolist()

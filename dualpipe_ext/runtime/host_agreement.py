@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from dualpipe_ext import faults
-from dualpipe_ext.runtime.agreement import Names, PipelineError, wait_for
+from dualpipe_ext.runtime.agreement import PipelineError, Wait, wait_for
 
 __all__ = ["HostAgreement", "file_size", "open_on_host", "slot_bytes", "slot_offset"]
 
@@ -79,8 +79,8 @@ def file_size(size: int) -> int:
 
 
 class HostAgreement:
-    """One pipeline's slots in a shared file (two per rank): ``size`` ranks of one host, this one ``me`` (group ranks);
-    ``pids[r]``: the process of group rank ``r``; ``members[r]``: its global rank."""
+    """One pipeline's slots in a shared file (two per rank): ``size`` ranks of one host, this one ``me``
+    (group ranks); ``pids[r]``: the process of group rank ``r``; ``members[r]``: its global rank."""
 
     def __init__(self, mm: mmap.mmap, me: int, size: int, pids: Sequence[int], members: Sequence[int]) -> None:
         self._mm, self.me, self.size = mm, me, size
@@ -93,8 +93,7 @@ class HostAgreement:
             self._mm.close()
             self._mm = None
 
-    def max_over_ranks(self, flags: Sequence[int], timeout_s: float, what: str, rank: int,
-                       names: Optional[Names], since: float) -> List[int]:
+    def max_over_ranks(self, flags: Sequence[int], wait: Wait) -> List[int]:
         """Elementwise maximum of ``flags`` (ints) over the ranks; the same list on every rank."""
         n = len(flags)
         if n > MAX_VALUES:
@@ -122,9 +121,9 @@ class HostAgreement:
                         counts[r] = m
                     continue
                 if seq > s and whole:
-                    raise PipelineError(f"pipeline rank {rank}: {what}: {self._name(r, names)} is at agreement "
-                                        f"{seq}, this rank at {s}: the ranks are out of step (a rank went on after "
-                                        f"an earlier step failed on it alone)")
+                    raise PipelineError(f"pipeline rank {wait.rank}: {wait.what}: {wait.name(self.members[r])} is at "
+                                        f"agreement {seq}, this rank at {s}: the ranks are out of step (a rank went "
+                                        f"on after an earlier step failed on it alone)")
                 left.append(r)
             if not left:
                 break
@@ -139,43 +138,37 @@ class HostAgreement:
                 time.sleep(min(1e-3, waited * 0.05))
             if waited >= next_check:
                 next_check = waited + _CHECK_S
-                self._raise_if_missing(pending, waited, timeout_s, what, rank, names, since)
+                self._raise_if_missing(pending, waited, wait)
         if counts:
             counts[self.me] = n
-            listed = ", ".join(f"{self._name(r, names)}: {c}" for r, c in sorted(counts.items()))
-            raise ValueError(f"the ranks of the pipeline passed different numbers of values to the {what} ({listed} "
-                             f"of them); every rank must pass the same (a plan given on some ranks only?)")
+            listed = ", ".join(f"{wait.name(self.members[r])}: {c}" for r, c in sorted(counts.items()))
+            raise ValueError(f"the ranks of the pipeline passed different numbers of values to the {wait.what} "
+                             f"({listed} of them); every rank must pass the same (a plan given on some ranks only?)")
         return acc
 
-    def _name(self, r: int, names: Optional[Names]) -> str:
-        g = self.members[r]
-        return names[0](g) if names is not None else f"global rank {g}"
-
-    def _raise_if_missing(self, pending: List[int], waited: float, timeout_s: float, what: str, rank: int,
-                          names: Optional[Names], since: float) -> None:
+    def _raise_if_missing(self, pending: List[int], waited: float, wait: Wait) -> None:
         """Raise PipelineError naming the ``pending`` ranks that will not come: exited, stopped at a failed
         communication (the fault board says so), or silent for ``timeout_s``."""
         dead = [r for r in pending if not faults.pid_alive(self.pids[r])]
-        stopped = faults.stopped([self.members[r] for r in pending if r not in dead], since)
+        stopped = faults.stopped([self.members[r] for r in pending if r not in dead], wait.since)
         if dead or stopped:
-            name, members = names if names is not None else ((lambda g: f"global rank {g}"), self.members)
-            where = what[4:] if what.startswith("the ") else what
+            name = wait.name
+            where = wait.what[4:] if wait.what.startswith("the ") else wait.what
             gone = [self.members[r] for r in dead] + stopped
             for g in gone:
                 faults.report(g, "missed agreement", where)
             parts = [f"{name(self.members[r])} is gone: its process (pid {self.pids[r]}) has exited" for r in dead]
             if stopped:
-                parts.append(faults.diagnose(stopped, since, name, members).text)
-            raise PipelineError(f"pipeline rank {rank}: {what} failed after {faults.duration(waited)}: "
+                parts.append(faults.diagnose(stopped, wait.since, name, self.members).text)
+            raise PipelineError(f"pipeline rank {wait.rank}: {wait.what} failed after {faults.duration(waited)}: "
                                 f"{', '.join(name(g) for g in gone)} did not reach it; {'; '.join(parts)}")
-        if waited >= timeout_s:
-            listed = ", ".join(self._name(r, names) for r in pending)
-            raise PipelineError(f"pipeline rank {rank}: {what} did not complete within {timeout_s:g} s: {listed} "
-                                f"did not reach it (alive, but hung or in a different step)")
+        if waited >= wait.timeout_s:
+            listed = ", ".join(wait.name(self.members[r]) for r in pending)
+            raise PipelineError(f"pipeline rank {wait.rank}: {wait.what} did not complete within {wait.timeout_s:g} s: "
+                                f"{listed} did not reach it (alive, but hung or in a different step)")
 
 
-def open_on_host(group: dist.ProcessGroup, timeout_s: float, rank: int, names: Optional[Names],
-                 since: float) -> Optional[HostAgreement]:
+def open_on_host(group: dist.ProcessGroup, wait: Wait) -> Optional[HostAgreement]:
     """Collectively map one shared file for the ranks of ``group`` (a gloo group) when they all run on
     this host; None, on every rank alike, when they do not or the file cannot be shared. Two small
     collectives, once per pipeline."""
@@ -195,8 +188,7 @@ def open_on_host(group: dist.ProcessGroup, timeout_s: float, rank: int, names: O
     mine = torch.tensor([host_identity(), os.getpid(), nonce, created], dtype=torch.int64)
     rows = [torch.empty_like(mine) for _ in range(size)]
     try:
-        wait_for(dist.all_gather(rows, mine, group=group, async_op=True), timeout_s,
-                 "the set-up of the error agreement", rank, names, -1, since)
+        wait_for(dist.all_gather(rows, mine, group=group, async_op=True), wait)
         ids = {int(r[0]) for r in rows}
         if len(ids) != 1 or 0 in ids or int(rows[0][3]) != 1:
             return None
@@ -211,8 +203,7 @@ def open_on_host(group: dist.ProcessGroup, timeout_s: float, rank: int, names: O
         except OSError:
             failed = 1
         flag = torch.tensor([failed], dtype=torch.int64)
-        wait_for(dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s,
-                 "the set-up of the error agreement", rank, names, -1, since)
+        wait_for(dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group, async_op=True), wait)
     finally:
         if path is not None:  # every rank has mapped it, or none will
             os.unlink(path)

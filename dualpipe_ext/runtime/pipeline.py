@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from dualpipe_ext import comm, faults
 from dualpipe_ext._checks import check_group, check_int, check_module
-from dualpipe_ext.runtime.agreement import INPUT, NONE, STEP, PipelineError, agree
+from dualpipe_ext.runtime.agreement import INPUT, NONE, STEP, PipelineError, Wait, agree
 from dualpipe_ext.runtime.compiled import CompiledPlan
 from dualpipe_ext.runtime.config import RuntimeConfig
 from dualpipe_ext.runtime.executor import Executor
@@ -347,8 +347,8 @@ class _Pipeline(nn.Module):
             kind = INPUT if message else NONE
         if cfg.check_errors:
             if not self._host_checked:
-                self._host = open_on_host(self._agree_group, cfg.comm_timeout_s, self.rank, self._agreement_names(),
-                                          since)
+                self._host = open_on_host(self._agree_group, Wait("the set-up of the error agreement", self.rank,
+                                                                  cfg.comm_timeout_s, self._agreement_names(), since))
                 self._host_checked = True
             values = (("num_chunks", int(num_chunks)), ("torch.is_grad_enabled()", int(not forward_only)))
             agree(self._agree_group, _CPU, self.rank, kind, message, values=values + self._agreed,

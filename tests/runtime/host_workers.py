@@ -9,15 +9,21 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 
-NAMES = (lambda g: f"global rank {g}", None)
+def _global(g: int) -> str:
+    return f"global rank {g}"
 
 
-def _open(timeout_s: float = 20.0):
+def _wait(what: str, timeout_s: float = 20.0):
+    from dualpipe_ext.runtime.agreement import Wait
+
+    return Wait(what, dist.get_rank(), timeout_s, (_global, list(range(dist.get_world_size()))), time.time())
+
+
+def _open():
     from dualpipe_ext.runtime.host_agreement import open_on_host
 
-    group = dist.group.WORLD
-    names = (NAMES[0], list(range(group.size())))
-    return open_on_host(group, timeout_s, dist.get_rank(), names, time.time()), names
+    wait = _wait("the set-up")
+    return open_on_host(dist.group.WORLD, wait), wait.names
 
 
 def many_maxima(rank: int, world: int, rounds: int) -> Dict:
@@ -29,7 +35,7 @@ def many_maxima(rank: int, world: int, rounds: int) -> Dict:
     for _ in range(rounds):
         flags = [rng.randrange(-50, 50) for _ in range(5)]
         sent.append(flags)
-        got.append(host.max_over_ranks(flags, 20.0, "test", rank, names, time.time()))
+        got.append(host.max_over_ranks(flags, _wait("test")))
         if rng.random() < 0.3:
             time.sleep(rng.random() * 2e-3)
     everyone = [torch.empty(rounds, 5, dtype=torch.int64) for _ in range(world)]
@@ -64,7 +70,7 @@ def disagreement(rank: int, world: int) -> Dict:
 def missing(rank: int, world: int, how: str) -> Dict:
     """Rank ``world - 1`` does not come to the second agreement: it sleeps (alive, silent) or exits."""
     host, names = _open()
-    host.max_over_ranks([0], 20.0, "first", rank, names, time.time())
+    host.max_over_ranks([0], _wait("first"))
     if rank == world - 1:
         if how == "exit":
             os._exit(3)
@@ -72,8 +78,7 @@ def missing(rank: int, world: int, how: str) -> Dict:
         return {"message": None, "elapsed": 0.0}
     begin = time.monotonic()
     try:
-        host.max_over_ranks([0], 1.5 if how == "silent" else 60.0, "the error agreement of the step", rank, names,
-                            time.time())
+        host.max_over_ranks([0], _wait("the error agreement of the step", 1.5 if how == "silent" else 60.0))
         message = None
     except Exception as e:  # noqa: BLE001 - reported to the test
         message = f"{type(e).__name__}: {e}"

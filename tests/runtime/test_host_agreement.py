@@ -11,7 +11,7 @@ from dist_harness import LaunchError, run_ranks
 from host_workers import disagreement, many_maxima, missing, other_host, pipeline_uses_host
 
 from dualpipe_ext.runtime import host_agreement as ha
-from dualpipe_ext.runtime.agreement import PipelineError
+from dualpipe_ext.runtime.agreement import PipelineError, Wait
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -67,6 +67,10 @@ def test_a_pipeline_on_one_host_agrees_in_shared_memory():
     assert results[0]["after"] == 8  # the pipeline steps on after the refused step (DualPipeV: loss on rank 0)
 
 
+def _wait(timeout_s: float = 5.0) -> Wait:
+    return Wait("the test", 0, timeout_s, None, 0.0)
+
+
 def _one_process_pair():
     """An agreement of two 'ranks' in this process: rank 0's view, and the shared memory to play rank 1 in."""
     mm = mmap.mmap(-1, ha.file_size(2))
@@ -89,11 +93,11 @@ def test_a_slot_is_taken_only_when_its_checksum_matches():
     mm[ha.slot_offset(1, 1):ha.slot_offset(1, 1) + len(stale)] = bytes(stale)
     begin = time.monotonic()
     with pytest.raises(PipelineError, match="did not complete within 0.3 s: global rank 1 did not reach it"):
-        agreement.max_over_ranks([1, 2, 3], 0.3, "the test", 0, None, 0.0)
+        agreement.max_over_ranks([1, 2, 3], _wait(0.3))
     assert time.monotonic() - begin >= 0.3
     agreement, mm = _one_process_pair()
     timer = _write_later(mm, ha.slot_offset(1, 1), good, 0.05)
-    assert agreement.max_over_ranks([1, 2, 3], 5.0, "the test", 0, None, 0.0) == [3, 2, 9]
+    assert agreement.max_over_ranks([1, 2, 3], _wait()) == [3, 2, 9]
     timer.join()
 
 
@@ -101,15 +105,15 @@ def test_agreements_alternate_slots_so_a_peer_one_ahead_does_not_overwrite_the_l
     agreement, mm = _one_process_pair()
     mm[ha.slot_offset(1, 1):ha.slot_offset(1, 1) + ha._SLOT_BYTES] = ha.slot_bytes(1, [5])
     mm[ha.slot_offset(1, 2):ha.slot_offset(1, 2) + ha._SLOT_BYTES] = ha.slot_bytes(2, [6])  # the peer went on
-    assert agreement.max_over_ranks([0], 5.0, "the test", 0, None, 0.0) == [5]
-    assert agreement.max_over_ranks([0], 5.0, "the test", 0, None, 0.0) == [6]
+    assert agreement.max_over_ranks([0], _wait()) == [5]
+    assert agreement.max_over_ranks([0], _wait()) == [6]
     mm[ha.slot_offset(1, 5):ha.slot_offset(1, 5) + ha._SLOT_BYTES] = ha.slot_bytes(5, [1])  # two ahead: out of step
     with pytest.raises(PipelineError, match="out of step"):
-        agreement.max_over_ranks([0], 5.0, "the test", 0, None, 0.0)
+        agreement.max_over_ranks([0], _wait())
 
 
 def test_ranks_that_pass_different_numbers_of_values_are_told_so():
     agreement, mm = _one_process_pair()
     mm[ha.slot_offset(1, 1):ha.slot_offset(1, 1) + ha._SLOT_BYTES] = ha.slot_bytes(1, [0, 8, -8])
     with pytest.raises(ValueError, match="different numbers of values"):
-        agreement.max_over_ranks([0, 8, -8, 5, -5], 5.0, "the test", 0, None, 0.0)
+        agreement.max_over_ranks([0, 8, -8, 5, -5], _wait())
