@@ -4,9 +4,9 @@ The plan queues sends and receives and posts each batch at its next ``wait``. On
 on gloo with ``eager_comm`` off) a batch goes to ``batch_isend_irecv`` exactly as planned.
 With ``eager_comm`` on gloo, where every send and receive is an independent operation, two
 things happen earlier without changing what is sent or computed: receives are posted up to
-``lookahead`` waits ahead, so that a sender finds its receiver ready, and a ``wait`` blocks
-only on its receives, while sends complete in the background and are checked at later
-waits and at the end of the step. Messages of one pair that the sender posts at one wait and
+``lookahead`` waits ahead (from the first wait on, after its sends), so that a sender finds
+its receiver ready, and a ``wait`` blocks only on its receives, while sends complete in the
+background and are checked at later waits and at the end of the step. Messages of one pair that the sender posts at one wait and
 the receiver completes at one wait (a forward output and an input gradient, in DualPipe's
 steady state) travel as one: one flat buffer, one send, one receive, each tensor a view
 (``CompiledPlan.send_bundle`` and ``recv_bundles``, the same on both ranks).
@@ -94,9 +94,11 @@ class StepComm:
         self.started = faults.window()  # the step's start (the pipeline began it): older reports are from earlier steps
 
     def start(self) -> None:
-        """Post the receives that the first waits complete (eager only)."""
+        """Post the receives that the first wait completes (eager only). The look-ahead's receives are
+        posted at that wait, after its sends: posting receives costs a gloo message each, and a rank
+        that posted them all first would hold back the message that starts its peer."""
         if self.link.eager:
-            self._post_receives(self.link.lookahead)
+            self._post_receives(0)
 
     # Queueing -----------------------------------------------------------------------------
 
