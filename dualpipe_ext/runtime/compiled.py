@@ -130,6 +130,7 @@ class CompiledPlan:
         self.num_waits = ordinal
         # Bundles: receives (and sends) of one pair that travel as one message (see _bundle_starts).
         self.send_bundle: List[int] = [-1] * len(self.ops)  # per send op: a key shared by its bundle
+        self.send_bundle_token: List[str] = []  # per bundle key: its sends' tokens, "+"-joined (for messages)
         self.recv_bundles: List[RecvBundle] = []  # in plan order
         self.recv_bundle_of: Dict[int, int] = {}  # receive op index -> position in recv_bundles
         peers = {a.peer for a in plan.actions[rank] if a.peer >= 0}
@@ -148,6 +149,9 @@ class CompiledPlan:
                 if starts_out[a.peer][k]:
                     key += 1
                     open_send[a.peer] = key
+                    self.send_bundle_token.append(self.ops[i].token)
+                else:
+                    self.send_bundle_token[open_send[a.peer]] += "+" + self.ops[i].token
                 self.send_bundle[i] = open_send[a.peer]
             elif a.type in _RECVS:
                 k = count_in[a.peer]

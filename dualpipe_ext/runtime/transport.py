@@ -228,7 +228,8 @@ class StepComm:
                 for tr in group:  # copied: the outputs' storage can go now
                     _release(tr.free)
                 works = [send([flat], first.op.group_peer, 0)]
-                self.sending.append(InFlight(works, "+".join(tr.op.token for tr in group), (), first.op.peer))
+                self.sending.append(InFlight(works, self.plan.send_bundle_token[bundle_of[first.index]], (),
+                                             first.op.peer))
             except RuntimeError as e:
                 self._failed(index, token, [InFlight([], first.op.token, (), first.op.peer)], e, time.monotonic(),
                              "posting")
