@@ -5,6 +5,7 @@
 #   bash tools/gpu_check.sh [OUT_DIR]   # default $OUT, else /tmp/dualpipe_ext_gpu
 #   bash tools/gpu_check.sh --plan      # each step with its limit, then "total N s"; runs nothing
 #   bash tools/gpu_check.sh --only build,tests_gpu [OUT_DIR]   # just these steps (a second, shorter call)
+#   bash tools/gpu_check.sh --wheels    # before the call, where there is a network: fill .whl/
 #
 # OUT_DIR receives three files: report.md (each step's status and the tail of its output),
 # figures.json (every step's JSON figures, keyed by step) and logs.tar.gz (every step's full log).
@@ -40,6 +41,11 @@ if [ "${1:-}" = "--plan" ]; then
   done
   echo "total $total s"
   exit 0
+fi
+
+if [ "${1:-}" = "--wheels" ]; then
+  mkdir -p .whl && ${PYTHON:-python3} -m pip download -q --no-deps -d .whl nvidia-cutlass && ls -l .whl
+  exit $?
 fi
 
 ONLY=""

@@ -5,6 +5,8 @@ import os
 import subprocess
 import tarfile
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "tools", "gpu_check.sh")
 
@@ -32,3 +34,13 @@ def test_a_run_leaves_three_files_and_prints_the_report(tmp_path):
     assert json.loads((tmp_path / "figures.json").read_text()) == {}
     with tarfile.open(tmp_path / "logs.tar.gz") as tar:
         assert "logs/wheels.log" in tar.getnames()
+
+
+def test_carried_wheels_are_ignored_by_git():
+    # the GPU call carries .whl/ (what the image lacks); carried paths must be ignored, never committed
+    if not os.path.isdir(os.path.join(ROOT, ".git")):
+        pytest.skip("not a git checkout")
+    done = subprocess.run(["git", "check-ignore", "-q", ".whl/nvidia_cutlass-4.2.0.0-py3-none-any.whl"], cwd=ROOT)
+    assert done.returncode == 0, ".whl/ is not ignored by git"
+    with open(SCRIPT) as f:
+        assert "--wheels" in f.read()
