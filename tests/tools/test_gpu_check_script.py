@@ -5,8 +5,6 @@ import os
 import subprocess
 import tarfile
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "tools", "gpu_check.sh")
 
@@ -38,9 +36,7 @@ def test_a_run_leaves_three_files_and_prints_the_report(tmp_path):
 
 def test_carried_wheels_are_ignored_by_git():
     # the GPU call carries .whl/ (what the image lacks); carried paths must be ignored, never committed
-    if not os.path.isdir(os.path.join(ROOT, ".git")):
-        pytest.skip("not a git checkout")
-    done = subprocess.run(["git", "check-ignore", "-q", ".whl/nvidia_cutlass-4.2.0.0-py3-none-any.whl"], cwd=ROOT)
-    assert done.returncode == 0, ".whl/ is not ignored by git"
+    with open(os.path.join(ROOT, ".gitignore")) as f:
+        assert "/.whl/" in f.read().split(), ".whl/ is not ignored by git"
     with open(SCRIPT) as f:
         assert "--wheels" in f.read()
